@@ -1,0 +1,1 @@
+"""Measurement: speed and memory profiles, engines, accuracy evaluation, tables, plots, reports."""

@@ -1,0 +1,1 @@
+"""Accuracy evaluation: perplexity, multiple choice, generation tasks, the code sandbox."""

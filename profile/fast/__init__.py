@@ -1,0 +1,1 @@
+"""Fast decode engine: compact model, static KV cache, CUDA-graph decode step."""

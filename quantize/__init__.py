@@ -1,0 +1,1 @@
+"""GPTQ pipeline: model sources, layouts, calibration, the algorithm, checkpoint writer, CLI."""

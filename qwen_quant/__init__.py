@@ -1,0 +1,27 @@
+"""qwen-quant: GPTQ Int4 for Qwen models, fast Int4 kernels, and honest speed/memory/accuracy numbers.
+
+Public API (imported lazily so `import qwen_quant` stays cheap):
+    quantize(model, out, bits=4, group_size=128, ...) -> Path
+    load_quantized(path_or_id, backend="auto", device="cpu") -> transformers model
+    generate(model, prompt, max_new_tokens, ...) -> tokens / text
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["quantize", "load_quantized", "generate", "QuantLinear", "__version__"]
+
+
+def __getattr__(name):
+    if name == "quantize":
+        from qwen_quant.quantize.api import quantize
+        return quantize
+    if name == "load_quantized":
+        from qwen_quant.kernels.loader import load_quantized
+        return load_quantized
+    if name == "QuantLinear":
+        from qwen_quant.kernels.quant_linear import QuantLinear
+        return QuantLinear
+    if name == "generate":
+        from qwen_quant.profile.fast.generate import generate
+        return generate
+    raise AttributeError(f"module 'qwen_quant' has no attribute {name!r}")

@@ -1,0 +1,31 @@
+"""Shared CLI plumbing: bad input -> one line on stderr and exit 2, never a traceback."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+from qwen_quant.errors import UserError
+
+
+def run_cli(main_fn):
+    """Wrap a CLI `main(argv) -> int | None`: UserError -> one line + exit 2; Ctrl-C -> exit 130."""
+
+    @functools.wraps(main_fn)
+    def wrapper(argv=None):
+        try:
+            code = main_fn(argv)
+        except UserError as e:
+            print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+            raise SystemExit(2)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(130)
+        raise SystemExit(code or 0)
+
+    return wrapper
+
+
+def is_quiet() -> bool:
+    return os.environ.get("QWEN_QUANT_QUIET", "") not in ("", "0")
