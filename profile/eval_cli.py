@@ -1,0 +1,69 @@
+"""qwen-eval: accuracy of one or more models on the same items, side by side (deltas vs the first)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from qwen_quant.cli_util import run_cli
+from qwen_quant.errors import UserError
+
+
+def _lengths(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--ppl-lengths takes token counts like 1024,2048,4096, not {text!r}") from None
+    if not values or min(values) < 2:
+        raise UserError("--ppl-lengths needs positive token counts (at least 2), e.g. 1024,2048")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from qwen_quant.profile.accuracy.tasks import TASKS
+
+    p = argparse.ArgumentParser(
+        prog="qwen-eval",
+        description="Evaluate models on perplexity and benchmarks; several models get exactly the same items.")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="HF id, local folder, quantized checkpoint folder, or 'demo' (the first is the reference)")
+    p.add_argument("--tasks", required=True,
+                   help=f"comma list of: {', '.join(TASKS)} (ceval=FILE / cmmlu=FILE for a local CSV/JSONL, "
+                        f"=hf:<id> for the hub)")
+    p.add_argument("--limit", type=int, default=None, help="first N items per task (perplexity: N windows)")
+    p.add_argument("--seqlen", type=int, default=None, help="perplexity window in tokens (default 2048)")
+    p.add_argument("--batch", type=int, default=8, help="rows per forward pass when scoring")
+    p.add_argument("--out", default=None, help="folder for results.json/.md/.csv (default reports/eval/<first model>)")
+    p.add_argument("--ppl-text", default=None, help="a .txt/.jsonl file for the 'ppl' task")
+    p.add_argument("--ppl-lengths", type=_lengths, default=None,
+                   help="extra window lengths for a long-context perplexity table, e.g. 1024,2048,4096")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--backend", default="auto", help="Int4 kernel backend for quantized checkpoints")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom modelling code (Qwen v1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+@run_cli
+def main(argv=None):
+    import sys
+
+    args = build_parser().parse_args(argv)
+    if args.quiet:
+        os.environ["QWEN_QUANT_QUIET"] = "1"
+    if args.seqlen is not None and args.seqlen < 2:
+        raise UserError("--seqlen must be at least 2 tokens")
+    if args.batch < 1:
+        raise UserError("--batch must be at least 1")
+    from qwen_quant.profile.evaluate import default_out_dir, evaluate
+
+    out = args.out or default_out_dir(args.models[0])
+    report = evaluate(args.models, args.tasks, limit=args.limit, seqlen=args.seqlen, batch=args.batch, out=out,
+                      ppl_text=args.ppl_text, ppl_lengths=args.ppl_lengths, device=args.device,
+                      backend=args.backend, trust_remote_code=args.trust_remote_code,
+                      argv=["qwen-eval", *(sys.argv[1:] if argv is None else argv)])
+    from qwen_quant.profile.report import accuracy_table
+
+    print(accuracy_table(report), end="")
+    print(f"results: {os.path.join(out, 'results.md')} (json, csv beside it)")
+    return 0

@@ -1,0 +1,398 @@
+"""qwen-eval's API: evaluate one or more models on the same items, side by side.
+
+    evaluate(["demo", "out/demo/gptq-int4"], tasks="ppl-wiki,mmlu", limit=100, out="reports/eval")
+
+returns the results dict ({"env", "models", "tasks", "results"}) and, with `out`, writes
+results.json, results.md and results.csv there. Rows are one per (model, task, metric):
+model, task, metric, value, stderr, n, details. A metric that could not be measured has value None
+and a reason in details (never a zero).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from qwen_quant.errors import UserError
+from qwen_quant.profile.accuracy import generation, multiple_choice as mc, perplexity as ppl
+from qwen_quant.profile.accuracy.scoring import CachedEncoder
+from qwen_quant.profile.accuracy.tasks import TaskRequest, load_items, parse_tasks
+
+DEFAULT_SEQLEN = 2048
+GSM8K_MAX_NEW = 256
+HUMANEVAL_MAX_NEW = 384
+
+
+@dataclasses.dataclass
+class EvalModel:
+    """A loaded model with what scoring needs: token ids in and out, special ids, a label."""
+
+    label: str
+    model: torch.nn.Module
+    tokenizer: object
+    description: dict
+    device: str = "cpu"
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    @property
+    def eos_id(self) -> int | None:
+        return getattr(self.tokenizer, "eos_token_id", None)
+
+    @property
+    def prefix_token(self) -> int | None:
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        return bos if bos is not None else self.eos_id
+
+    @property
+    def pad_id(self) -> int:
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        return pad if pad is not None else (self.eos_id or 0)
+
+    @property
+    def max_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", None) or 4096)
+
+    def fingerprint(self) -> str:
+        """Same tokenizer <=> same fingerprint (tokenizations are shared between fp and Int4 copies)."""
+        probe = "The quick brown fox, 1998年1月 人民日报 -- def f(x): return x**2\n"
+        return hashlib.sha256(repr((len(self.tokenizer), self.encode(probe))).encode()).hexdigest()[:16]
+
+
+def _config(path: Path) -> dict:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return {}
+    try:
+        return json.loads(cfg.read_text())
+    except ValueError:
+        raise UserError(f"{cfg} is not valid JSON: is this a model folder?") from None
+
+
+def _quantization_config(path: Path) -> dict | None:
+    return _config(path).get("quantization_config")
+
+
+def refuse_synthetic(spec: str):
+    """The parsed spec; a synthetic model (or a checkpoint quantized from one) is a one-line error."""
+    from qwen_quant.quantize.sources import parse_model_spec
+
+    parsed = parse_model_spec(spec)
+    synthetic = parsed.synthetic
+    if parsed.kind == "dir":
+        config = _config(Path(parsed.path))
+        meta = (config.get("quantization_config") or {}).get("meta") or {}
+        synthetic = bool(config.get("synthetic") or meta.get("synthetic"))
+    if synthetic:
+        raise UserError(f"{spec} is a synthetic model (random weights): accuracy means nothing; "
+                        f"evaluate a real model (an HF id, a folder, a checkpoint or 'demo')")
+    return parsed
+
+
+def load_for_eval(spec: str, device: str = "cpu", backend: str = "auto", dtype=None,
+                  trust_remote_code: bool = False) -> EvalModel:
+    """Any model source -> EvalModel. Quantized checkpoints load through load_quantized; synthetic
+    models are refused (accuracy of random weights means nothing)."""
+    from qwen_quant.quantize.sources import load_model, parse_model_spec
+
+    parsed = refuse_synthetic(spec)
+    if parsed.kind == "dir" and _quantization_config(Path(parsed.path)) is not None:
+        from transformers import AutoTokenizer
+
+        from qwen_quant.kernels.loader import load_quantized
+
+        path = Path(parsed.path)
+        qcfg = _quantization_config(path)
+        model = load_quantized(str(path), backend=backend, device=device, dtype=dtype,
+                               trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        desc = {"source": str(path), "quantized": True, "synthetic": False,
+                "quantization": {k: qcfg.get(k) for k in ("quant_method", "bits", "group_size", "sym",
+                                                          "desc_act", "damp_percent", "checkpoint_format")},
+                "backend": backend}
+        model.eval()
+        return EvalModel(path.name, model, tok, desc, device)
+    loaded = load_model(parsed, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    return EvalModel(parsed.label, loaded.model, loaded.tokenizer, dict(loaded.description), device)
+
+
+# ---------------------------------------------------------------- task runners
+
+def _row(model: EvalModel, task: str, metric: str, value, stderr, n, details: dict) -> dict:
+    return {"model": model.label, "task": task, "metric": metric, "value": value,
+            "stderr": stderr, "n": n, "details": details}
+
+
+def _ppl_tokens(model: EvalModel, texts: list[str], needed: int | None, cache: dict) -> tuple[list[int], int]:
+    """Tokens of the concatenated corpus (GPTQ convention: join, tokenize once), only as many
+    documents as `needed` tokens take; returns (tokens, documents used). Cached per tokenizer."""
+    key = (model.fingerprint(), hashlib.sha256("\x00".join(texts).encode()).hexdigest(), needed)
+    if key in cache:
+        return cache[key]
+    docs = len(texts)
+    if needed is not None:  # grow the slice until it holds enough tokens (deterministic order)
+        docs = 0
+        chars_per_token = 2.0
+        while True:
+            chars, docs = 0, 0
+            target = needed * chars_per_token * 1.2
+            while docs < len(texts) and chars < target:
+                chars += len(texts[docs]) + 2
+                docs += 1
+            tokens = model.encode("\n\n".join(texts[:docs]))
+            if len(tokens) >= needed or docs == len(texts):
+                break
+            chars_per_token *= 1.5
+    else:
+        tokens = model.encode("\n\n".join(texts))
+    cache[key] = (tokens, docs)
+    return tokens, docs
+
+
+def run_perplexity(model: EvalModel, name: str, corpus, seqlen: int, limit: int | None,
+                   lengths: list[int], batch: int, cache: dict) -> list[dict]:
+    longest = max([seqlen, *lengths])
+    needed = (limit * seqlen) if limit else None
+    if needed is not None:
+        needed = max(needed, longest)
+    tokens, docs = _ppl_tokens(model, corpus.texts, needed, cache)
+    if not tokens:
+        raise UserError(f"the text for {name} is empty: give a file with some text")
+    span = tokens[:needed] if needed else tokens
+    base = {"corpus": corpus.description.get("corpus"), "split": corpus.description.get("split"),
+            "source": corpus.description, "slice": f"first {docs} of {len(corpus.texts)} documents, "
+            f"first {len(span)} tokens", "tokenizer": getattr(model.tokenizer, "name_or_path", None),
+            "convention": "GPTQ: concatenate with blank lines, tokenize once, non-overlapping windows, exp(mean NLL)"}
+    rows = []
+    for length, metric in [(seqlen, "perplexity")] + [(L, f"perplexity@{L}") for L in lengths]:
+        details = dict(base, seqlen=length)
+        if length > model.max_length:
+            rows.append(_row(model, name, metric, None, None, 0,
+                             dict(details, missing=f"beyond the model's context ({model.max_length})")))
+            continue
+        if len(span) < length:
+            rows.append(_row(model, name, metric, None, None, 0,
+                             dict(details, missing=f"text has {len(span)} tokens, fewer than {length}")))
+            continue
+        res = ppl.perplexity(model.model, span, length, batch_size=max(1, batch * 256 // length),
+                             device=model.device, desc=f"{model.label} {name}@{length}")
+        details.update(windows=res["windows"], tokens=res["tokens"], tokens_scored=res["tokens_scored"],
+                       mean_nll=res["mean_nll"])
+        rows.append(_row(model, name, metric, res["value"], res["stderr"], res["n"], details))
+    return rows
+
+
+def _questions(request: TaskRequest, items: list) -> list[mc.Question]:
+    name = request.task.name
+    if name in ("mmlu", "ceval", "cmmlu"):
+        out = []
+        for it in items:
+            shots = list(mc.field(it, "fewshot", "shots", default=[]) or [])[:request.task.shots]
+            subject = mc.field(it, "subject")
+            out.append(mc.lettered_question(it, _lettered_header(name, subject), shots))
+        return out
+    if name == "hellaswag":
+        return [mc.hellaswag_question(it) for it in items]
+    if name == "winogrande":
+        return [mc.winogrande_question(it) for it in items]
+    return [mc.qa_question(it) for it in items]
+
+
+def _lettered_header(name: str, subject: str | None) -> str:
+    if name == "ceval":
+        return f"以下是中国关于{subject or '综合'}考试的单项选择题，请选出其中的正确答案。\n\n"
+    if name == "cmmlu":
+        return f"以下是关于{subject or '综合'}的单项选择题，请直接给出正确答案的选项。\n\n"
+    return mc.mmlu_header(subject)
+
+
+def run_choice(model: EvalModel, request: TaskRequest, questions: list[mc.Question], description: dict,
+               batch: int, encoder: CachedEncoder) -> list[dict]:
+    name = request.task.name
+    graded = mc.score_questions(model.model, questions, encoder, model.prefix_token, batch,
+                                min(model.max_length, 4096), model.pad_id, model.device, f"{model.label} {name}")
+    details = {"dataset": description, "shots": request.task.shots, "chance": request.task.chance,
+               "scoring": "log-likelihood of each choice (lm-eval 0.4 prompts)"}
+    rows = []
+    for metric, (value, err, n) in mc.accuracy_metrics(graded, request.task.with_norm).items():
+        d = dict(details)
+        if metric == "accuracy" and any(q.subject for q in questions):
+            subjects = mc.per_subject(graded)
+            d["subjects"] = subjects
+            d["macro_accuracy"] = sum(s["accuracy"] for s in subjects.values()) / len(subjects)
+            d["micro_accuracy"] = value
+        if metric == "accuracy_norm":
+            d["normalization"] = "log-likelihood per character of the choice (acc_norm)"
+        rows.append(_row(model, name, metric, value, err, n, d))
+    if any(q.subject for q in questions):
+        subjects = rows[0]["details"]["subjects"]
+        macro = rows[0]["details"]["macro_accuracy"]
+        # stderr of a mean of subject means: sqrt(sum var_s) / S, var_s = p(1-p)/n_s
+        var = sum((s["accuracy"] / 100) * (1 - s["accuracy"] / 100) / max(1, s["n"] - 1) for s in subjects.values())
+        rows.append(_row(model, name, "accuracy_macro", macro, 100 * var ** 0.5 / len(subjects),
+                         len(questions), dict(details, subjects_count=len(subjects))))
+    return rows
+
+
+def _gsm8k_prompt(item) -> str:
+    prompt = mc.field(item, "prompt", "context")
+    if prompt:
+        return str(prompt)
+    shots = mc.field(item, "fewshot", "shots", default=[]) or []
+    parts = [f"Question: {mc.field(s, 'question')}\nAnswer: {mc.field(s, 'solution', 'answer_text', 'answer')}"
+             for s in shots]
+    parts.append(f"Question: {mc.field(item, 'question')}\nAnswer:")
+    return "\n\n".join(parts)
+
+
+def run_gsm8k(model: EvalModel, items: list, description: dict) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    from qwen_quant.cli_util import is_quiet
+
+    correct = []
+    for it in tqdm(items, desc=f"{model.label} gsm8k", disable=is_quiet(), leave=False):
+        text = generation.greedy_generate(model.model, model.encode(_gsm8k_prompt(it)), GSM8K_MAX_NEW, model.decode,
+                                          generation.GSM8K_STOPS, model.eos_id, model.device)
+        gold = mc.field(it, "answer_number", "short_answer", "target", "answer")
+        correct.append(float(generation.numbers_equal(generation.extract_last_number(text), gold)))
+    value, err = mc.mean_and_stderr(correct)
+    return [_row(model, "gsm8k", "accuracy", 100 * value, 100 * err, len(items),
+                 {"dataset": description, "decoding": f"greedy, at most {GSM8K_MAX_NEW} new tokens",
+                  "extraction": "last number in the completion", "chance": 0.0})]
+
+
+def run_humaneval(model: EvalModel, items: list, description: dict) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    from qwen_quant.cli_util import is_quiet
+    from qwen_quant.profile.accuracy.sandbox import network_isolated
+
+    passed = []
+    for it in tqdm(items, desc=f"{model.label} humaneval", disable=is_quiet(), leave=False):
+        prompt = str(mc.field(it, "prompt"))
+        completion = generation.greedy_generate(model.model, model.encode(prompt), HUMANEVAL_MAX_NEW, model.decode,
+                                                generation.HUMANEVAL_STOPS, model.eos_id, model.device)
+        res = generation.humaneval_passes(prompt, completion, str(mc.field(it, "test")),
+                                          str(mc.field(it, "entry_point")))
+        passed.append(float(res.passed))
+    value, err = mc.mean_and_stderr(passed)
+    return [_row(model, "humaneval", "pass@1", 100 * value, 100 * err, len(items),
+                 {"dataset": description, "decoding": f"greedy, at most {HUMANEVAL_MAX_NEW} new tokens",
+                  "sandbox": {"network_isolated": network_isolated(), "timeout_s": 10, "memory_mb": 1024},
+                  "chance": 0.0})]
+
+
+# ---------------------------------------------------------------- the API
+
+def _corpus_for(request: TaskRequest, ppl_text: str | None):
+    from qwen_quant.quantize import corpora
+
+    name = request.task.name
+    if name == "ppl-wiki":
+        return corpora.wiki_texts("eval")
+    if name == "ppl-zh":
+        return corpora.peoples_daily_texts("eval")
+    if not ppl_text:
+        raise UserError("task ppl needs --ppl-text FILE")
+    corpus = corpora.read_text_file(ppl_text)
+    if corpus.chats is not None:
+        raise UserError(f"{ppl_text} holds chat messages; give plain text (.txt or .jsonl with \"text\") for ppl")
+    if not any(t.strip() for t in corpus.texts):
+        raise UserError(f"{ppl_text} is empty: give a file with some text")
+    return corpus
+
+
+def _prepare(requests: list[TaskRequest], limit: int | None, ppl_text: str | None) -> dict:
+    """Load every task's data once, before any model: all models see exactly the same items."""
+    data = {}
+    for r in requests:
+        if r.task.kind == "perplexity":
+            data[r.task.name] = _corpus_for(r, ppl_text)
+        else:
+            data[r.task.name] = load_items(r, limit)
+    return data
+
+
+def evaluate(models: list[str], tasks: str | list[str], limit: int | None = None, seqlen: int | None = None,
+             batch: int = 8, out: str | Path | None = None, ppl_text: str | None = None,
+             ppl_lengths: list[int] | None = None, device: str = "cpu", backend: str = "auto",
+             trust_remote_code: bool = False, argv: list[str] | None = None) -> dict:
+    """Evaluate `models` on `tasks`; the first model is the reference for deltas."""
+    if not models:
+        raise UserError("no model given: pass one or more models (the first is the reference)")
+    if limit is not None and limit < 1:
+        raise UserError("--limit must be at least 1")
+    requests = parse_tasks(tasks)
+    for spec in models:  # refuse synthetic models before spending minutes on data or other models
+        refuse_synthetic(spec)
+    seqlen = seqlen or DEFAULT_SEQLEN
+    lengths = sorted(set(ppl_lengths or []))
+    if ppl_text and not any(r.task.name == "ppl" for r in requests):
+        requests.append(parse_tasks("ppl")[0])
+    data = _prepare(requests, limit, ppl_text)
+    from qwen_quant.profile.env import collect_env
+
+    results, model_info, ppl_cache, questions_cache = [], [], {}, {}
+    for spec in models:
+        started = time.perf_counter()
+        em = load_for_eval(spec, device=device, backend=backend, trust_remote_code=trust_remote_code)
+        if any(m["label"] == em.label for m in model_info):
+            em.label = f"{em.label}#{len(model_info) + 1}"
+        encoder = CachedEncoder(em.encode)
+        for r in requests:
+            name = r.task.name
+            if r.task.kind == "perplexity":
+                results += run_perplexity(em, name, data[name], seqlen, limit, lengths, batch, ppl_cache)
+                continue
+            items, desc = data[name]
+            if r.task.kind == "choice":
+                questions = questions_cache.setdefault(name, _questions(r, items))
+                results += run_choice(em, r, questions, desc, batch, encoder)
+            elif r.task.kind == "gsm8k":
+                results += run_gsm8k(em, items, desc)
+            else:
+                results += run_humaneval(em, items, desc)
+        model_info.append({"label": em.label, "spec": spec, "description": em.description,
+                           "seconds": round(time.perf_counter() - started, 2)})
+        del em
+    report = {"kind": "eval", "env": collect_env(argv), "models": model_info,
+              "tasks": [r.task.name for r in requests],
+              "settings": {"limit": limit, "seqlen": seqlen, "batch": batch, "ppl_lengths": lengths,
+                           "device": device, "backend": backend},
+              "results": results}
+    if out is not None:
+        write_results(report, Path(out))
+    return report
+
+
+def write_results(report: dict, out: Path) -> list[Path]:
+    """results.json (atomic), results.md and results.csv in `out`."""
+    from qwen_quant.profile.report import accuracy_csv, accuracy_markdown, write_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "results.json", out / "results.md", out / "results.csv"]
+    write_atomic(paths[0], json.dumps(report, indent=1, ensure_ascii=False, default=str) + "\n")
+    write_atomic(paths[1], accuracy_markdown(report))
+    write_atomic(paths[2], accuracy_csv(report))
+    return paths
+
+
+def default_out_dir(first_model: str) -> str:
+    import datetime as _dt
+    from qwen_quant.quantize.sources import parse_model_spec
+
+    try:
+        label = parse_model_spec(first_model).label
+    except UserError:
+        label = Path(first_model).name or "model"
+    return str(Path("reports") / "eval" / f"{label}-{_dt.date.today().isoformat()}")

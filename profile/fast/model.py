@@ -1,0 +1,258 @@
+"""The fast engine's own compact decoder: plain modules over weights borrowed from another model.
+
+One definition covers the layouts of quantize/layouts.py (Qwen v1, Qwen2/2.5, Qwen3, llama): they
+differ only in a fused or split q/k/v projection, q/k bias (carried by the linears themselves),
+Qwen3's per-head q/k RMSNorm, partial rotary (Qwen v1's rotary_pct) and Qwen v1's log-n query
+scaling. The linears are whatever modules the source model holds (nn.Linear or QuantLinear), so
+every kernel backend runs unchanged. Weights are attached by name in weights.py.
+
+Attention reads the static KV cache only up to `kv_len` (a Python int fixed per call or per
+captured CUDA graph) and masks positions after each query's own position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclasses.dataclass
+class ModelArgs:
+    layout: str
+    n_layers: int
+    dim: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    norm_eps: float
+    rope_dims: int  # rotated dims per head (Qwen v1: rotary_pct * head_dim)
+    qk_norm: bool = False  # Qwen3
+    logn_seq_length: int | None = None  # Qwen v1 use_logn_attn: scale queries past its training length
+    ntk_seq_length: int | None = None  # Qwen v1 use_dynamic_ntk: raise the rope base for long prompts
+    rope_base: float = 10000.0  # only used where the rope is rebuilt for dynamic NTK
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm in float32, cast back before the weight (the order transformers uses, for equal bits)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    """The residual add and the next norm: (x + delta, norm(x + delta))."""
+    x = x + delta
+    return x, rms_norm(x, weight, eps)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dims: int) -> torch.Tensor:
+    """x [B, H, T, D]; cos/sin [T, rope_dims]. Dims past rope_dims pass through (partial rotary)."""
+    if rope_dims == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rot, rest = x[..., :rope_dims], x[..., rope_dims:]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+
+
+def rope_qk(q, k, cos, sin, rope_dims: int, q_scale):
+    q = apply_rope(q, cos, sin, rope_dims)
+    if q_scale is not None:
+        q = q * q_scale
+    return q, apply_rope(k, cos, sin, rope_dims)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ops:
+    """The small element-wise steps between the matmuls. A decode step on a GPU uses fused (compiled)
+    versions: each becomes one kernel instead of five to ten, which matters when a token is ~1,500
+    tiny launches. The matmuls (our ctypes/Triton kernels) and attention stay outside compile."""
+
+    add_norm: object = add_rms_norm
+    rope: object = rope_qk
+    silu_mul: object = silu_mul
+
+
+EAGER_OPS = Ops()
+
+
+def compiled_ops() -> Ops:
+    """torch.compile'd element-wise ops for the T == 1 decode shapes (compiled at the first decode step)."""
+    def comp(fn):
+        return torch.compile(fn, fullgraph=True, dynamic=False)
+
+    return Ops(comp(add_rms_norm), comp(rope_qk), comp(silu_mul))
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, *, qkv: nn.Module | None = None, q: nn.Module | None = None,
+                 k: nn.Module | None = None, v: nn.Module | None = None, o: nn.Module,
+                 q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None):
+        super().__init__()
+        if (qkv is None) == (q is None):
+            raise ValueError("give either a fused qkv projection or q, k and v")
+        self.args = args
+        self.qkv, self.q_proj, self.k_proj, self.v_proj, self.o_proj = qkv, q, k, v, o
+        self.q_norm, self.k_norm = q_norm, k_norm
+        self.kv_cache = None  # set by Transformer.setup_caches
+
+    def _project(self, x: torch.Tensor):
+        a = self.args
+        if self.qkv is not None:
+            return self.qkv(x).split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim,
+                                      a.n_kv_heads * a.head_dim], dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def forward(self, x, cos, sin, q_scale, input_pos, kv_len: int, mask, ops: Ops):
+        a = self.args
+        B, T, _ = x.shape
+        q, k, v = self._project(x)
+        q = q.view(B, T, a.n_heads, a.head_dim)
+        k = k.view(B, T, a.n_kv_heads, a.head_dim)
+        v = v.view(B, T, a.n_kv_heads, a.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        q, k = ops.rope(q, k, cos, sin, a.rope_dims, q_scale)
+        keys, values = self.kv_cache.update(input_pos, k, v, kv_len)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                           enable_gqa=a.n_kv_heads != a.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). Qwen v1 names them w2 (gate) and w1 (up)."""
+
+    def __init__(self, gate: nn.Module, up: nn.Module, down: nn.Module):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate, up, down
+
+    def forward(self, x, ops: Ops = EAGER_OPS):
+        return self.down_proj(ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, attn_norm: RMSNorm, attn: Attention, mlp_norm: RMSNorm, mlp: FeedForward):
+        super().__init__()
+        self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
+
+    def forward(self, x, h, cos, sin, q_scale, input_pos, kv_len: int, mask, ops: Ops):
+        """x: the residual stream, h: attn_norm(x) (fused with the previous block's residual add).
+        Returns (x + attention + mlp before its residual add, the mlp output) for the next fused add."""
+        attn = self.attn(h, cos, sin, q_scale, input_pos, kv_len, mask, ops)
+        x, h = ops.add_norm(x, attn, self.mlp_norm.weight, self.mlp_norm.eps)
+        return x, self.mlp(h, ops)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, embed: nn.Module, blocks: list[Block], norm: RMSNorm,
+                 lm_head: nn.Module, inv_freq: torch.Tensor, rope_scaling: float = 1.0):
+        super().__init__()
+        self.args = args
+        self.embed, self.blocks, self.norm, self.lm_head = embed, nn.ModuleList(blocks), norm, lm_head
+        self.inv_freq = inv_freq.float().cpu()
+        self.rope_scaling = rope_scaling
+        self.max_seq_len = 0
+        self.cos = self.sin = self.q_scale = None
+        self.decode_ops = EAGER_OPS  # compiled_ops() on a GPU: see Ops
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def setup_caches(self, batch_size: int, max_seq_len: int, kv_cache: str = "auto") -> None:
+        """Preallocate the KV cache and the rope tables for `max_seq_len` positions."""
+        from qwen_quant.profile.fast.kv_cache import make_kv_cache
+
+        a = self.args
+        for block in self.blocks:
+            block.attn.kv_cache = None  # free the old cache before allocating the new one
+        for block in self.blocks:
+            block.attn.kv_cache = make_kv_cache(kv_cache, batch_size, a.n_kv_heads, max_seq_len, a.head_dim,
+                                                self.dtype, self.device)
+        self.max_seq_len, self.batch_size, self.kv_kind = max_seq_len, batch_size, kv_cache
+        self.set_rope(1.0)
+        self.q_scale = logn_scales(a.logn_seq_length, max_seq_len, self.dtype, self.device)
+
+    def set_rope(self, ntk_alpha: float) -> None:
+        """(Re)fill the cos/sin tables in place, so captured graphs keep reading the same buffers."""
+        inv_freq = self.inv_freq
+        if ntk_alpha != 1.0:  # Qwen v1 dynamic NTK: a larger base for prompts past its training length
+            d = self.args.rope_dims
+            base = self.args.rope_base * ntk_alpha ** (d / (d - 2))
+            inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+        pos = torch.arange(self.max_seq_len, dtype=torch.float32)
+        freqs = torch.outer(pos, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.rope_scaling).to(self.device, self.dtype)
+        sin = (emb.sin() * self.rope_scaling).to(self.device, self.dtype)
+        if self.cos is None or self.cos.shape != cos.shape:
+            self.cos, self.sin = cos, sin
+        else:
+            self.cos.copy_(cos)
+            self.sin.copy_(sin)
+        self.ntk_alpha = ntk_alpha
+
+    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor, kv_len: int,
+                last_only: bool = True) -> torch.Tensor:
+        """input_ids [B, T] at positions input_pos [T] -> logits [B, V] (last position) or [B, T, V]."""
+        ops = self.decode_ops if input_ids.shape[1] == 1 else EAGER_OPS
+        cos, sin = self.cos[input_pos], self.sin[input_pos]
+        q_scale = None if self.q_scale is None else self.q_scale[input_pos].view(1, 1, -1, 1)
+        # query at position p sees cache slots 0..p; slots past kv_len are not even read
+        mask = torch.arange(kv_len, device=input_ids.device) <= input_pos[:, None]
+        x = self.embed(input_ids)
+        h = self.blocks[0].attn_norm(x)
+        for i, block in enumerate(self.blocks):
+            x, delta = block(x, h, cos, sin, q_scale, input_pos, kv_len, mask, ops)
+            nxt = self.blocks[i + 1].attn_norm if i + 1 < len(self.blocks) else self.norm
+            x, h = ops.add_norm(x, delta, nxt.weight, nxt.eps)
+        if last_only:
+            h = h[:, -1:]
+        logits = self.lm_head(h)
+        return logits[:, -1] if last_only else logits
+
+
+def logn_scales(seq_length: int | None, max_seq_len: int, dtype, device) -> torch.Tensor | None:
+    """Qwen v1 use_logn_attn: the query at position p is scaled by log_{seq_length}(p + 1) past seq_length."""
+    if not seq_length or max_seq_len <= seq_length:
+        return None
+    n = torch.arange(1, max_seq_len + 1, dtype=torch.float64)
+    scale = torch.where(n > seq_length, torch.log(n) / math.log(seq_length), torch.ones_like(n))
+    return scale.to(device, dtype)
+
+
+def ntk_alpha_for(prompt_len: int, seq_length: int | None) -> float:
+    """Qwen v1's dynamic-NTK alpha for a prompt of prompt_len tokens (1 within its training length)."""
+    if not seq_length or prompt_len <= seq_length:
+        return 1.0
+    context = math.log(prompt_len / seq_length, 2) + 1
+    return max(2 ** math.ceil(context) - 1, 1.0)

@@ -1,0 +1,39 @@
+"""qwen-report: the release report (accuracy, speed, memory tables) or a checkpoint's model card."""
+
+from __future__ import annotations
+
+import argparse
+
+from qwen_quant.cli_util import run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qwen-report",
+        description="Join qwen-eval, qwen-profile and qwen-quantize JSON results into reports/<model>/README.md, "
+                    "or write a checkpoint's model card (README.md with Hugging Face front matter).")
+    p.add_argument("paths", nargs="*", metavar="DIR",
+                   help="folders (searched for results.json / quant_report.json) or those files")
+    p.add_argument("--out", default=None, help="report folder (default reports/<model>)")
+    p.add_argument("--model-card", metavar="CHECKPOINT", default=None,
+                   help="write CHECKPOINT/README.md: its quantization card plus the tables from DIR...")
+    return p
+
+
+@run_cli
+def main(argv=None):
+    from qwen_quant.errors import UserError
+
+    args = build_parser().parse_args(argv)
+    if args.model_card:
+        from qwen_quant.profile.model_card import write_model_card
+
+        path = write_model_card(args.model_card, args.paths)
+        print(f"model card: {path}")
+        return 0
+    if not args.paths:
+        raise UserError("give one or more folders with results.json / quant_report.json (or --model-card CHECKPOINT)")
+    from qwen_quant.profile.report import write_report
+
+    print(f"report: {write_report(args.paths, args.out)}")
+    return 0

