@@ -18,8 +18,14 @@ def _quant_states(mod, decode: bool) -> list[dict]:
     """The prepared kernel states of a QuantLinear: all of them (resident), or the first one (what a
     batch-1 decode step reads: the plan's smallest-row entry)."""
     plan = getattr(mod, "_plan", None) or []
-    states = [entry[-1] for entry in plan if isinstance(entry[-1], dict)]
+    states = [entry[-1] for entry in plan if entry[-1] is not None]
     return states[:1] if decode else states
+
+
+def _state_tensors(state) -> list:
+    """Tensors held by a backend state: a dict's values or an object's attributes."""
+    values = state.values() if isinstance(state, dict) else vars(state).values() if hasattr(state, "__dict__") else ()
+    return [t for t in values if isinstance(t, torch.Tensor)]
 
 
 def _tensors(model, decode: bool):
@@ -32,7 +38,7 @@ def _tensors(model, decode: bool):
         states = _quant_states(mod, decode) if quant else []
         if quant and decode and states:
             own_buffers = [b for b in own_buffers if b is getattr(mod, "bias", None)]
-        own += own_buffers + [t for st in states for t in st.values() if isinstance(t, torch.Tensor)]
+        own += own_buffers + [t for st in states for t in _state_tensors(st)]
         for t in own:
             if t is None or t.numel() == 0:
                 continue

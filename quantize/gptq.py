@@ -182,7 +182,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
     dtype = _compute_dtype(W)
     # Work on W^T [K, N]: input column j is row j, so the per-column updates touch contiguous memory
     # (about 2x faster than the paper's [N, K] on CPU) and the codes come out in checkpoint layout.
-    Wt = W.to(dtype).T.contiguous()
+    Wt = W.to(dtype).T.clone(memory_format=torch.contiguous_format)  # a copy: never edit the caller's W
     H = H.to(device=W.device, dtype=dtype).clone()
     gs = K if group_size == -1 else group_size
     n_groups = -(-K // gs)

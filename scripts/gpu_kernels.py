@@ -154,7 +154,7 @@ def triton_sweep(device, deadline) -> list[dict]:
                     triton_backend.LAUNCH_OVERRIDE.clear()
                     triton_backend.LAUNCH_OVERRIDE.update(BLOCK_N=block_n, split=split)
                     try:
-                        us = 1e6 * bench._time_calls(lambda i: call(x, i), copies, device)
+                        us = 1e6 * bench.time_calls(lambda i: call(x, i), copies, device)[0]
                         gbs = bench.weight_bytes("triton", k, n) / us / 1e3
                         out.append({"K": k, "N": n, "rows": rows, "BLOCK_N": block_n, "split": split, "us": us, "gbs": gbs})
                     except Exception as exc:
@@ -162,7 +162,7 @@ def triton_sweep(device, deadline) -> list[dict]:
                                     "error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"})
             triton_backend.LAUNCH_OVERRIDE.clear()
             x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
-            us = 1e6 * bench._time_calls(lambda i: call(x, i), copies, device)
+            us = 1e6 * bench.time_calls(lambda i: call(x, i), copies, device)[0]
             out.append({"K": k, "N": n, "rows": rows, "config": "table", "us": us,
                         **triton_backend.launch_config(rows, k, n, 4, triton_backend.device_sms(device))})
     triton_backend.LAUNCH_OVERRIDE.clear()

@@ -2,7 +2,8 @@
 kernels' index math (the re-layout + each kernel's per-lane reads, fragments and writes) against a
 float64 reference. Real GPU runs only where torch sees a GPU.
 
-Tolerances: the emulators run in float64 and must match the float64 reference to 1e-9 relative
+The four tests on the real build are marked slow (the nvcc build takes ~15 s of CPU for sm_80 +
+sm_90a; CI still runs them). Tolerances: the emulators run in float64 and must match the float64 reference to 1e-9 relative
 (they replay index math, not rounding). On a GPU the kernels accumulate in fp32 and round once to
 the output dtype: |err| <= ulp(dtype) * |ref| + 2^-18 * (|x| @ |W|^T) (cuda_backend.output_tolerance).
 """
@@ -32,6 +33,7 @@ def built(tmp_path_factory):
     return cb.build_library(archs=cb.CI_ARCHS, out_dir=tmp_path_factory.mktemp("cuda_build"))
 
 
+@pytest.mark.slow  # one real nvcc build for two archs: ~15 s CPU, more on a busy machine
 def test_nvcc_builds_for_sm80_and_sm90a_without_spills(built):
     assert built.path.is_file() and not built.cached
     log = built.log
@@ -44,6 +46,7 @@ def test_nvcc_builds_for_sm80_and_sm90a_without_spills(built):
     assert again.cached and again.path == built.path
 
 
+@pytest.mark.slow
 def test_library_loads_and_exposes_launchers(built):
     lib = cb.KernelLibrary(built.path)
     for name in cb.KernelLibrary.SYMBOLS:
@@ -52,6 +55,7 @@ def test_library_loads_and_exposes_launchers(built):
     assert lib.error_string(0).lower().startswith("no error")
 
 
+@pytest.mark.slow
 def test_launcher_checks_arguments_before_any_cuda_call(built):
     lib = cb.KernelLibrary(built.path).lib
     fake = ctypes.c_void_p(4096)  # never dereferenced: argument checks come first
@@ -69,6 +73,7 @@ def test_launcher_checks_arguments_before_any_cuda_call(built):
     assert call(dtype=5) != 0
 
 
+@pytest.mark.slow
 def test_sass_has_tensor_core_mma_and_lop3(built):
     import triton
 

@@ -41,6 +41,16 @@ def assert_same_generation(model, ids, n):
     assert worst < LOGIT_TOL, f"logits differ by {worst}"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small models gain nothing from a second thread, and on a busy 2-core box OpenMP's spinning makes
+    two threads many times slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def demo():
     from qwen_quant.quantize.sources import load_model
@@ -239,17 +249,18 @@ def test_bucketed_reads_as_in_cuda_graphs_give_the_same_logits():
     assert max((a - b).abs().max().item() for a, b in zip(exact.logits, bucketed.logits)) < 1e-4
 
 
-def test_int8_kv_cache_stays_close(demo):
-    loaded, ids = demo
-    ref = Generator(loaded.model, ids.shape[1] + 24).generate_ids(ids, 24, return_logits=True)
-    int8 = Generator(loaded.model, ids.shape[1] + 24, kv_cache="int8").generate_ids(ids, 24, return_logits=True)
-    cache = Generator(loaded.model, 8, kv_cache="int8").model.blocks[0].attn.kv_cache
-    assert cache.k.dtype == torch.int8
-    # teacher-forced comparison would need the same tokens: compare while the tokens still agree
+def test_int8_kv_cache_stays_close():
+    model = tiny_hf("llama")
+    ids = random_ids(10)
+    ref = Generator(model, 40).generate_ids(ids, 24, return_logits=True)
+    gen = Generator(model, 40, kv_cache="int8")
+    assert gen.model.blocks[0].attn.kv_cache.k.dtype == torch.int8
+    int8 = gen.generate_ids(ids, 24, return_logits=True)
+    # compare while the tokens still agree (afterwards the two runs see different inputs)
     same = int((ref.tokens == int8.tokens).cumprod(dim=1).sum())
     assert same >= 8, f"int8 KV cache diverged after {same} tokens"
     rel = max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(ref.logits[:same], int8.logits[:same]))
-    assert rel < 0.05, f"int8 KV cache moves logits by {rel:.3f} of their range"
+    assert 0 < rel < 0.05, f"int8 KV cache moves logits by {rel:.4f} of their range"
 
 
 def test_unknown_kv_cache_kind_is_a_user_error():
@@ -295,11 +306,11 @@ def test_public_generate_with_text_and_with_ids(demo):
     import qwen_quant
 
     loaded, ids = demo
-    res = qwen_quant.generate(loaded.model, PROMPT, 12, tokenizer=loaded.tokenizer, stop_at_eos=False)
-    assert len(res.token_ids) == 12 and res.finish_reason == "length"
+    res = qwen_quant.generate(loaded.model, PROMPT, 8, tokenizer=loaded.tokenizer, stop_at_eos=False)
+    assert len(res.token_ids) == 8 and res.finish_reason == "length"
     assert res.prompt_ids == ids[0].tolist()
     assert res.text == loaded.decode(res.token_ids)
-    again = generate(loaded.model, ids[0].tolist(), 12, stop_at_eos=False)
+    again = generate(loaded.model, ids[0].tolist(), 8, stop_at_eos=False)
     assert again.token_ids == res.token_ids and again.text is None
     with pytest.raises(UserError, match="tokenizer"):
         generate(loaded.model, "text", 4)

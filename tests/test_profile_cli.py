@@ -20,6 +20,7 @@ def run_profile(args, tmp_path, env_extra=None, timeout=300):
     return subprocess.run([SCRIPT, *args], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_synthetic_tiny_bf16_int4_with_an_injected_oom(tmp_path):
     out = tmp_path / "prof"
     proc = run_profile(["synthetic:tiny", "--precision", "bf16,int4", "--encode", "32", "--gen", "16",
@@ -59,6 +60,7 @@ def test_synthetic_tiny_bf16_int4_with_an_injected_oom(tmp_path):
     assert "Peak Usage for Generating 16 Tokens" in proc.stdout  # the terminal summary
 
 
+@pytest.mark.slow
 def test_demo_model_generate(tmp_path):
     out = tmp_path / "demo"
     proc = run_profile(["demo", "--precision", "fp32", "--encode", "none", "--gen", "8", "--out", str(out), *FAST],

@@ -150,3 +150,24 @@ def test_keep_checkpoint_false_frees_buffers_and_refuses_saving():
     assert torch.equal(layer(x), y)
     with pytest.raises(UserError):
         layer.state_dict()
+
+
+def test_replace_with_random_quant_builds_layers_from_a_meta_model():
+    from transformers import AutoModelForCausalLM
+
+    from qwen_quant.quantize.layouts import blocks_of, layout_for
+    from qwen_quant.quantize.random_int4 import replace_with_random_quant
+    from qwen_quant.quantize.sources import synthetic_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(synthetic_config("tiny"))
+    replace_with_random_quant(model, bits=4, group_size=32, device="cpu")
+    layout = layout_for(model)
+    for block in blocks_of(model, layout):
+        for name in layout.linear_names:
+            layer = block.get_submodule(name)
+            assert isinstance(layer, QuantLinear) and layer.qweight.device.type == "cpu"
+            assert layer.backend == "torch"
+    q = blocks_of(model, layout)[0].get_submodule("self_attn.q_proj")
+    assert q.bias is not None  # Qwen2 layout: q/k/v keep their bias
+    assert_close_to_reference(q, torch.randn(3, q.in_features).half())

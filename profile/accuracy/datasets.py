@@ -23,6 +23,7 @@ import csv
 import dataclasses
 import gzip
 import json
+import re
 from pathlib import Path
 
 from qwen_quant.errors import UserError
@@ -194,8 +195,6 @@ def arc(challenge: bool = False, limit: int | None = None):
 
 def hellaswag_text(text: str) -> str:
     """HellaSwag's usual cleanup (as lm-eval does): WikiHow's '[title]' marks and bracketed tags out."""
-    import re
-
     text = text.strip().replace(" [title]", ". ")
     text = re.sub(r"\[.*?\]", "", text)
     return text.replace("  ", " ")

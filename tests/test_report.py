@@ -1,0 +1,137 @@
+"""Report rendering from stored JSON: deltas, OOM and missing cells shown as such (never zeros), model card."""
+
+import json
+
+import pytest
+
+from qwen_quant.profile.cells import CELL_FIELDS
+from qwen_quant.profile.report import accuracy_csv, accuracy_markdown, accuracy_table, write_report
+
+
+def row(model, task, metric, value, stderr=None, n=100, **details):
+    return {"model": model, "task": task, "metric": metric, "value": value, "stderr": stderr, "n": n,
+            "details": details}
+
+
+EVAL = {
+    "kind": "eval",
+    "env": {"torch": "2.13.0", "transformers": "5.24", "commit": "abc123", "date": "2026-11-28", "cpu": "cpu",
+            "command": "qwen-eval demo out/gptq"},
+    "models": [{"label": "fp", "spec": "demo"}, {"label": "gptq-int4", "spec": "out/gptq"}],
+    "results": [
+        row("fp", "ppl-wiki", "perplexity", 20.0, 0.5, 10, corpus="wikipedia-summaries-en", split="eval",
+            seqlen=512, tokens=5120, slice="first 12 documents", tokenizer="tok"),
+        row("gptq-int4", "ppl-wiki", "perplexity", 20.75, 0.5, 10, corpus="wikipedia-summaries-en", split="eval",
+            seqlen=512, tokens=5120, slice="first 12 documents", tokenizer="tok"),
+        row("fp", "arc-easy", "accuracy", 55.0, 5.0),
+        row("gptq-int4", "arc-easy", "accuracy", None, None, 0, oom=True),
+        row("fp", "mmlu", "accuracy", 31.0, 4.6),
+        row("gptq-int4", "mmlu", "accuracy", None, None, 0, missing="interrupted"),
+        row("fp", "ppl-wiki", "perplexity@4096", None, None, 0, missing="beyond the model's context (2048)"),
+    ],
+}
+
+
+def cell(precision, scenario, length, status="ok", tps=None, rss=None):
+    c = {k: None for k in CELL_FIELDS}
+    c.update(model="SmolLM2-135M-Instruct", precision=precision, engine="hf", backend="auto", scenario=scenario,
+             context_tokens=length if scenario == "encode" else 1, new_tokens=1 if scenario == "encode" else length,
+             status=status, tokens_per_s=tps, peak_rss_gib=rss, repeats=1)
+    return c
+
+
+PROFILE = {
+    "env": {"cpu": "cpu", "torch": "2.13.0", "transformers": "5.24", "commit": "abc123", "date": "2026-11-28",
+            "command": "qwen-profile demo"},
+    "cells": [cell("fp32", "encode", 64, tps=900.0, rss=1.25), cell("fp32", "generate", 32, tps=14.5, rss=1.3),
+              cell("int4", "encode", 64, status="oom"), cell("int4", "generate", 32, tps=11.0, rss=0.9)],
+}
+
+
+def test_accuracy_table_shows_deltas_oom_and_missing_never_zero():
+    table = accuracy_table(EVAL)
+    lines = table.splitlines()
+    assert lines[0].startswith("| model | Wikipedia EN ppl")
+    gptq = next(ln for ln in lines if ln.startswith("| gptq-int4"))
+    assert "20.750 ± 0.500 (Δ +0.750)" in gptq
+    assert "OOM" in gptq and "missing: interrupted" in gptq
+    cells = [c.strip() for c in gptq.strip("|").split("|")]
+    assert not any(c.startswith("0.0") for c in cells)
+    md = accuracy_markdown(EVAL)
+    assert "missing: beyond the model's context (2048)" in md
+    assert "GPTQ convention" in md and "wikipedia-summaries-en" in md
+
+
+def test_csv_keeps_holes_empty_and_deltas():
+    lines = accuracy_csv(EVAL).splitlines()
+    assert lines[0].startswith("model,task,metric,value,stderr,n,delta_vs_first")
+    ppl = next(ln for ln in lines if ln.startswith("gptq-int4,ppl-wiki,perplexity,"))
+    assert ",0.75," in ppl
+    oom = next(ln for ln in lines if ln.startswith("gptq-int4,arc-easy,accuracy,"))
+    assert oom.startswith("gptq-int4,arc-easy,accuracy,,,0,,")
+
+
+def test_report_joins_eval_profile_and_quant(tmp_path):
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "results.json").write_text(json.dumps(EVAL))
+    (tmp_path / "prof").mkdir()
+    (tmp_path / "prof" / "results.json").write_text(json.dumps(PROFILE))
+    (tmp_path / "prof" / "memory.png").write_bytes(b"\x89PNG fake")
+    readme = write_report([tmp_path / "eval", tmp_path / "prof"], tmp_path / "report")
+    text = readme.read_text()
+    assert "## Accuracy" in text and "## Speed" in text and "## Memory" in text
+    assert "Speed (32 tokens)" in text and "Peak Usage for Encoding 64 Tokens" in text
+    assert "OOM" in text.split("## Memory")[1]
+    assert "![memory](memory.png)" in text and (tmp_path / "report" / "memory.png").exists()
+    assert "tokens/s" in text and "GiB" in text and "GPTQ convention" in text
+    assert "qwen-eval demo out/gptq" in text and "qwen-profile demo" in text
+
+
+def test_report_without_profile_says_not_measured(tmp_path):
+    (tmp_path / "results.json").write_text(json.dumps(EVAL))
+    text = write_report([tmp_path / "results.json"], tmp_path / "r").read_text()
+    assert "not measured: no qwen-profile results.json" in text
+
+
+def test_report_cli_errors_are_one_line(tmp_path, capsys):
+    from qwen_quant.profile.report_cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no results.json" in err[0]
+    with pytest.raises(SystemExit) as e:
+        main(["--model-card", str(tmp_path)])
+    assert e.value.code == 2 and "quant_report.json" in capsys.readouterr().err
+
+
+QUANT_REPORT = {
+    "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True,
+                            "damp_percent": 0.01, "static_groups": False, "meta": {"date": "2026-11-28T06:00:00Z"}},
+    "settings": {"method": "gptq", "mse": False},
+    "model": {"source": "demo", "synthetic": False, "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+              "license": "apache-2.0"},
+    "calibration": {"source": "default", "nsamples": 32, "seqlen": 512, "tokens": 16384, "corpora": []},
+    "layers": [{"name": "model.layers.0.mlp.down_proj", "rel_error": 0.05, "fallback": None}],
+    "totals": {"layers": 1, "mean_rel_error": 0.05, "max_rel_error": 0.05, "worst_layer": "model.layers.0.mlp.down_proj",
+               "fallbacks": 0, "seconds": 12.0},
+    "downstream": {"note": "K % 128 == 0 everywhere."},
+    "device": "cpu", "versions": {"qwen_quant": "0.1.0"}, "command": "qwen-quantize demo", "git_commit": "abc",
+}
+
+
+def test_model_card_carries_front_matter_and_tables(tmp_path):
+    from qwen_quant.profile.model_card import write_model_card
+
+    ckpt = tmp_path / "gptq-int4"
+    ckpt.mkdir()
+    (ckpt / "quant_report.json").write_text(json.dumps(QUANT_REPORT))
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "results.json").write_text(json.dumps(EVAL))
+    text = write_model_card(ckpt, [tmp_path / "eval"]).read_text()
+    front = text.split("---")[1]
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in front and "license: apache-2.0" in front
+    assert "gptq" in front and "int4" in front
+    assert "group size 128" in text and "32 samples x 512 tokens" in text
+    assert "20.750 ± 0.500 (Δ +0.750)" in text and "OOM" in text
