@@ -65,7 +65,8 @@ def parse_lengths(text: str, option: str) -> list[int]:
         try:
             n = int(part.strip())
         except ValueError:
-            raise UserError(f"{option} takes positive token counts like 2048,8192 (or 'none'), not {part.strip()!r}") from None
+            raise UserError(f"{option} takes positive token counts like 2048,8192 (or 'none'), "
+                            f"not {part.strip()!r}") from None
         if n <= 0:
             raise UserError(f"{option} lengths must be positive token counts, got {n}")
         out.append(n)

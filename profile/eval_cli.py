@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", required=True,
                    help=f"comma list of: {', '.join(TASKS)} (ceval=FILE / cmmlu=FILE for a local CSV/JSONL, "
                         f"=hf:<id> for the hub)")
-    p.add_argument("--limit", type=int, default=None, help="first N items per task (perplexity: N windows)")
+    p.add_argument("--limit", type=int, default=None, help="first N items per benchmark (the same items for every model)")
+    p.add_argument("--ppl-windows", type=int, default=None,
+                   help="first N windows for perplexity tasks (default: --limit; neither = the whole split)")
     p.add_argument("--seqlen", type=int, default=None, help="perplexity window in tokens (default 2048)")
     p.add_argument("--batch", type=int, default=8, help="rows per forward pass when scoring")
     p.add_argument("--out", default=None, help="folder for results.json/.md/.csv (default reports/eval/<first model>)")
@@ -60,7 +62,7 @@ def main(argv=None):
     out = args.out or default_out_dir(args.models[0])
     report = evaluate(args.models, args.tasks, limit=args.limit, seqlen=args.seqlen, batch=args.batch, out=out,
                       ppl_text=args.ppl_text, ppl_lengths=args.ppl_lengths, device=args.device,
-                      backend=args.backend, trust_remote_code=args.trust_remote_code,
+                      backend=args.backend, trust_remote_code=args.trust_remote_code, ppl_windows=args.ppl_windows,
                       argv=["qwen-eval", *(sys.argv[1:] if argv is None else argv)])
     from qwen_quant.profile.report import accuracy_table
 

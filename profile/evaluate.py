@@ -160,10 +160,8 @@ def _ppl_tokens(model: EvalModel, texts: list[str], needed: int | None, cache: d
 
 def run_perplexity(model: EvalModel, name: str, corpus, seqlen: int, limit: int | None,
                    lengths: list[int], batch: int, cache: dict) -> list[dict]:
-    longest = max([seqlen, *lengths])
+    # Every length reads the same tokens: the first `limit` windows of `seqlen` (or the whole text).
     needed = (limit * seqlen) if limit else None
-    if needed is not None:
-        needed = max(needed, longest)
     tokens, docs = _ppl_tokens(model, corpus.texts, needed, cache)
     if not tokens:
         raise UserError(f"the text for {name} is empty: give a file with some text")
@@ -181,7 +179,8 @@ def run_perplexity(model: EvalModel, name: str, corpus, seqlen: int, limit: int 
             continue
         if len(span) < length:
             rows.append(_row(model, name, metric, None, None, 0,
-                             dict(details, missing=f"text has {len(span)} tokens, fewer than {length}")))
+                             dict(details, missing=f"{len(span)} tokens evaluated, fewer than {length}: "
+                                                   f"raise --ppl-windows")))
             continue
         res = ppl.perplexity(model.model, span, length, batch_size=max(1, batch * 256 // length),
                              device=model.device, desc=f"{model.label} {name}@{length}")
@@ -326,12 +325,19 @@ def _prepare(requests: list[TaskRequest], limit: int | None, ppl_text: str | Non
 def evaluate(models: list[str], tasks: str | list[str], limit: int | None = None, seqlen: int | None = None,
              batch: int = 8, out: str | Path | None = None, ppl_text: str | None = None,
              ppl_lengths: list[int] | None = None, device: str = "cpu", backend: str = "auto",
-             trust_remote_code: bool = False, argv: list[str] | None = None) -> dict:
-    """Evaluate `models` on `tasks`; the first model is the reference for deltas."""
+             trust_remote_code: bool = False, ppl_windows: int | None = None,
+             argv: list[str] | None = None) -> dict:
+    """Evaluate `models` on `tasks`; the first model is the reference for deltas.
+
+    `limit`: the first N items of each benchmark; `ppl_windows`: the first N perplexity windows
+    (default: `limit`; None and None = the whole held-out split)."""
     if not models:
         raise UserError("no model given: pass one or more models (the first is the reference)")
     if limit is not None and limit < 1:
         raise UserError("--limit must be at least 1")
+    if ppl_windows is not None and ppl_windows < 1:
+        raise UserError("--ppl-windows must be at least 1")
+    windows = ppl_windows if ppl_windows is not None else limit
     requests = parse_tasks(tasks)
     for spec in models:  # refuse synthetic models before spending minutes on data or other models
         refuse_synthetic(spec)
@@ -352,7 +358,7 @@ def evaluate(models: list[str], tasks: str | list[str], limit: int | None = None
         for r in requests:
             name = r.task.name
             if r.task.kind == "perplexity":
-                results += run_perplexity(em, name, data[name], seqlen, limit, lengths, batch, ppl_cache)
+                results += run_perplexity(em, name, data[name], seqlen, windows, lengths, batch, ppl_cache)
                 continue
             items, desc = data[name]
             if r.task.kind == "choice":
@@ -367,7 +373,7 @@ def evaluate(models: list[str], tasks: str | list[str], limit: int | None = None
         del em
     report = {"kind": "eval", "env": collect_env(argv), "models": model_info,
               "tasks": [r.task.name for r in requests],
-              "settings": {"limit": limit, "seqlen": seqlen, "batch": batch, "ppl_lengths": lengths,
+              "settings": {"limit": limit, "ppl_windows": windows, "seqlen": seqlen, "batch": batch, "ppl_lengths": lengths,
                            "device": device, "backend": backend},
               "results": results}
     if out is not None:

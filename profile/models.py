@@ -13,6 +13,7 @@ import dataclasses
 import torch
 
 from qwen_quant.errors import UserError
+from qwen_quant.quantize.sources import reset_rotary
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 INT4_GROUP_SIZE = 128
@@ -95,7 +96,8 @@ def _use_fast_attention(model) -> None:
         import importlib.util
 
         on_gpu = next(model.parameters()).device.type == "cuda"
-        if on_gpu and importlib.util.find_spec("flash_attn") is not None and model.dtype in (torch.float16, torch.bfloat16):
+        half = model.dtype in (torch.float16, torch.bfloat16)
+        if on_gpu and half and importlib.util.find_spec("flash_attn") is not None:
             want = "flash_attention_2"
     except StopIteration:
         pass
@@ -154,19 +156,6 @@ def _materialize_rest(model, device: str, seed: int) -> None:
                         real[i:i + rows].copy_(torch.randn(real[i:i + rows].shape, generator=gen, device=device) * 0.02)
                 table[name] = torch.nn.Parameter(real, requires_grad=False) if kind == "param" else real
     reset_rotary(model)
-
-
-def reset_rotary(model) -> None:
-    """Rotary frequencies come from the config, not from storage that was allocated empty: take them
-    from a freshly built rotary module (a meta/to_empty build leaves them uninitialized)."""
-    for mod in model.modules():
-        if type(mod).__name__.endswith("RotaryEmbedding") and hasattr(mod, "config"):
-            with torch.device("cpu"):
-                fresh = type(mod)(mod.config)
-            device = next(iter(mod.buffers()), torch.empty(0)).device
-            for name, buf in fresh.named_buffers(recurse=False):
-                setattr(mod, name, buf.to(device))
-            mod.attention_scaling = getattr(fresh, "attention_scaling", 1.0)
 
 
 def model_dtype(model) -> torch.dtype:

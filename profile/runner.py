@@ -210,8 +210,7 @@ def measure_cell(cell: Cell, options: RunOptions) -> tuple[dict, dict]:
 
     from qwen_quant.profile.engines import make_engine, total_seconds
     from qwen_quant.profile.memory import MemoryProbe, apply_memory_cap
-    from qwen_quant.profile.models import build_model, model_dtype, resolve_model
-    from qwen_quant.profile.roofline import decode_bytes_per_token, decode_weight_bytes, kv_bytes_per_position, weight_bytes
+    from qwen_quant.profile.models import build_model, resolve_model
 
     torch.manual_seed(options.seed)
     if options.threads:
@@ -240,26 +239,37 @@ def measure_cell(cell: Cell, options: RunOptions) -> tuple[dict, dict]:
 
     for r in runs:
         if tuple(r["tokens"].shape) != (cell.batch, cell.new_tokens):
-            raise RuntimeError(f"engine returned {tuple(r['tokens'].shape)} tokens, expected {(cell.batch, cell.new_tokens)}")
+            raise RuntimeError(f"engine returned {tuple(r['tokens'].shape)} tokens, "
+                               f"expected {(cell.batch, cell.new_tokens)}")
     summary = _summarize(cell, runs, total_seconds)
-    elem = torch.tensor([], dtype=model_dtype(model)).element_size()
-    kv_pos = kv_bytes_per_position(model.config, elem, cell.batch)
-    dec_weights = decode_weight_bytes(model)
-    details = {
-        "cell": cell.name, "build_s": build_s, "cpu_threads": torch.get_num_threads(), "dtype": str(model_dtype(model)).replace("torch.", ""),
-        "backend_used": _backends_used(model), "weight_bytes": weight_bytes(model),
-        "decode_weight_bytes": dec_weights, "kv_bytes_per_position": kv_pos,
-        "kv_bytes_final": kv_pos * (cell.context_tokens + cell.new_tokens),
-        "bytes_per_token": (decode_bytes_per_token(dec_weights, kv_pos, cell.context_tokens, cell.new_tokens)
-                            if cell.new_tokens >= 2 else None),
-        "nvml_scope": memory.pop("nvml_scope"), "tokens_generated": [int(r["tokens"].shape[1]) for r in runs],
-        **summary.pop("details"),
-    }
+    details = {"cell": cell.name, "build_s": build_s, "cpu_threads": torch.get_num_threads(),
+               **_byte_counts(model, cell), "nvml_scope": memory.pop("nvml_scope"),
+               "tokens_generated": [int(r["tokens"].shape[1]) for r in runs], **summary.pop("details")}
     row = {k: None for k in CELL_FIELDS}
     row.update(model=cell.label, precision=cell.precision, engine=cell.engine, backend=cell.backend,
                scenario=cell.scenario, context_tokens=cell.context_tokens, new_tokens=cell.new_tokens,
                repeats=len(runs), status="ok", error=None, **memory, **summary)
     return row, details
+
+
+def _byte_counts(model, cell: Cell) -> dict:
+    """Weights (resident, and read per decode step), KV cache per position and at the end, bytes/token."""
+    import torch
+
+    from qwen_quant.profile.models import model_dtype
+    from qwen_quant.profile.roofline import (decode_bytes_per_token, decode_weight_bytes, kv_bytes_per_position,
+                                             weight_bytes)
+
+    dtype = model_dtype(model)
+    kv_pos = kv_bytes_per_position(model.config, torch.tensor([], dtype=dtype).element_size(), cell.batch)
+    dec_weights = decode_weight_bytes(model)
+    return {
+        "dtype": str(dtype).replace("torch.", ""), "backend_used": _backends_used(model),
+        "weight_bytes": weight_bytes(model), "decode_weight_bytes": dec_weights, "kv_bytes_per_position": kv_pos,
+        "kv_bytes_final": kv_pos * (cell.context_tokens + cell.new_tokens),
+        "bytes_per_token": (decode_bytes_per_token(dec_weights, kv_pos, cell.context_tokens, cell.new_tokens)
+                            if cell.new_tokens >= 2 else None),
+    }
 
 
 def _summarize(cell: Cell, runs: list[dict], total_seconds) -> dict:
@@ -271,14 +281,16 @@ def _summarize(cell: Cell, runs: list[dict], total_seconds) -> dict:
         speeds = [cell.batch * cell.context_tokens / p for p in prefills]
     else:  # the seed's definition: new tokens / total generate time
         speeds = [tokens / t for t in totals]
-    decode = [cell.batch * len(r["token_s"]) / sum(r["token_s"]) for r in runs if r["token_s"] and sum(r["token_s"]) > 0]
+    decode = [cell.batch * len(r["token_s"]) / sum(r["token_s"])
+              for r in runs if r["token_s"] and sum(r["token_s"]) > 0]
     median_run = runs[sorted(range(len(runs)), key=lambda i: totals[i])[len(runs) // 2]]
     return {
         "tokens_per_s": statistics.median(speeds),
         "decode_tokens_per_s": statistics.median(decode) if decode else None,
         "prefill_s": statistics.median(prefills),
         "spread": {"min": min(speeds), "max": max(speeds)},
-        "details": {"runs": [{"total_s": t, "prefill_s": p, "tokens_per_s": s} for t, p, s in zip(totals, prefills, speeds)],
+        "details": {"runs": [{"total_s": t, "prefill_s": p, "tokens_per_s": v}
+                             for t, p, v in zip(totals, prefills, speeds)],
                     "token_latency_s": [float(x) for x in median_run["token_s"]]},
     }
 

@@ -207,7 +207,8 @@ def decode_detail_table(results: dict) -> str:
 
 
 def memory_detail_table(results: dict) -> str:
-    header = ["Model", "Scenario", "Peak allocated (GiB)", "Peak reserved (GiB)", "NVML process (GiB)", "Peak RSS (GiB)"]
+    header = ["Model", "Scenario", "Peak allocated (GiB)", "Peak reserved (GiB)", "NVML process (GiB)",
+              "Peak RSS (GiB)"]
     body = []
     for c in results.get("cells", []):
         scen = f"{c['scenario']} {c['context_tokens'] if c['scenario'] == 'encode' else c['new_tokens']}"

@@ -78,7 +78,7 @@ def _context_of(config: dict) -> int | None:
     return None
 
 
-def _folder_of(spec) -> Path | None:
+def _folder_of(spec, trust_remote_code: bool) -> Path | None:
     """A local safetensors-capable folder for dir/demo/hub specs (hub: downloaded to the HF cache)."""
     from qwen_quant.quantize.sources import demo_model_dir
 
@@ -87,6 +87,10 @@ def _folder_of(spec) -> Path | None:
     if spec.kind == "dir":
         return Path(spec.path)
     if spec.kind == "hub":
+        from qwen_quant.quantize.sources import _read_config_json
+
+        # config.json first: refuse remote code or an already-quantized model before downloading weights
+        _check_config(_read_config_json(spec), spec.name, trust_remote_code)
         try:
             from huggingface_hub import snapshot_download
 
@@ -99,19 +103,24 @@ def _folder_of(spec) -> Path | None:
 
 
 def _check_folder_config(folder: Path, name: str, trust_remote_code: bool) -> dict:
-    from qwen_quant.quantize.sources import needs_remote_code
-
     p = folder / "config.json"
     if not p.is_file():
         raise UserError(f"{folder} has no config.json: not a Hugging Face model folder")
     config = json.loads(p.read_text())
+    _check_config(config, name, trust_remote_code)
+    return config
+
+
+def _check_config(config: dict | None, name: str, trust_remote_code: bool) -> None:
+    from qwen_quant.quantize.sources import needs_remote_code
+
+    config = config or {}
     if needs_remote_code(config) and not trust_remote_code:
         raise UserError(f"{name} uses custom modelling code (model_type {config.get('model_type')!r}, e.g. Qwen v1): "
                         f"pass --trust-remote-code to allow it")
     if "quantization_config" in config:
         raise UserError(f"{name} is already quantized ({config['quantization_config'].get('quant_method')}); "
                         f"quantize its full-precision base model instead")
-    return config
 
 
 def _folder_tokenizer(folder: Path, config: dict, trust_remote_code: bool):
@@ -148,7 +157,7 @@ def open_model(model, trust_remote_code: bool, gguf_file, seed: int) -> tuple[_O
     if isinstance(model, LoadedModel):
         return _in_memory(model, layout_for), model.spec
     spec = parse_model_spec(model, gguf_file) if isinstance(model, str) else model
-    folder = _folder_of(spec)
+    folder = _folder_of(spec, trust_remote_code)
     if folder is not None:
         config = _check_folder_config(folder, spec.name, trust_remote_code)
         if list(folder.glob("*.safetensors")):

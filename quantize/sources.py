@@ -209,7 +209,7 @@ def synthetic_config(shape: str):
     if model_type == "qwen2":
         cfg.attention_bias = bias
     cfg.rms_norm_eps = 1e-6
-    cfg.torch_dtype = "bfloat16"
+    cfg.dtype = "bfloat16"
     cfg.synthetic = True
     cfg.synthetic_shape = shape
     return cfg
@@ -239,15 +239,22 @@ def build_synthetic(shape: str, dtype=torch.bfloat16, device="cpu", seed: int = 
                 for i in range(0, p.shape[0], rows):
                     chunk = torch.randn(p[i:i + rows].shape, generator=gen, device=device) * 0.02
                     p[i:i + rows].copy_(chunk.to(dtype=p.dtype))
-        # rotary inv_freq and other buffers come from the config, not from random values
-        for mod in model.modules():
-            if hasattr(mod, "inv_freq") and hasattr(mod, "rope_init_fn"):
-                inv_freq, scaling = mod.rope_init_fn(mod.config, device)
-                mod.inv_freq = inv_freq
-                mod.original_inv_freq = inv_freq
-                mod.attention_scaling = scaling
+    reset_rotary(model)
     model.eval()
     return model
+
+
+def reset_rotary(model) -> None:
+    """Rotary frequencies come from the config, not from storage that was allocated empty: take them
+    from a freshly built rotary module (a meta/to_empty build leaves them uninitialized)."""
+    for mod in model.modules():
+        if type(mod).__name__.endswith("RotaryEmbedding") and hasattr(mod, "config"):
+            with torch.device("cpu"):
+                fresh = type(mod)(mod.config)
+            device = next(iter(mod.buffers()), torch.empty(0)).device
+            for name, buf in fresh.named_buffers(recurse=False):
+                setattr(mod, name, buf.to(device))
+            mod.attention_scaling = getattr(fresh, "attention_scaling", 1.0)
 
 
 # ---------------------------------------------------------------- hub / directory / gguf

@@ -27,7 +27,7 @@ from pathlib import Path
 
 # Full run: (label, context, new tokens). Decode cells use a short generation after the context.
 FULL = dict(shape="qwen-7b", decode=[(1, 256), (2048, 128)], generate=[2048, 8192], hf=256)
-DRY = dict(shape="tiny", decode=[(1, 16), (64, 8)], generate=[32, 96], hf=12)
+DRY = dict(shape="tiny", decode=[(1, 8), (24, 4)], generate=[12, 20], hf=6)
 GOALS = {"int4_decode_tok_s": 400, "bf16_decode_tok_s": 150, "int4_generate_8192_tok_s": 300,
          "int4_over_hf_bf16": 8.0, "int4_generate_8192_peak_allocated_gib": 10.0}
 
@@ -37,8 +37,10 @@ def parse_args(argv):
     p.add_argument("out", type=Path, help="folder for results.json")
     p.add_argument("--dry-run", action="store_true", help="CPU, synthetic:tiny, tiny lengths (proves the script runs)")
     p.add_argument("--backend", default="auto", help="Int4 kernel backend (auto|cuda|triton|torch)")
-    p.add_argument("--budget-s", type=float, default=100.0,
-                   help="skip the remaining cells (recorded as skipped) once this much wall time is used")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no new cell after this much wall time; the rest are recorded as skipped "
+                        "(default 100 on the GPU, 1200 for the dry run)")
+    p.add_argument("--no-fuse", action="store_true", help="eager element-wise ops in the decode step (A/B)")
     p.add_argument("--no-bf16", action="store_true", help="skip the BF16 model (fast and HF)")
     p.add_argument("--no-8192", action="store_true", help="skip generate-8192")
     return p.parse_args(argv)
@@ -54,6 +56,10 @@ def main(argv=None) -> int:
     from qwen_quant.profile.roofline import measure_copy_bandwidth
 
     torch.set_grad_enabled(False)
+    if args.dry_run:
+        torch.set_num_threads(1)  # a busy 2-core box: OpenMP spinning makes 2 threads far slower
+    if args.budget_s is None:
+        args.budget_s = 1200.0 if args.dry_run else 100.0
     plan = DRY if args.dry_run else FULL
     device = "cpu" if args.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -93,7 +99,8 @@ def main(argv=None) -> int:
                 continue
             if model is None:
                 model = build(spec, precision, device, args.backend)
-            row, details = measure(model, spec, precision, engine, args.backend, context, new, device, bw)
+            row, details = measure(model, spec, precision, engine, args.backend, context, new, device, bw,
+                                   fuse=False if args.no_fuse else None)
             results["cells"].append(row)
             results["details"].append(details)
             print(one_line(row), flush=True)
@@ -118,7 +125,7 @@ def build(spec: str, precision: str, device: str, backend: str):
     return model
 
 
-def measure(model, spec, precision, engine_name, backend, context, new, device, bw_gbps):
+def measure(model, spec, precision, engine_name, backend, context, new, device, bw_gbps, fuse=None):
     """One cell: warm-up (same shapes, 16 tokens), one timed run under the memory probe."""
     import gc
 
@@ -135,7 +142,12 @@ def measure(model, spec, precision, engine_name, backend, context, new, device, 
         torch.cuda.empty_cache()
     ids = torch.randint(100, 10000, (1, context), generator=torch.Generator().manual_seed(0))
     probe = MemoryProbe(device).start()  # the engine's KV cache and graphs count in this cell's peak
-    engine = make_engine(engine_name, model, context + new, device, kv_cache="auto")
+    if engine_name == "fast":
+        from qwen_quant.profile.fast.engine import FastEngine
+
+        engine = FastEngine(model, context + new, device, kv_cache="auto", fuse=fuse)
+    else:
+        engine = make_engine(engine_name, model, context + new, device, kv_cache="auto")
     engine.timed_generate(ids, min(new, 16))
     r = engine.timed_generate(ids, new)
     memory = probe.stop()

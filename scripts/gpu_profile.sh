@@ -10,7 +10,7 @@
 # generate, encode 2048 (warm-up + 2 timed runs) and generate 2048 (warm-up of 16 tokens + 1 timed
 # run). Four cells, each in a fresh process (~10 s to start and build the model), plus the bandwidth
 # probe: about 150-190 s. Not in the budget: 14B and generate-8192 with HF generate (3-4 min per
-# cell); those cells show "not measured". Each cell is capped by --cell-timeout so the whole step
+# cell); those columns are left out of the tables. Each cell is capped by --cell-timeout so the whole step
 # cannot run away; a cell that hits it is recorded as an error and the rest still run.
 # Writes OUT_DIR/{results.json,speed.md,memory.md,details.csv,decode_latency.png,memory.png,CHOICES.md}.
 set -euo pipefail
@@ -53,7 +53,8 @@ cat > "$OUT/CHOICES.md" <<EOF
 - Scope: $SCOPE, HF generate (transformers' default cache, SDPA), greedy, exact lengths.
 - Each cell in a fresh process; warm-up of the same shapes first; peak memory reset per cell.
 - Left out to stay within the GPU budget (<= 200 s): Qwen-14B and generate-8192 with HF generate
-  (3-4 minutes per cell). Those columns read "not measured" — never a number we did not measure.
+  (3-4 minutes per cell): those columns are absent from the tables, never filled with numbers we
+  did not measure. Their numbers are owed (a longer GPU slot: add --gen 2048,8192 and synthetic:qwen-14b).
 - Fast engine cells: $( [[ "${WITH_FAST:-0}" == 1 ]] && echo "in fast/ (generate $FAST_GEN)" || echo "not run (WITH_FAST=1 adds them)" ).
 - Wall time: HF cells ${hf_s} s, whole script ${total_s} s.
 - Command and environment: results.json -> env.

@@ -83,6 +83,7 @@ def main(argv=None):
     ap.add_argument("--nsamples", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--reports", type=Path, default=REPO / "reports")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the quantizing process")
     ap.add_argument("--keep", action="store_true", help="keep the model and checkpoint in --work")
     args = ap.parse_args(argv)
 
@@ -95,7 +96,8 @@ def main(argv=None):
 
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    # one thread: on a shared, busy box two OpenMP threads spin-wait on each other (RSS is unaffected)
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(args.threads))
     proc = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), str(args.nsamples), str(args.seqlen),
                            str(SHAPE["vocab_size"])], cwd="/tmp", env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -118,6 +120,7 @@ def main(argv=None):
         "goal": "peak RSS <= 1/4 of the weights",
         "goal_met": peak <= weights / 4,
         "quantize_wall_s": wall,
+        "threads": args.threads,
         "checkpoint_bytes": ckpt_bytes,
         "layers_quantized": report["totals"]["layers"],
         "mean_rel_error": report["totals"]["mean_rel_error"],

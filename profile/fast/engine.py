@@ -20,7 +20,7 @@ class FastEngine:
     name = "fast"
 
     def __init__(self, model, max_seq_len: int, device="cpu", kv_cache: str = "auto", batch_size: int = 1,
-                 use_graphs: bool | None = None, bucket: int = 512):
+                 use_graphs: bool | None = None, bucket: int = 512, fuse: bool | None = None):
         if kv_cache not in KV_CACHE_KINDS:
             raise UserError(f"unknown KV cache {kv_cache!r}; choose one of: {', '.join(KV_CACHE_KINDS)}")
         device = torch.device(device)
@@ -29,14 +29,14 @@ class FastEngine:
             model.to(device)
         self.device = device
         self.kv_cache = kv_cache
-        self.generator = Generator(model, max_seq_len, kv_cache, batch_size, use_graphs, bucket)
+        self.generator = Generator(model, max_seq_len, kv_cache, batch_size, use_graphs, bucket, fuse=fuse)
 
     def describe(self) -> dict:
         """What a results row records about this engine."""
         g = self.generator
         return {"engine": self.name, "kv_cache": self.kv_cache, "kv_dtype": str(g.model.dtype).replace("torch.", "")
                 if self.kv_cache == "auto" else self.kv_cache, "cuda_graphs": g.use_graphs,
-                "graph_bucket": g.bucket if g.use_graphs else None, "max_seq_len": g.max_seq_len}
+                "graph_bucket": g.bucket if g.use_graphs else None, "fused_ops": g.fuse, "max_seq_len": g.max_seq_len}
 
     @torch.no_grad()
     def timed_generate(self, input_ids: torch.Tensor, new_tokens: int) -> dict:
