@@ -362,7 +362,9 @@ def evaluate(models: list[str], tasks: str | list[str], limit: int | None = None
                 continue
             items, desc = data[name]
             if r.task.kind == "choice":
-                questions = questions_cache.setdefault(name, _questions(r, items))
+                if name not in questions_cache:  # the prompts are built once, for every model
+                    questions_cache[name] = _questions(r, items)
+                questions = questions_cache[name]
                 results += run_choice(em, r, questions, desc, batch, encoder)
             elif r.task.kind == "gsm8k":
                 results += run_gsm8k(em, items, desc)

@@ -395,6 +395,10 @@ def speed_memory_sections(inputs: Inputs, out_dir: Path) -> list[str]:
     return speed + memory
 
 
+def _short(value, digits: int) -> str:
+    return f"{value:.{digits}f}" if _is_num(value) else NOT_MEASURED
+
+
 def quantization_section(inputs: Inputs) -> list[str]:
     if not inputs.quants:
         return []
@@ -407,7 +411,8 @@ def quantization_section(inputs: Inputs) -> list[str]:
                    f"{qc.get('group_size')}, sym {qc.get('sym')}, desc_act {qc.get('desc_act')}, damp "
                    f"{qc.get('damp_percent')}; method {(q.get('settings') or {}).get('method')}; calibration "
                    f"{calib.get('nsamples')} x {calib.get('seqlen')} tokens from `{calib.get('source')}`; mean "
-                   f"relative layer error {totals.get('mean_rel_error')}; {totals.get('seconds')} s; "
+                   f"relative layer error {_short(totals.get('mean_rel_error'), 4)}; "
+                   f"{_short(totals.get('seconds'), 1)} s; "
                    f"command `{q.get('command')}`")
     return out + [""]
 

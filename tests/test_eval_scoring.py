@@ -125,3 +125,22 @@ def test_gsm8k_last_number(text, number):
 def test_gsm8k_number_comparison():
     assert numbers_equal("1234", "1,234") and numbers_equal("2", "2.0")
     assert not numbers_equal(None, "3") and not numbers_equal("3", "4")
+
+
+class CachedBigram(torch.nn.Module):
+    """Answers like a causal LM with a cache: logits for the given tokens, a dummy cache object."""
+
+    def forward(self, input_ids, past_key_values=None, use_cache=False, **_):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=BigramModel()(input_ids), past_key_values=object())
+
+
+def test_greedy_generation_stops_at_stop_string_and_eos():
+    from qwen_quant.profile.accuracy.generation import greedy_generate
+
+    decode = lambda ids: "".join("abcde"[i] for i in ids)  # noqa: E731
+    # from token 0 the bigram model walks 1, 2, 3, 4, 0, 1 ...
+    assert greedy_generate(CachedBigram(), [0], 7, decode) == "bcdeabc"
+    assert greedy_generate(CachedBigram(), [0], 20, decode, stop_strings=("ea",)) == "bcd"
+    assert greedy_generate(CachedBigram(), [0], 20, decode, eos_id=4) == "bcd"

@@ -255,6 +255,20 @@ def test_bucketed_reads_as_in_cuda_graphs_give_the_same_logits():
     assert max((a - b).abs().max().item() for a, b in zip(exact.logits, bucketed.logits)) < 1e-4
 
 
+def test_fused_decode_ops_trace_as_one_graph_each_and_agree():
+    """The GPU decode step compiles its element-wise ops (fullgraph); traced here without codegen."""
+    from qwen_quant.profile.fast.model import compiled_ops
+
+    model = tiny_hf("qwen3")
+    ids = random_ids(6)
+    eager = Generator(model, 20).generate_ids(ids, 10, return_logits=True)
+    gen = Generator(model, 20)
+    gen.model.decode_ops = compiled_ops(backend="aot_eager")
+    fused = gen.generate_ids(ids, 10, return_logits=True)
+    assert torch.equal(eager.tokens, fused.tokens)
+    assert max((a - b).abs().max().item() for a, b in zip(eager.logits, fused.logits)) < 1e-4
+
+
 def test_int8_kv_cache_stays_close():
     model = tiny_hf("llama")
     ids = random_ids(10)

@@ -100,10 +100,10 @@ class Ops:
 EAGER_OPS = Ops()
 
 
-def compiled_ops() -> Ops:
+def compiled_ops(backend: str = "inductor") -> Ops:
     """torch.compile'd element-wise ops for the T == 1 decode shapes (compiled at the first decode step)."""
     def comp(fn):
-        return torch.compile(fn, fullgraph=True, dynamic=False)
+        return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
 
     return Ops(comp(add_rms_norm), comp(rope_qk), comp(silu_mul))
 
@@ -161,8 +161,9 @@ class Block(nn.Module):
         self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
 
     def forward(self, x, h, cos, sin, q_scale, input_pos, kv_len: int, mask, ops: Ops):
-        """x: the residual stream, h: attn_norm(x) (fused with the previous block's residual add).
-        Returns (x + attention + mlp before its residual add, the mlp output) for the next fused add."""
+        """x: the residual stream; h: attn_norm(x), computed by the caller together with the previous
+        residual add. Returns (x + attention, mlp output): the caller adds the mlp output together with
+        the next norm, so each residual add and the norm after it are one fused op."""
         attn = self.attn(h, cos, sin, q_scale, input_pos, kv_len, mask, ops)
         x, h = ops.add_norm(x, attn, self.mlp_norm.weight, self.mlp_norm.eps)
         return x, self.mlp(h, ops)
