@@ -152,19 +152,19 @@ def _swap_in_quant_linears(model: nn.Module, prefixes, shapes: dict, qcfg: fmt.Q
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
 
 
-def _tensor_shapes(files) -> tuple[dict, dict]:
+def _tensor_shapes(files) -> dict:
+    """Tensor name -> shape, read from the safetensors headers only (no data)."""
     from safetensors import safe_open
 
-    shapes, where = {}, {}
+    shapes = {}
     for f in files:
         try:
             with safe_open(f, framework="pt") as handle:
                 for name in handle.keys():
                     shapes[name] = handle.get_slice(name).get_shape()
-                    where[name] = f
         except Exception as exc:
             raise fmt.FormatError(f"{f.name} is not a readable safetensors file ({type(exc).__name__}); re-download it") from None
-    return shapes, where
+    return shapes
 
 
 def _place(model: nn.Module, name: str, tensor: torch.Tensor, device, dtype) -> bool:
@@ -239,7 +239,7 @@ def load_quantized(path_or_id, backend: str = "auto", device="cpu", dtype=None, 
     folder = resolve_checkpoint(path_or_id)
     qcfg = read_quant_config(folder)
     files = shard_files(folder)
-    shapes, _ = _tensor_shapes(files)
+    shapes = _tensor_shapes(files)
     prefixes = _quantized_prefixes(shapes)
     if not prefixes:
         raise fmt.FormatError(f"{folder} declares GPTQ but has no *.qweight tensors: not a GPTQ checkpoint")

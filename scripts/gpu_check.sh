@@ -35,10 +35,10 @@ run() {  # run NAME BUDGET_S CMD...
   tail -n 25 "$OUTDIR/$name.log"
 }
 
-run cuda     45  $PY scripts/gpu_cuda_check.py --out "$OUTDIR/cuda" "${DRY[@]}"
-run kernels  130 $PY scripts/gpu_kernels.py --out "$OUTDIR/kernels" "${DRY[@]}"
-run fast     110 $PY scripts/gpu_fast_engine.py --out "$OUTDIR/fast" "${DRY[@]}"
-run profile  210 bash scripts/gpu_profile.sh "$OUTDIR/profile" "${DRY[@]}"
+run cuda     45  $PY scripts/gpu_cuda_check.py "$OUTDIR/cuda" "${DRY[@]}"
+run kernels  "${KERNELS_BUDGET:-130}" $PY scripts/gpu_kernels.py "$OUTDIR/kernels" --budget "$(( ${KERNELS_BUDGET:-130} - 10 ))" "${DRY[@]}"
+run fast     "${FAST_BUDGET:-110}" $PY scripts/gpu_fast_engine.py "$OUTDIR/fast" --budget-s "$(( ${FAST_BUDGET:-110} - 12 ))" ${FAST_ARGS:-} "${DRY[@]}"
+run profile  210 bash scripts/gpu_profile.sh "${DRY[@]}" "$OUTDIR/profile"
 run quantize 70  $PY scripts/gpu_quantize_timing.py --out "$OUTDIR/quantize" "${DRY[@]}"
 
 if [ -n "${OUT:-}" ]; then tar czf "$OUT/gpu_results.tgz" -C "$OUTDIR" . && cp "$OUTDIR/summary.txt" "$OUT/" 2>/dev/null; fi

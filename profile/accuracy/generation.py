@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Callable, Sequence
 
@@ -33,9 +34,17 @@ def greedy_generate(model, prompt_ids: list[int], max_new_tokens: int, decode: C
         cut = [text.index(s) for s in stop_strings if s in text]
         if cut:
             return text[:min(cut)]
-        out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=out.past_key_values,
-                    use_cache=True)
+        out = model(input_ids=torch.tensor([[token]], device=device), use_cache=True, **_cache_kwargs(model, out))
     return text
+
+
+def _cache_kwargs(model, out) -> dict:
+    """Hand the KV cache back under the name this transformers version uses (`cache` from 5.2x on,
+    `past_key_values` before)."""
+    cache = getattr(out, "cache", None)
+    if cache is not None and "cache" in inspect.signature(model.forward).parameters:
+        return {"cache": cache}
+    return {"past_key_values": getattr(out, "past_key_values", None) if cache is None else cache}
 
 
 # ---------------------------------------------------------------- GSM8K
