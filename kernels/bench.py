@@ -93,13 +93,33 @@ MAKERS = {"bf16": _bf16_impl, "tinygemm": _tinygemm_impl, "torch": _ours_impl("t
 
 
 # ---- timing -----------------------------------------------------------------------------------
-def measure_copy_bandwidth(device: torch.device) -> float:
-    """Device copy bandwidth in GB/s (bytes read + written), the roofline of this run."""
+def measure_copy_bandwidth(device: torch.device, repeats: int = 10) -> float:
+    """Device copy bandwidth in GB/s (bytes read + written), the roofline of this run.
+
+    Timed eagerly with events, best of `repeats`, NOT inside a CUDA graph: on an H200 (2026-11-28) the
+    same 1 GiB copy measured 2.76 TB/s as replayed graph copies and 4.13 TB/s eagerly, and matmuls
+    then read above 100 % of the lower figure.
+    """
     size = 1 << 30 if device.type == "cuda" else 1 << 27
-    src = torch.empty(size, dtype=torch.uint8, device=device)
+    src = torch.ones(size, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    seconds, _ = time_calls(lambda i: dst.copy_(src), 1, device, repeats=5)
-    return 2 * size / seconds / 1e9
+    dst.copy_(src)  # touch both buffers once
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            seconds = time.perf_counter() - t0
+        best = min(best, seconds)
+    return 2 * size / best / 1e9
 
 
 def time_calls(call, copies: int, device: torch.device, repeats: int = 20) -> tuple[float, bool]:
@@ -243,7 +263,7 @@ def _fmt_cell(c) -> str:
     if c is None:
         return "—"
     if c["status"] != "ok":
-        return "n/a" if c["status"] == "unsupported" else "error"
+        return {"unsupported": "n/a", "skipped": "not run"}.get(c["status"], "error")
     sp = f"{c['speedup_vs_bf16']:.2f}x, " if "speedup_vs_bf16" in c else ""
     flag = " ⚠" if c["roofline_pct"] > 100 else ""
     return f"{c['us']:.1f} ({sp}{c['roofline_pct']:.0f}%{flag})"

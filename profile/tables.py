@@ -87,18 +87,31 @@ def _planned(results: dict) -> list[dict]:
     return rows
 
 
+def _seed_shaped(c: dict) -> bool:
+    """The seed's tables hold encode cells and generate cells from a 1-token context only; a generate
+    cell with a long context (decode speed at depth) appears in the per-cell table, not there."""
+    return c["scenario"] == "encode" or (c.get("context_tokens") or 1) <= 1
+
+
 def _columns(rows: list[dict]):
     encode = sorted({c["context_tokens"] for c in rows if c["scenario"] == "encode"})
-    gens = sorted({c["new_tokens"] for c in rows if c["scenario"] == "generate"})
+    gens = sorted({c["new_tokens"] for c in rows if c["scenario"] == "generate" and _seed_shaped(c)})
     return encode, gens
 
 
 def _find(rows, key, scenario, length):
     for c in rows:
-        if row_key(c) == key and c["scenario"] == scenario and \
+        if row_key(c) == key and c["scenario"] == scenario and _seed_shaped(c) and \
                 (c["context_tokens"] if scenario == "encode" else c["new_tokens"]) == length:
             return c
     return None
+
+
+def scenario_label(c: dict) -> str:
+    if c["scenario"] == "encode":
+        return f"encode {c['context_tokens']}"
+    ctx = c.get("context_tokens") or 1
+    return f"generate {c['new_tokens']}" + (f" after a {ctx}-token context" if ctx > 1 else "")
 
 
 def _status_text(c: dict | None) -> str | None:
@@ -190,7 +203,7 @@ def decode_detail_table(results: dict) -> str:
     body = []
     for i, c in enumerate(results.get("cells", [])):
         d = details[i] if i < len(details) else {}
-        scen = f"{c['scenario']} {c['context_tokens'] if c['scenario'] == 'encode' else c['new_tokens']}"
+        scen = scenario_label(c)
         if c["status"] != "ok":
             body.append([row_label(row_key(c)), scen, c["backend"], STATUS_TEXT[c["status"]]] + ["—"] * 5
                         + [str(c.get("repeats") or "—")])
@@ -211,7 +224,7 @@ def memory_detail_table(results: dict) -> str:
               "Peak RSS (GiB)"]
     body = []
     for c in results.get("cells", []):
-        scen = f"{c['scenario']} {c['context_tokens'] if c['scenario'] == 'encode' else c['new_tokens']}"
+        scen = scenario_label(c)
         if c["status"] != "ok":
             body.append([row_label(row_key(c)), scen] + [STATUS_TEXT[c["status"]]] * 4)
             continue

@@ -13,8 +13,10 @@ __all__ = ["quantize", "load_quantized", "generate", "QuantLinear", "__version__
 
 def __getattr__(name):
     if name == "quantize":
-        from qwen_quant.quantize.api import quantize
-        return quantize
+        # the subpackage qwen_quant.quantize is itself callable (it forwards to quantize.api.quantize),
+        # so `qwen_quant.quantize(...)` works before and after any submodule import
+        import importlib
+        return importlib.import_module("qwen_quant.quantize")
     if name == "load_quantized":
         from qwen_quant.kernels.loader import load_quantized
         return load_quantized
