@@ -7,7 +7,7 @@ dequantized weights in float32 (differences are float32 summation-order noise, ~
 Triton runs under TRITON_INTERPRET=1 here, which costs 0.3-2 s per layer call at the demo shapes
 (numpy executes every program of the grid); the whole model (210 linears) would take minutes per
 token, so on the CPU only the first decoder block (all 7 of its linears, including the partial-group
-576-wide ones) uses Triton, the rest stay on torch, and we decode 4 tokens. On a GPU every layer
+576-wide ones) uses Triton, the rest stay on torch, and we decode 4 tokens (8 for the torch backend). On a GPU every layer
 uses it, 16 tokens.
 """
 
@@ -75,13 +75,14 @@ def test_demo_model_same_greedy_tokens_on_every_backend(demo_models):
 
     model, reference, prompt, layout = demo_models
     model, reference = model.to(DEVICE), reference.to(DEVICE)
-    want = greedy(reference, prompt, 16)
+    # 8 tokens on the CPU keeps this under a minute (the torch backend dequantizes every call)
+    want = greedy(reference, prompt, 16 if DEVICE == "cuda" else 8)
     quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(quant) == 30 * 7
 
     for layer in quant:
         layer.set_backend("torch")
-    assert torch.equal(greedy(model, prompt, 16), want)
+    assert torch.equal(greedy(model, prompt, want.shape[1] - prompt.shape[1]), want)
 
     backends_here = ["triton"] + (["cuda"] if DEVICE == "cuda" else [])
     for backend in backends_here:

@@ -46,11 +46,11 @@ def test_synthetic_model_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_end_to_end_two_models_same_items(tmp_path, demo_dir):
+def test_demo_end_to_end_two_models_same_items(tmp_path, demo_dir, monkeypatch):
     """The demo and a copy of it (a folder): same items, so every delta is exactly zero."""
     from qwen_quant.profile.evaluate import evaluate
 
-    os.environ["QWEN_QUANT_QUIET"] = "1"
+    monkeypatch.setenv("QWEN_QUANT_QUIET", "1")
     text = tmp_path / "text.txt"
     text.write_text("The cat sat on the mat and looked at the garden for a long time.\n\n" * 20)
     report = evaluate(["demo", str(demo_dir)], "ppl-wiki,arc-easy,winogrande", limit=3, seqlen=64, batch=4,
