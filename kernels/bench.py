@@ -27,6 +27,7 @@ import torch
 
 from qwen_quant.cli_util import is_quiet, run_cli
 from qwen_quant.errors import UserError
+from qwen_quant.kernels.bandwidth import copy_bandwidth_gbs
 
 # (model, layer, K, N): the distinct linear shapes of each model (Qwen2-style k/v share one shape)
 MODEL_SHAPES = {
@@ -93,33 +94,9 @@ MAKERS = {"bf16": _bf16_impl, "tinygemm": _tinygemm_impl, "torch": _ours_impl("t
 
 
 # ---- timing -----------------------------------------------------------------------------------
-def measure_copy_bandwidth(device: torch.device, repeats: int = 10) -> float:
-    """Device copy bandwidth in GB/s (bytes read + written), the roofline of this run.
-
-    Timed eagerly with events, best of `repeats`, NOT inside a CUDA graph: on an H200 (2026-11-28) the
-    same 1 GiB copy measured 2.76 TB/s as replayed graph copies and 4.13 TB/s eagerly, and matmuls
-    then read above 100 % of the lower figure.
-    """
-    size = 1 << 30 if device.type == "cuda" else 1 << 27
-    src = torch.ones(size, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # touch both buffers once
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            dst.copy_(src)
-            end.record()
-            end.synchronize()
-            seconds = start.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            seconds = time.perf_counter() - t0
-        best = min(best, seconds)
-    return 2 * size / best / 1e9
+def measure_copy_bandwidth(device: torch.device) -> float:
+    """Device copy bandwidth in GB/s (bytes read + written), the roofline of this run."""
+    return copy_bandwidth_gbs(device, None if device.type == "cuda" else 1 << 27)
 
 
 def time_calls(call, copies: int, device: torch.device, repeats: int = 20) -> tuple[float, bool]:

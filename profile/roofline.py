@@ -7,8 +7,6 @@ bandwidth, measured in the same run, give the ceiling; achieved GB/s = bytes/tok
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 GB = 1e9
@@ -113,33 +111,10 @@ def roofline(bytes_per_token: float | None, decode_tokens_per_s: float | None,
 
 
 def measure_copy_bandwidth(device: str, n_bytes: int | None = None, repeats: int = 10) -> dict:
-    """Device copy bandwidth: best of `repeats` copies of an n-byte buffer, counting bytes read + written.
+    """Device copy bandwidth, counting bytes read + written (see kernels/bandwidth.py for the method)."""
+    from qwen_quant.kernels.bandwidth import copy_bandwidth_gbs
 
-    GPU: a device-to-device copy of ~1 GiB (well past L2) timed with CUDA events. CPU: a tensor copy
-    of 256 MiB (memcpy-like, all threads torch uses) timed with the wall clock.
-    """
-    import torch
-
-    on_gpu = device.startswith("cuda")
-    n_bytes = n_bytes or (2 ** 30 if on_gpu else 2 ** 28)
-    src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
-    src.fill_(1)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # warm-up: page in and touch both buffers
-    best = float("inf")
-    for _ in range(repeats):
-        if on_gpu:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            dst.copy_(src)
-            end.record()
-            end.synchronize()
-            seconds = start.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            seconds = time.perf_counter() - t0
-        best = min(best, seconds)
+    n_bytes = n_bytes or (2 ** 30 if device.startswith("cuda") else 2 ** 28)
+    gbs = copy_bandwidth_gbs(device, n_bytes, repeats)
     return {"device": device, "bytes": n_bytes, "method": "copy, read+write bytes, best of %d" % repeats,
-            "bandwidth_gbps": 2 * n_bytes / best / GB}
+            "bandwidth_gbps": gbs * 1e9 / GB}
