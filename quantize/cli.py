@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = p.add_argument_group("calibration")
     c.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
     c.add_argument("--seqlen", type=int, default=None, help="tokens per sample (default 2048, capped at the model's context)")
-    c.add_argument("--calib", default="default", help="default (English+Chinese mix), a .txt/.jsonl FILE, or hf:<dataset id>")
+    c.add_argument("--calib", default="default", help="default (English+Chinese mix), wiki, peoples-daily, a .txt/.jsonl FILE, or hf:<dataset id>[:config][:split]")
     c.add_argument("--seed", type=int, default=0, help="seed for choosing calibration samples (default 0)")
     o = p.add_argument_group("model and output")
     o.add_argument("--device", default=None, help="cuda (default when a GPU is present) or cpu")

@@ -62,7 +62,7 @@ def parse_tasks(text: str | list[str]) -> list[TaskRequest]:
             raise UserError(f"unknown task {name!r}; choose from: {', '.join(TASKS)}")
         if source and name not in FILE_TASKS:
             raise UserError(f"task {name} takes no file (only {', '.join(FILE_TASKS)} take NAME=FILE)")
-        if source and not source.startswith("hf:") and not Path(source).is_file():
+        if source and not source.startswith("hf:") and not Path(source).exists():
             raise UserError(f"task file {source} not found")
         out.append(TaskRequest(task, source or None))
     if len({r.task.name for r in out}) != len(out):
