@@ -312,7 +312,7 @@ def _tensor_entries(source, state, n_blocks: int, out_dtype) -> list[writer.Tens
 # ---------------------------------------------------------------- the API
 
 def quantize(model, out=None, bits: int = 4, group_size: int = 128, method: str = "gptq", desc_act: bool = False,
-             static_groups: bool = False, sym: bool = True, damp: float = 0.01, mse: bool = False,
+             static_groups: bool = False, sym: bool = True, damp: float = 0.01, mse: bool = True,
              nsamples: int = 128, seqlen: int | None = None, calib: str = "default", device=None,
              max_shard_size="2GB", overwrite: bool = False, resume: bool = False, trust_remote_code: bool = False,
              gguf_file: str | None = None, seed: int = 0, quiet: bool = False, command: str | None = None) -> Path:

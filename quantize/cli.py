@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--static-groups", action="store_true", help="fix group scales before act-order (keeps g_idx ordered)")
     q.add_argument("--asym", action="store_true", help="asymmetric zero points (default symmetric)")
     q.add_argument("--damp", type=float, default=0.01, help="dampening as a fraction of the mean Hessian diagonal, in (0, 1) (default 0.01)")
-    q.add_argument("--mse", action=argparse.BooleanOptionalAction, default=False, help="search shrunken ranges per group for the lowest error")
+    q.add_argument("--mse", action=argparse.BooleanOptionalAction, default=True,
+                   help="search shrunken ranges per group for the lowest error (default on: on the demo model it cut GPTQ's perplexity loss from 0.997x to 0.880x of RTN's; --no-mse is ~2x faster)")
     c = p.add_argument_group("calibration")
     c.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
     c.add_argument("--seqlen", type=int, default=None, help="tokens per sample (default 2048, capped at the model's context)")
