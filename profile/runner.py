@@ -47,7 +47,7 @@ def run_profile(cells: list[Cell], out_dir: Path, options: RunOptions, env: dict
     """Measure the bandwidth once, then each cell in a fresh subprocess; returns the results dict."""
     from tqdm import tqdm
 
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # workers run with the job folder as cwd: paths must be absolute
     work = out_dir / "cells"
     work.mkdir(parents=True, exist_ok=True)
     results = {"env": env, "bandwidth": None, "cells": [], "details": [],

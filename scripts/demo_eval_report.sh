@@ -10,10 +10,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 OUT=${OUT:-out/demo}
-PPL_WINDOWS=${PPL_WINDOWS:-12}   # windows of PPL_SEQLEN tokens per corpus
+PPL_WINDOWS=${PPL_WINDOWS:-8}    # windows of PPL_SEQLEN tokens per corpus
 PPL_SEQLEN=${PPL_SEQLEN:-512}
 MC_TASKS=${MC_TASKS:-arc-easy,piqa}
-MC_LIMIT=${MC_LIMIT:-150}        # items per multiple-choice task (x2 tasks)
+MC_LIMIT=${MC_LIMIT:-80}         # items per multiple-choice task (x2 tasks)
 PROFILE_ENCODE=${PROFILE_ENCODE:-128}
 PROFILE_GEN=${PROFILE_GEN:-32}
 export QWEN_QUANT_QUIET=${QWEN_QUANT_QUIET:-0}
