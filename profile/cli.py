@@ -6,6 +6,8 @@ plan_cells -> run_profile (one subprocess per cell) -> render_tables / render_pl
 
 from __future__ import annotations
 
+import os
+
 import argparse
 import datetime as dt
 import sys
@@ -115,6 +117,8 @@ def main_impl(argv=None) -> int:
     quiet = args.quiet or is_quiet()
 
     models = args.models or [GPU_DEFAULT_MODEL if device == "cuda" else CPU_DEFAULT_MODEL]
+    # cells run with their job folder as cwd: local model paths must be absolute there
+    models = [os.path.abspath(m) if os.path.exists(m) else m for m in models]
     infos = [resolve_model(m) for m in models]
     planned = []
     for info in infos:
