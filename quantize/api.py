@@ -27,7 +27,11 @@ METHODS = ("gptq", "rtn")
 DIVISIBILITY_KERNELS = "vLLM's Marlin (gptq_marlin) and torch's int4pack (_weight_int4pack_mm, the transformers CPU route)"
 
 
-def validate_settings(bits, group_size, method, desc_act, static_groups, sym, damp, mse, nsamples, seqlen) -> QuantSettings:
+FORWARD_DTYPES = ("auto", "bf16", "model")
+
+
+def validate_settings(bits, group_size, method, desc_act, static_groups, sym, damp, mse, nsamples, seqlen,
+                      forward_dtype: str = "auto") -> QuantSettings:
     """Every check that needs no model: one-line UserErrors before anything is loaded or written."""
     if bits not in (2, 3, 4, 8):
         raise UserError(f"unsupported --bits {bits}: use 2, 3, 4 or 8")
@@ -41,8 +45,11 @@ def validate_settings(bits, group_size, method, desc_act, static_groups, sym, da
         raise UserError(f"--seqlen must be a positive integer, got {seqlen}")
     if not (0 < float(damp) < 1):
         raise UserError(f"--damp {damp} is outside (0, 1): use a small fraction of the mean diagonal, e.g. 0.01")
+    if forward_dtype not in FORWARD_DTYPES:
+        raise UserError(f"unknown --forward-dtype {forward_dtype!r}: use {', '.join(FORWARD_DTYPES)}")
     return QuantSettings(bits=bits, group_size=group_size, method=method, desc_act=bool(desc_act),
-                         static_groups=bool(static_groups), sym=bool(sym), damp=float(damp), mse=bool(mse))
+                         static_groups=bool(static_groups), sym=bool(sym), damp=float(damp), mse=bool(mse),
+                         forward_dtype=forward_dtype)
 
 
 def resolve_device(device) -> torch.device:
@@ -268,7 +275,8 @@ def build_report(settings, qconfig, opened, calib, stats, device, command, secon
     return {
         "format": "GPTQ v1 (checkpoint_format gptq, qzeros store zero-1)",
         "quantization_config": qconfig,
-        "settings": {"method": settings.method, "mse": settings.mse, "device": str(device)},
+        "settings": {"method": settings.method, "mse": settings.mse, "forward_dtype": settings.forward_dtype,
+                     "device": str(device)},
         "model": opened.description,
         "calibration": calib.description,
         "layers": [s.to_dict() for s in stats],
@@ -313,7 +321,7 @@ def _tensor_entries(source, state, n_blocks: int, out_dtype) -> list[writer.Tens
 
 def quantize(model, out=None, bits: int = 4, group_size: int = 128, method: str = "gptq", desc_act: bool = False,
              static_groups: bool = False, sym: bool = True, damp: float = 0.01, mse: bool = True,
-             nsamples: int = 128, seqlen: int | None = None, calib: str = "default", device=None,
+             forward_dtype: str = "auto", nsamples: int = 128, seqlen: int | None = None, calib: str = "default", device=None,
              max_shard_size="2GB", overwrite: bool = False, resume: bool = False, trust_remote_code: bool = False,
              gguf_file: str | None = None, seed: int = 0, quiet: bool = False, command: str | None = None) -> Path:
     """Quantize `model` (a spec string — HF id, folder, 'demo', 'synthetic:<shape>' — or a LoadedModel)
@@ -323,7 +331,8 @@ def quantize(model, out=None, bits: int = 4, group_size: int = 128, method: str 
     `calib`: "default", a .txt/.jsonl path, "hf:<dataset id>", or a prepared `Calibration`.
     """
     t_start = time.perf_counter()
-    settings = validate_settings(bits, group_size, method, desc_act, static_groups, sym, damp, mse, nsamples, seqlen)
+    settings = validate_settings(bits, group_size, method, desc_act, static_groups, sym, damp, mse, nsamples, seqlen,
+                                 forward_dtype)
     max_shard_bytes = writer.parse_size(max_shard_size)
     dev = resolve_device(device)
     progress = Progress(quiet)
@@ -348,7 +357,9 @@ def quantize(model, out=None, bits: int = 4, group_size: int = 128, method: str 
     else:  # a prepared Calibration (tests, timing scripts with random token ids)
         calibration = calib
 
-    identity = {"model": opened.description.get("source"), "settings": settings.quantization_config() | {"mse": settings.mse, "method": settings.method},
+    identity = {"model": opened.description.get("source"),
+                "settings": settings.quantization_config() | {"mse": settings.mse, "method": settings.method,
+                                                              "forward_dtype": settings.forward_dtype},
                 "calibration": resume_mod.calibration_fingerprint(calibration)}
     state = resume_mod.RunState(target, identity, resume, say=progress.say)
     n_blocks = len(opened.source.blocks)
@@ -359,7 +370,7 @@ def quantize(model, out=None, bits: int = 4, group_size: int = 128, method: str 
         qconfig["meta"] = {"quantizer": [f"qwen-quant:{_versions()['qwen_quant']}"], "quantizer_name": "qwen-quant",
                            "version": _versions()["qwen_quant"], "date": state.date,
                            "calibration": calibration.description, "synthetic": bool(opened.description.get("synthetic")),
-                           "method": settings.method, "mse": settings.mse}
+                           "method": settings.method, "mse": settings.mse, "forward_dtype": settings.forward_dtype}
         report = build_report(settings, qconfig, opened, calibration, stats, dev,
                               command or _api_command(model, out, settings, nsamples, seqlen, calib),
                               time.perf_counter() - t_start, settings.group_size)

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--damp", type=float, default=0.01, help="dampening as a fraction of the mean Hessian diagonal, in (0, 1) (default 0.01)")
     q.add_argument("--mse", action=argparse.BooleanOptionalAction, default=True,
                    help="search shrunken ranges per group for the lowest error (default on: on the demo model it cut GPTQ's perplexity loss from 0.997x to 0.880x of RTN's; --no-mse is ~2x faster)")
+    q.add_argument("--forward-dtype", default="auto", choices=("auto", "bf16", "model"),
+                   help="dtype of the calibration forwards (not of the checkpoint): auto (default) runs an fp32 "
+                        "model's forwards under bf16 autocast, 2-3x faster, GPTQ itself stays fp32; model: the model's own dtype")
     c = p.add_argument_group("calibration")
     c.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
     c.add_argument("--seqlen", type=int, default=None, help="tokens per sample (default 2048, capped at the model's context)")
@@ -75,7 +78,7 @@ def main(argv=None):
     argv_used = sys.argv[1:] if argv is None else list(argv)
     quantize(args.model, args.out, bits=args.bits, group_size=args.group_size, method=args.method,
              desc_act=args.desc_act, static_groups=args.static_groups, sym=not args.asym, damp=args.damp,
-             mse=args.mse, nsamples=args.nsamples, seqlen=args.seqlen, calib=args.calib, device=args.device,
+             mse=args.mse, forward_dtype=args.forward_dtype, nsamples=args.nsamples, seqlen=args.seqlen, calib=args.calib, device=args.device,
              max_shard_size=args.max_shard_size, overwrite=args.overwrite, resume=args.resume,
              trust_remote_code=args.trust_remote_code, gguf_file=args.gguf_file, seed=args.seed,
              quiet=args.quiet or is_quiet(), command="qwen-quantize " + shlex.join(argv_used))

@@ -40,6 +40,21 @@ class QuantResult:
     fallback: str | None  # None, or "rtn" when no damping made H^-1 factorizable
     seconds: float
 
+    def split(self, rows: list[int]) -> list["QuantResult"]:
+        """One result per consecutive slice of output rows, sizes `rows` (the inverse of quantizing
+        linears that share an input stacked along N: GPTQ treats every output row on its own, given
+        H, so the slices are exactly what quantizing each linear alone gives). Seconds are shared by rows."""
+        if sum(rows) != self.weight.shape[0]:
+            raise ValueError(f"row sizes {rows} do not add up to {self.weight.shape[0]} output rows")
+        out, start, total = [], 0, self.weight.shape[0]
+        for n in rows:
+            cols = slice(start, start + n)
+            out.append(QuantResult(self.codes[:, cols].contiguous(), self.scales[:, cols].contiguous(),
+                                   self.zeros[:, cols].contiguous(), self.g_idx.clone(), self.weight[cols].contiguous(),
+                                   self.damp_used, self.fallback, self.seconds * n / total))
+            start += n
+        return out
+
 
 class HessianAccumulator:
     """Accumulates H = 2 X X^T / n in float32 over all calibration tokens of one layer's input."""
@@ -226,7 +241,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
         Hinv1 = Hinv[i1:i2, i1:i2]
         # Row views and the diagonal made once per block: the column loop below is the hot path, so
         # it runs a few in-place ops per column and no other indexing.
-        w_rows, err_rows, code_rows, h_rows = W1.unbind(0), Err1.unbind(0), codes[i1:i2].unbind(0), Hinv1.unbind(0)
+        w_rows, err_rows, code_rows = W1.unbind(0), Err1.unbind(0), codes[i1:i2].unbind(0)
+        h_cols = Hinv1.unsqueeze(2).unbind(0)  # row i of Hinv1 as a [block, 1] column
+        err_cols = Err1.unsqueeze(1).unbind(0)  # row i of Err1 as a [1, N] row
         h_diag = Hinv1.diagonal().tolist()
         for i in range(i2 - i1):
             j = i1 + i
@@ -237,7 +254,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
             w, q, err = w_rows[i], code_rows[i], err_rows[i]
             torch.div(w, p.scale, out=q).round_().add_(p.zero).clamp_(0, maxq)  # the codes
             torch.sub(q, p.zero, out=err).mul_(p.scale).sub_(w).div_(-h_diag[i])  # (w - dequantized) / d
-            W1[i + 1:].addr_(h_rows[i][i + 1:], err, alpha=-1)  # OBS update of the block's later columns
+            # OBS update of the block's later columns: a rank-1 update, through BLAS (addmm with an
+            # inner size of 1); addr_ is an element-wise kernel that is 10-100x slower on a busy CPU.
+            W1[i + 1:].addmm_(h_cols[i][i + 1:], err_cols[i], alpha=-1)
         Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)  # lazy update of everything after the block
 
     return _assemble(codes, params, g_idx, perm, damp_used, None, start)

@@ -41,7 +41,11 @@ class QuantSettings:
     static_groups: bool = False
     sym: bool = True
     damp: float = 0.01
-    mse: bool = False
+    mse: bool = True
+    # dtype of the calibration forwards (not of the checkpoint): "auto" runs an fp32 model's block
+    # forwards under bfloat16 autocast (2-3x faster on CPUs with AMX/AVX512-BF16 and on GPUs; GPTQ itself
+    # and the Hessians stay float32), a 16-bit model in its own dtype; "model" never autocasts.
+    forward_dtype: str = "auto"
 
     def quantization_config(self) -> dict:
         """The `quantization_config` keys of FORMAT.md (meta is added by the writer)."""
@@ -59,7 +63,7 @@ class LayerStats:
     rel_error: float  # ||W X - Q X|| / ||W X|| on the calibration inputs
     damp_used: float
     fallback: str | None
-    seconds: float
+    seconds: float  # its share (by output rows) of the quantization of its step's stacked linears
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -222,10 +226,22 @@ class BlockInputs:
     args: list[tuple]  # extra positional arguments of the block call (Qwen v1 passes some)
     kwargs: list[dict]  # attention mask, position embeddings/ids ... as the model passed them
     token_mask: torch.Tensor  # [n, L] bool, True where a real (non-padding) token is
+    autocast: torch.dtype | None = None  # run blocks under autocast to this dtype (see QuantSettings.forward_dtype)
 
     def run(self, block: nn.Module, i: int) -> torch.Tensor:
-        out = block(self.hidden[i], *self.args[i], **self.kwargs[i])
+        device = self.hidden[i].device.type
+        with torch.autocast(device, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            out = block(self.hidden[i], *self.args[i], **self.kwargs[i])
         return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def forward_autocast(settings: QuantSettings, model_dtype: torch.dtype) -> torch.dtype | None:
+    """The autocast dtype of the calibration forwards, or None to run them in the model's dtype."""
+    if settings.forward_dtype == "bf16":
+        return torch.bfloat16
+    if settings.forward_dtype == "auto" and model_dtype == torch.float32:
+        return torch.bfloat16
+    return None
 
 
 def _to_device(obj, device):
@@ -319,15 +335,12 @@ def relative_output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor, row
     return (max(num, 0.0) / den) ** 0.5 if den > 0 else 0.0
 
 
-def quantize_linear(lin: nn.Module, h: torch.Tensor, settings: QuantSettings, gptq):
-    w = lin.weight.detach().float()
+def quantize_weight(w: torch.Tensor, h: torch.Tensor, settings: QuantSettings, gptq):
     if settings.method == "rtn":
-        res = gptq.rtn_quantize(w, settings.bits, settings.group_size, settings.sym, mse=settings.mse)
-    else:
-        res = gptq.gptq_quantize(w, h, bits=settings.bits, group_size=settings.group_size, sym=settings.sym,
-                                 desc_act=settings.desc_act, static_groups=settings.static_groups,
-                                 damp=settings.damp, mse=settings.mse)
-    return res
+        return gptq.rtn_quantize(w, settings.bits, settings.group_size, settings.sym, mse=settings.mse)
+    return gptq.gptq_quantize(w, h, bits=settings.bits, group_size=settings.group_size, sym=settings.sym,
+                              desc_act=settings.desc_act, static_groups=settings.static_groups,
+                              damp=settings.damp, mse=settings.mse)
 
 
 def block_device(block: nn.Module) -> torch.device:
@@ -344,15 +357,18 @@ def quantize_block(block: nn.Module, inputs: BlockInputs, layout: Layout, settin
     for step in layout.steps:
         linears = {name: block.get_submodule(name) for name in step}
         h = collect_hessian(block, inputs, linears, gptq).to(block_device(block))
-        for name, lin in linears.items():
-            t0 = time.perf_counter()
-            res = quantize_linear(lin, h, settings, gptq)
+        # The step's linears share H, and GPTQ treats each output row on its own given H: quantizing
+        # their weights stacked along the output dimension is exactly quantizing each alone, with one
+        # Cholesky and one column loop instead of several (q/k/v: 3x fewer Python-level steps).
+        weights = [lin.weight.detach().float() for lin in linears.values()]
+        fused = quantize_weight(torch.cat(weights), h, settings, gptq)
+        for (name, lin), w, res in zip(linears.items(), weights, fused.split([w.shape[0] for w in weights])):
             q = res.weight.to(lin.weight.device)
-            err = relative_output_error(lin.weight.detach().float(), q.float(), h)
+            err = relative_output_error(w, q, h)
             lin.weight.data.copy_(q.to(lin.weight.dtype))
             results[name] = res
             stats.append(LayerStats(name, lin.in_features, lin.out_features, err, float(res.damp_used),
-                                    res.fallback, time.perf_counter() - t0))
+                                    res.fallback, res.seconds))
             if on_layer:
                 on_layer(name)
     return results, stats
@@ -426,6 +442,7 @@ def run_blocks(source, calib, settings: QuantSettings, device, state, progress) 
     layout, n_blocks = source.layout, len(source.blocks)
     out_dtype = checkpoint_dtype(source.dtype)
     inputs = capture_block_inputs(source, calib, device)
+    inputs.autocast = forward_autocast(settings, source.dtype)
     start = state.first_unfinished()
     if start > 0:
         inputs.hidden = state.load_inputs(device)

@@ -22,6 +22,14 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 MSE_GRID = 100
 MSE_MAX_SHRINK = 0.8
 MSE_NORM = 2.4
+# The 80 grid points are searched coarse to fine: every MSE_COARSE-th point first (the full range
+# included), then the grid points within MSE_COARSE-1 of each row's best coarse point. 26 error
+# evaluations instead of 80; it finds the exhaustive optimum unless the error curve has a dip
+# narrower than the coarse step (MSE_COARSE = 1 searches exhaustively).
+MSE_COARSE = 4
+# Elements of one [candidates, N, g] chunk of the range search: 4 MiB in float32, so its temporaries
+# stay in cache (larger chunks were slower on the CPU).
+MSE_CHUNK_ELEMENTS = 2 ** 20
 
 # float16 limits: a scale must survive the float16 round trip as a finite, non-zero number.
 _FP16_TINY = 2.0 ** -24
@@ -97,15 +105,35 @@ def find_params(x: torch.Tensor, bits: int, sym: bool = True, mse: bool = False)
     """Per-row scale/zero for the group x [N, g] (g input columns of N output rows)."""
     maxq = check_bits(bits)
     xmin, xmax = _full_range(x, sym)
-    best = _params_for_range(xmin, xmax, maxq, sym)
     if not mse:
+        return _params_for_range(xmin, xmax, maxq, sym)
+    steps = int(MSE_MAX_SHRINK * MSE_GRID)
+    coarse = torch.arange(0, steps, MSE_COARSE, device=x.device)[:, None].expand(-1, x.shape[0])  # [c, N]
+    best_step, best = _best_shrink(x, xmin, xmax, coarse, maxq, sym)
+    if MSE_COARSE == 1:
         return best
-    best_err = torch.full_like(xmin, float("inf"))
-    for step in range(int(MSE_MAX_SHRINK * MSE_GRID)):
-        shrink = 1 - step / MSE_GRID
-        cand = _params_for_range(shrink * xmin, shrink * xmax, maxq, sym)
-        err = (dequantize_codes(quantize_codes(x, cand, maxq), cand) - x).abs_().pow_(MSE_NORM).sum(dim=1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = GroupParams(torch.where(better, cand.scale, best.scale), torch.where(better, cand.zero, best.zero))
-    return best
+    offsets = torch.arange(-(MSE_COARSE - 1), MSE_COARSE, device=x.device)[:, None]
+    fine = (best_step[None, :] + offsets).clamp(0, steps - 1)  # [2*MSE_COARSE-1, N], includes the coarse best
+    return _best_shrink(x, xmin, xmax, fine, maxq, sym)[1]
+
+
+def _best_shrink(x, xmin, xmax, steps, maxq, sym) -> tuple[torch.Tensor, GroupParams]:
+    """Per row, the grid step among `steps` [c, N] with the lowest error, and its params.
+
+    All candidates are evaluated together on [c, N, g] tensors (in chunks that stay in cache): a few
+    large ops instead of a small op sequence per candidate. argmin keeps the first minimum, so a tie
+    keeps the earlier (wider) candidate, as the reference loop's strict "<" does.
+    """
+    chunk = max(1, MSE_CHUNK_ELEMENTS // max(1, x.numel()))
+    errors, scales, zeros = [], [], []
+    for s in range(0, steps.shape[0], chunk):
+        f = 1 - steps[s:s + chunk].to(x.dtype) / MSE_GRID  # [c, N] shrink factors
+        cand = _params_for_range(f * xmin, f * xmax, maxq, sym)
+        scale, zero = cand.scale.unsqueeze(2), cand.zero.unsqueeze(2)
+        q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+        errors.append(q.sub_(zero).mul_(scale).sub_(x).abs_().pow_(MSE_NORM).sum(dim=2))
+        scales.append(cand.scale)
+        zeros.append(cand.zero)
+    pick = torch.cat(errors).argmin(dim=0, keepdim=True)  # [1, N]
+    return (steps.gather(0, pick)[0],
+            GroupParams(torch.cat(scales).gather(0, pick)[0], torch.cat(zeros).gather(0, pick)[0]))

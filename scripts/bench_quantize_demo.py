@@ -28,14 +28,21 @@ REPO = Path(__file__).resolve().parents[1]
 # name -> (who quantizes, settings beyond the shared ones, what the row means)
 METHODS = {
     "fp": ("none", {}, "the demo model's fp32 weights (reference)"),
-    "rtn": ("ours", {"method": "rtn"}, "round-to-nearest, same format"),
-    "gptq": ("ours", {}, "our GPTQ, min-max scales (mse off)"),
-    "gptq-mse": ("ours", {"mse": True}, "our GPTQ with the range search (mse on)"),
-    "gptq-act": ("ours", {"desc_act": True}, "our GPTQ with act-order (desc_act)"),
+    "rtn": ("ours", {"method": "rtn", "mse": False}, "round-to-nearest, same format"),
+    "gptq": ("ours", "defaults", "our GPTQ at qwen-quantize's defaults"),
     "gptqmodel": ("gptqmodel", {"act_group_aware": False}, "GPTQModel, plain GPTQ (act_group_aware off)"),
+    "gptq-minmax": ("ours", {"mse": False, "desc_act": False, "static_groups": False}, "our GPTQ, min-max scales"),
+    "gptq-mse": ("ours", {"mse": True, "desc_act": False, "static_groups": False}, "our GPTQ, range search (mse)"),
+    "gptq-act": ("ours", {"mse": False, "desc_act": True, "static_groups": False}, "our GPTQ, act-order"),
+    "gptq-act-mse": ("ours", {"mse": True, "desc_act": True, "static_groups": False}, "our GPTQ, act-order + mse"),
+    "gptq-act-static": ("ours", {"mse": False, "desc_act": True, "static_groups": True},
+                        "our GPTQ, act-order with static groups (g_idx stays in order)"),
+    "gptq-act-static-mse": ("ours", {"mse": True, "desc_act": True, "static_groups": True},
+                            "our GPTQ, act-order with static groups + mse"),
     "gptqmodel-gar": ("gptqmodel", {"act_group_aware": True}, "GPTQModel, its default group-aware reordering"),
 }
-DEFAULT_METHODS = ("fp", "rtn", "gptq", "gptqmodel", "gptq-mse", "gptq-act", "gptqmodel-gar")  # most important first
+DEFAULT_METHODS = ("fp", "rtn", "gptq", "gptqmodel", "gptq-minmax", "gptq-mse", "gptq-act", "gptq-act-mse",
+                   "gptq-act-static", "gptq-act-static-mse", "gptqmodel-gar")  # most important first
 SHARED = {"bits": 4, "group_size": 128, "sym": True, "damp": 0.01}
 
 
@@ -88,6 +95,16 @@ def perplexity(model, windows, batch: int = 4) -> float:
     return float(torch.exp(torch.tensor(total / count)))
 
 
+def our_defaults() -> dict:
+    """qwen-quantize's default algorithm settings (from the API signature: the CLI shares them)."""
+    import inspect
+
+    from qwen_quant.quantize.api import quantize
+
+    params = inspect.signature(quantize).parameters
+    return {k: params[k].default for k in ("desc_act", "static_groups", "mse", "forward_dtype")}
+
+
 def quantize_ours(model, data, extra: dict) -> None:
     """Our block-by-block GPTQ in memory: the pipeline's own steps, weights replaced in place."""
     from qwen_quant.quantize import pipeline
@@ -95,9 +112,11 @@ def quantize_ours(model, data, extra: dict) -> None:
     from qwen_quant.quantize.layouts import layout_for
 
     settings = pipeline.QuantSettings(**{**SHARED, **extra})
+    print(f"[bench] our settings: {settings}", flush=True)
     source = pipeline.InMemoryModel(model, layout_for(model))
     calib = Calibration(data["input_ids"], data["attention_mask"], {})
     inputs = pipeline.capture_block_inputs(source, calib, "cpu")
+    inputs.autocast = pipeline.forward_autocast(settings, source.dtype)
     for i in range(len(source.blocks)):
         block = source.load_block(i, "cpu")
         pipeline.quantize_block(block, inputs, source.layout, settings)
@@ -152,6 +171,8 @@ def run_worker(name: str, work: Path, threads: int) -> None:
 
     torch.set_num_threads(threads)
     who, extra, _ = METHODS[name]
+    if extra == "defaults":
+        extra = our_defaults()
     data = torch.load(work / "inputs.pt")
     model = load_model("demo").model
     seconds = cpu = None
@@ -245,7 +266,10 @@ def render_markdown(report: dict) -> str:
         secs = "-" if r["seconds"] is None else f"{r['seconds']:.1f}"
         cpu = "-" if r.get("cpu_seconds") is None else f"{r['cpu_seconds']:.1f}"
         gap = "-" if rtn_gap in (None, 0) or name == "fp" else f"{(r['ppl'] - fp) / rtn_gap:.3f}"
-        lines.append(f"| {name} | {METHODS[name][2]} | {secs} | {cpu} | {r['load_average'][0]:.1f} | {r['peak_rss_gib_quantize']:.2f} | {r['ppl']:.4f} | {gap} |")
+        what = METHODS[name][2]
+        if METHODS[name][1] == "defaults":
+            what += ": " + ", ".join(f"{k} {r['settings'][k]}" for k in ("desc_act", "static_groups", "mse", "forward_dtype"))
+        lines.append(f"| {name} | {what} | {secs} | {cpu} | {r['load_average'][0]:.1f} | {r['peak_rss_gib_quantize']:.2f} | {r['ppl']:.4f} | {gap} |")
     missing = [m for m in report.get("methods_requested", []) if m not in rows]
     if missing:
         lines += ["", f"Not (yet) measured in this run: {', '.join(missing)}."]

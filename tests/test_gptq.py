@@ -145,6 +145,45 @@ def test_mse_range_search_never_worse_per_group_and_helps_gptq(correlated_layer)
     assert output_error(W, gptq_mse.weight, X) < output_error(W, rtn_quantize(W, 3, 128, mse=True).weight, X)
 
 
+def loop_range_search(x, bits, sym):
+    """The reference code's range search, written plainly: every shrink step in turn, strict "<"."""
+    from qwen_quant.quantize import quantizer as Q
+
+    maxq = 2 ** bits - 1
+    xmin, xmax = Q._full_range(x, sym)
+    best, best_err = Q._params_for_range(xmin, xmax, maxq, sym), torch.full_like(xmin, float("inf"))
+    for step in range(int(Q.MSE_MAX_SHRINK * Q.MSE_GRID)):
+        f = 1 - step / Q.MSE_GRID
+        cand = Q._params_for_range(f * xmin, f * xmax, maxq, sym)
+        err = (dequantize_codes(quantize_codes(x, cand, maxq), cand) - x).abs().pow(MSE_NORM).sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = type(cand)(torch.where(better, cand.scale, best.scale), torch.where(better, cand.zero, best.zero))
+    return best, best_err
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+def test_range_search_exhaustive_equals_the_loop_and_coarse_to_fine_is_as_good(monkeypatch, bits, sym):
+    from qwen_quant.quantize import quantizer as Q
+
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(300, 37, generator=g) * torch.rand(300, 1, generator=g)
+    x[0] = 0  # an all-zero row
+    x[1, :5] = 40.0  # an outlier row
+    ref, ref_err = loop_range_search(x, bits, sym)
+    monkeypatch.setattr(Q, "MSE_COARSE", 1)
+    exhaustive = find_params(x, bits, sym, mse=True)
+    assert torch.equal(exhaustive.scale, ref.scale) and torch.equal(exhaustive.zero, ref.zero)
+    monkeypatch.setattr(Q, "MSE_COARSE", 4)
+    monkeypatch.setattr(Q, "MSE_CHUNK_ELEMENTS", 2000)  # several chunks
+    fast = find_params(x, bits, sym, mse=True)
+    fast_err = (dequantize_codes(quantize_codes(x, fast, 2 ** bits - 1), fast) - x).abs().pow(MSE_NORM).sum(1)
+    assert torch.all(fast_err >= ref_err * (1 - 1e-6))  # the exhaustive search is the optimum of the grid
+    assert fast_err.sum() <= ref_err.sum() * 1.002  # and coarse-to-fine lands (almost always) on it
+    assert (fast.scale == ref.scale).float().mean() > 0.9
+
+
 # ---------- layout details ----------
 
 def recompute_weight(res):
@@ -259,17 +298,23 @@ def test_bad_input_is_a_user_error():
         HessianAccumulator(32).hessian()
 
 
-def test_linears_sharing_a_hessian_can_be_quantized_in_one_call(correlated_layer):
-    """Rows are independent given H: q, k, v (or gate, up) stacked give the same result as separately."""
+@pytest.mark.parametrize("desc_act,mse", [(True, False), (False, True)])
+def test_linears_sharing_a_hessian_can_be_quantized_in_one_call(correlated_layer, desc_act, mse):
+    """Rows are independent given H: q, k, v (or gate, up) stacked give the same result as separately.
+
+    The pipeline relies on it: it quantizes a true-sequential step's linears in one call and splits."""
     X, H, W = correlated_layer
     parts = (W[:16], W[16:40], W[40:])
-    whole = gptq_quantize(torch.cat(parts), H, bits=4, group_size=64, desc_act=True)
-    start = 0
-    for part in parts:
-        res = gptq_quantize(part, H, bits=4, group_size=64, desc_act=True)
-        rows = slice(start, start + part.shape[0])
+    whole = gptq_quantize(torch.cat(parts), H, bits=4, group_size=64, desc_act=desc_act, mse=mse)
+    pieces = whole.split([p.shape[0] for p in parts])
+    assert sum(p.seconds for p in pieces) == pytest.approx(whole.seconds)
+    for part, piece in zip(parts, pieces):
+        alone = gptq_quantize(part, H, bits=4, group_size=64, desc_act=desc_act, mse=mse)
         # Equal up to BLAS summation order (another N may pick another kernel): at most a rare code flip.
-        assert torch.equal(res.g_idx, whole.g_idx)
-        assert (res.codes != whole.codes[:, rows]).float().mean() < 1e-3
-        torch.testing.assert_close(res.scales, whole.scales[:, rows], rtol=1e-3, atol=0)
-        start += part.shape[0]
+        assert torch.equal(alone.g_idx, piece.g_idx)
+        assert (alone.codes != piece.codes).float().mean() < 1e-3
+        torch.testing.assert_close(alone.scales, piece.scales, rtol=1e-3, atol=0)
+        assert piece.weight.shape == part.shape and piece.codes.is_contiguous()
+        assert torch.equal(recompute_weight(piece).float(), piece.weight)
+    with pytest.raises(ValueError, match="do not add up"):
+        whole.split([16, 16])

@@ -118,6 +118,22 @@ def test_gptq_beats_rtn_on_calibration_output_error(tmp_path):
     assert g["totals"]["mean_rel_error"] < r["totals"]["mean_rel_error"]
 
 
+def test_fp32_forwards_under_bf16_autocast_by_default_and_model_dtype_on_request(tmp_path):
+    """--forward-dtype: auto runs an fp32 model's calibration forwards in bf16 (faster on CPUs with AMX
+    and on GPUs), which changes the Hessians a little but not the quality; model keeps fp32."""
+    assert pipeline.forward_autocast(pipeline.QuantSettings(), torch.float32) == torch.bfloat16
+    assert pipeline.forward_autocast(pipeline.QuantSettings(), torch.bfloat16) is None
+    assert pipeline.forward_autocast(pipeline.QuantSettings(forward_dtype="model"), torch.float32) is None
+    assert pipeline.forward_autocast(pipeline.QuantSettings(forward_dtype="bf16"), torch.float16) == torch.bfloat16
+    auto = run(tiny_hf_model("llama"), tmp_path / "auto")
+    fp32 = run(tiny_hf_model("llama"), tmp_path / "fp32", forward_dtype="model")
+    assert (auto / "model.safetensors").read_bytes() != (fp32 / "model.safetensors").read_bytes()
+    reports = [json.loads((d / "quant_report.json").read_text()) for d in (auto, fp32)]
+    assert [r["settings"]["forward_dtype"] for r in reports] == ["auto", "model"]
+    errors = [r["totals"]["mean_rel_error"] for r in reports]
+    assert errors[0] == pytest.approx(errors[1], rel=0.1)
+
+
 def test_relative_output_error_matches_a_direct_computation():
     torch.manual_seed(1)
     x = torch.randn(200, 32)
