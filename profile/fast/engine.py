@@ -38,7 +38,7 @@ class FastEngine:
                 if self.kv_cache == "auto" else self.kv_cache, "cuda_graphs": g.use_graphs,
                 "graph_bucket": g.bucket if g.use_graphs else None, "fused_ops": g.fuse, "max_seq_len": g.max_seq_len}
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def timed_generate(self, input_ids: torch.Tensor, new_tokens: int) -> dict:
         """Greedy, exactly new_tokens (EOS ignored) -> {"prefill_s", "token_s" (each later token), "tokens"}."""
         gen = self.generator

@@ -5,8 +5,9 @@ GPU the step (model + sampling + advancing the token and position buffers) is ca
 KV-length bucket with torch.cuda.CUDAGraph and replayed: explicit capture rather than torch.compile
 because the ctypes CUDA kernels cannot be traced (torch.compile(mode="reduce-overhead") is there
 behind `compile=True` for dense models). Buckets let attention read only the written part of the
-cache (rounded up to `bucket` positions) instead of all of it. On the CPU the step runs eagerly
-over exactly the written positions.
+cache (rounded up to `bucket` positions) instead of all of it. On the CPU the step runs eagerly with
+the position as a host int: attention reads exactly the written positions, with no mask, and the
+KV write is a copy into a slice view.
 
 No host sync per token: sampling happens on the device, and the EOS check reads the tokens back
 only every `eos_check_every` tokens and at the end.
@@ -40,10 +41,26 @@ class Sampling:
         return self.temperature == 0
 
 
+def greedy(logits: torch.Tensor, row: int = 128) -> torch.Tensor:
+    """logits [B, V] -> argmax [B], the first maximum on ties, exactly as logits.argmax(-1).
+
+    On the CPU torch's argmax over a 150k vocabulary is a scalar loop (~0.3 ms, a few % of a small
+    model's decode step); a vectorized max over rows of 128 logits, then an argmax over the row
+    maxima and within the winning row, gives the same index in ~0.04 ms.
+    """
+    B, V = logits.shape
+    if logits.device.type != "cpu" or V % row or V <= row:
+        return logits.argmax(dim=-1)
+    rows = logits.float().view(B, V // row, row)  # exact; float32 reductions are ~2x faster than bf16
+    best = rows.amax(dim=-1).argmax(dim=-1, keepdim=True)  # [B, 1]: the first row holding the maximum
+    within = rows.gather(1, best.unsqueeze(-1).expand(B, 1, row)).argmax(dim=-1)  # [B, 1]
+    return (best * row + within).view(B)
+
+
 def sample(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     """logits [B, V] -> token ids [B], on the device, with no host sync (capturable in a CUDA graph)."""
     if sampling.greedy:
-        return logits.argmax(dim=-1)
+        return greedy(logits)
     logits = logits.float() / sampling.temperature
     if sampling.top_k:
         kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -64,29 +81,33 @@ def prefill(model: Transformer, input_ids: torch.Tensor, sampling: Sampling):
     alpha = ntk_alpha_for(T, model.args.ntk_seq_length)
     if alpha != model.ntk_alpha:
         model.set_rope(alpha)
-    logits = model(input_ids, torch.arange(T, device=input_ids.device), kv_len=T)
+    logits = model(input_ids, 0)  # positions 0..T-1: causal attention over exactly the prompt
     return sample(logits, sampling), logits
 
 
-def decode_one_token(model: Transformer, token: torch.Tensor, input_pos: torch.Tensor, kv_len: int,
-                     sampling: Sampling):
-    """token [B, 1] at position input_pos [1] -> (next token [B], logits [B, V])."""
+def decode_one_token(model: Transformer, token: torch.Tensor, input_pos: int | torch.Tensor,
+                     kv_len: int | None, sampling: Sampling):
+    """token [B, 1] at input_pos (an int; or a device tensor [1], the cache read up to kv_len)
+    -> (next token [B], logits [B, V])."""
     logits = model(token, input_pos, kv_len)
     return sample(logits, sampling), logits
 
 
 class DecodeStep:
-    """One decode step on static buffers: `token` [B, 1] at `pos` [1] -> next token in `token`, pos + 1.
+    """One decode step on static buffers: `token` [B, 1] -> the next token, written back into `token`.
 
-    Eager on the CPU; on CUDA one captured graph per KV-length bucket, replayed.
+    Eager (the CPU): the position is a host int, attention reads exactly the written cache. Bucketed
+    (CUDA graphs, or torch.compile): the position lives in the device buffer `pos` [1], advanced by
+    the step itself, and one graph per KV-length bucket is captured and replayed.
     """
 
     def __init__(self, model: Transformer, sampling: Sampling, use_graphs: bool, bucket: int = 512,
                  compile: bool = False):
         self.model, self.sampling, self.use_graphs, self.bucket = model, sampling, use_graphs, bucket
         device = model.device
-        self.token = torch.zeros(model.batch_size, 1, dtype=torch.long, device=device)
-        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        with torch.inference_mode(False):  # plain tensors, even when made inside generate_ids
+            self.token = torch.zeros(model.batch_size, 1, dtype=torch.long, device=device)
+            self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.bucketed = use_graphs or compile  # fixed kv lengths: one graph (or compiled variant) per bucket
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pool = None
@@ -95,9 +116,15 @@ class DecodeStep:
             self._run = torch.compile(self._step, mode="reduce-overhead", dynamic=False)
 
     def _step(self, kv_len: int):
+        """The bucketed step: position from the device buffer, cache read up to kv_len (masked)."""
         nxt, logits = decode_one_token(self.model, self.token, self.pos, kv_len, self.sampling)
         self.token.copy_(nxt.view_as(self.token))
         self.pos.add_(1)
+        return logits
+
+    def _eager_step(self, pos: int):
+        nxt, logits = decode_one_token(self.model, self.token, pos, None, self.sampling)
+        self.token.copy_(nxt.view_as(self.token))
         return logits
 
     def _warm_up(self, kv_len: int) -> None:
@@ -151,6 +178,8 @@ class DecodeStep:
 
     def __call__(self, pos: int) -> torch.Tensor:
         """Run the step for host-known position pos; returns the logits (a static buffer under graphs)."""
+        if not self.bucketed:
+            return self._eager_step(pos)
         kv_len = self.kv_len_for(pos)
         if not self.use_graphs:
             return self._run(kv_len)
@@ -243,7 +272,7 @@ class Generator:
             raise UserError(f"prompt ({T}) + new tokens ({max_new_tokens}) = {T + max_new_tokens} exceeds the "
                             f"KV cache of {self.max_seq_len} positions: raise max_seq_len or ask for fewer tokens")
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate_ids(self, input_ids: torch.Tensor, max_new_tokens: int, sampling: Sampling = Sampling(),
                      eos_ids: tuple[int, ...] = (), eos_check_every: int = 32, return_logits: bool = False,
                      on_token=None, progress=None) -> GenerationOutput:
@@ -253,7 +282,8 @@ class Generator:
         B, T = input_ids.shape
         step = self.step_for(sampling)
         step.prepare(T, T + max_new_tokens - 2)
-        out = torch.empty(B, max_new_tokens, dtype=torch.long, device=input_ids.device)
+        with torch.inference_mode(False):  # the tokens returned are a plain tensor
+            out = torch.empty(B, max_new_tokens, dtype=torch.long, device=input_ids.device)
         logits_out = [] if return_logits else None
         sync = torch.cuda.synchronize if input_ids.is_cuda else (lambda: None)
         sync()

@@ -1,9 +1,11 @@
 """Static, preallocated KV caches: one buffer per layer sized to context + new tokens, written in place.
 
-`update(input_pos, k, v, kv_len)` writes the new keys/values at their positions and returns the
-cache up to `kv_len` (never the unwritten tail past it). Writes are index_copy_ with a device index
-tensor (no host sync), so the update is CUDA-graph capturable. The buffers start at zero: a slot that is read but masked (inside a
-captured graph's length bucket) holds finite values, never NaN from uninitialized memory.
+`update(index, k, v, kv_len)` writes the new keys/values at their positions and returns the
+cache up to `kv_len` (never the unwritten tail past it). `index` is the first position as an int
+(prefill and the eager decode step: a copy into a slice view) or a device tensor of positions
+(index_copy_, no host sync: what a captured CUDA graph replays). The buffers start at zero: a slot
+that is read but masked (inside a captured graph's length bucket) holds finite values, never NaN
+from uninitialized memory.
 """
 
 from __future__ import annotations
@@ -26,10 +28,13 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos, k, v, kv_len: int):
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
-        return self.k[:, :, :kv_len].to(k.dtype), self.v[:, :, :kv_len].to(v.dtype)
+    def update(self, index, k, v, kv_len: int):
+        _write(self.k, index, k)
+        _write(self.v, index, v)
+        keys, values = self.k[:, :, :kv_len], self.v[:, :, :kv_len]
+        if keys.dtype != k.dtype:
+            keys, values = keys.to(k.dtype), values.to(v.dtype)
+        return keys, values
 
     def nbytes_per_token(self) -> int:
         """Bytes one position occupies over keys and values (for the roofline)."""
@@ -53,13 +58,11 @@ class Int8KVCache(nn.Module):
         scale = (x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-8) / 127.0).to(self.k_scale.dtype)
         return torch.round(x.float() / scale.float()).clamp_(-127, 127).to(torch.int8), scale
 
-    def update(self, input_pos, k, v, kv_len: int):
+    def update(self, index, k, v, kv_len: int):
         kq, ks = self._quantize(k)
         vq, vs = self._quantize(v)
-        self.k.index_copy_(2, input_pos, kq)
-        self.v.index_copy_(2, input_pos, vq)
-        self.k_scale.index_copy_(2, input_pos, ks)
-        self.v_scale.index_copy_(2, input_pos, vs)
+        for buf, new in ((self.k, kq), (self.v, vq), (self.k_scale, ks), (self.v_scale, vs)):
+            _write(buf, index, new)
         keys = self.k[:, :, :kv_len].to(k.dtype) * self.k_scale[:, :, :kv_len].to(k.dtype)
         values = self.v[:, :, :kv_len].to(v.dtype) * self.v_scale[:, :, :kv_len].to(v.dtype)
         return keys, values
@@ -67,6 +70,14 @@ class Int8KVCache(nn.Module):
     def nbytes_per_token(self) -> int:
         b, h, _, d = self.k.shape
         return 2 * b * h * (d + self.k_scale.element_size())
+
+
+def _write(buf: torch.Tensor, index, new: torch.Tensor) -> None:
+    """buf[:, :, positions] = new (cast to buf's dtype); index: the first position (int) or positions (tensor)."""
+    if isinstance(index, int):
+        buf.narrow(2, index, new.shape[2]).copy_(new)
+    else:
+        buf.index_copy_(2, index, new.to(buf.dtype))
 
 
 def make_kv_cache(kind: str, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int,

@@ -6,8 +6,11 @@ Qwen3's per-head q/k RMSNorm, partial rotary (Qwen v1's rotary_pct) and Qwen v1'
 scaling. The linears are whatever modules the source model holds (nn.Linear or QuantLinear), so
 every kernel backend runs unchanged. Weights are attached by name in weights.py.
 
-Attention reads the static KV cache only up to `kv_len` (a Python int fixed per call or per
-captured CUDA graph) and masks positions after each query's own position.
+Positions come in one of two forms. An int (the first position of the T tokens, known on the host:
+prefill and the eager decode step) reads exactly the written part of the static KV cache, so
+attention needs no mask (causal within the T tokens). A LongTensor on the device (what a captured
+CUDA graph replays) reads the cache up to `kv_len`, a length bucket fixed per graph, and masks
+the slots past each query's own position.
 """
 
 from __future__ import annotations
@@ -66,17 +69,14 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dims: int) -> torch.Tensor:
-    """x [B, H, T, D]; cos/sin [T, rope_dims]. Dims past rope_dims pass through (partial rotary)."""
+    """x [B, H, T, D]; cos/sin [T, rope_dims], sin with its first half negated (Transformer.set_rope), so
+    x * cos + roll(x) * sin is transformers' x * cos + rotate_half(x) * sin bit for bit, in four ops
+    instead of seven. Dims past rope_dims pass through (partial rotary)."""
     if rope_dims == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
+        return x * cos + x.roll(rope_dims // 2, -1) * sin
     rot, rest = x[..., :rope_dims], x[..., rope_dims:]
-    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+    return torch.cat((rot * cos + rot.roll(rope_dims // 2, -1) * sin, rest), dim=-1)
 
 
 def rope_qk(q, k, cos, sin, rope_dims: int, q_scale):
@@ -108,6 +108,51 @@ def compiled_ops(backend: str = "inductor") -> Ops:
     return Ops(comp(add_rms_norm), comp(rope_qk), comp(silu_mul))
 
 
+class Bf16Gemv(nn.Module):
+    """A borrowed bf16 nn.Linear whose one-row products on the CPU (the decode step) run as torch.mv.
+
+    For one row F.linear in bf16 goes through a GEMM (oneDNN) that reaches ~2/3 of the memory
+    bandwidth torch.mv's bf16 GEMV reaches on the same weight (measured on a 150k x 128 head and
+    576-wide layers); both accumulate in float32 and round once. (In fp16 torch.mv is the slower
+    one, in fp32 they are equal: those stay F.linear.) Every other shape and device calls the module.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lin = self.linear
+        if x.numel() != x.shape[-1] or not x.is_cpu:
+            return lin(x)
+        w, b = lin.weight, lin.bias
+        y = torch.mv(w, x.view(-1)) if b is None else torch.addmv(b, w, x.view(-1))
+        return y.view(*x.shape[:-1], -1)
+
+
+def for_decode(linear: nn.Module) -> nn.Module:
+    """A borrowed linear as the engine calls it: wrapped in Bf16Gemv where that is faster (a plain bf16
+    nn.Linear on the CPU), else unchanged (fp32/fp16, QuantLinear, a GPU, a module with hooks)."""
+    plain = (type(linear) is nn.Linear and "forward" not in vars(linear) and not linear._forward_hooks
+             and not linear._forward_pre_hooks)
+    if plain and linear.weight.device.type == "cpu" and linear.weight.dtype == torch.bfloat16:
+        return Bf16Gemv(linear)
+    return linear
+
+
+@dataclasses.dataclass
+class Positions:
+    """Where the T tokens of one forward pass sit, shared by every layer (built once per pass)."""
+
+    cos: torch.Tensor  # [T, rope_dims] rows of the rope tables (sin likewise)
+    sin: torch.Tensor
+    q_scale: torch.Tensor | None  # [1, 1, T, 1] Qwen v1 log-n scaling, or None
+    index: int | torch.Tensor  # the first position (an int), or the positions [T] on the device
+    kv_len: int  # cache positions attention reads
+    mask: torch.Tensor | None  # [T, kv_len] bool (device positions) or None
+    causal: bool  # causal within the T tokens (an int start of 0, T > 1)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, *, qkv: nn.Module | None = None, q: nn.Module | None = None,
                  k: nn.Module | None = None, v: nn.Module | None = None, o: nn.Module,
@@ -118,30 +163,29 @@ class Attention(nn.Module):
         self.args = args
         self.qkv, self.q_proj, self.k_proj, self.v_proj, self.o_proj = qkv, q, k, v, o
         self.q_norm, self.k_norm = q_norm, k_norm
+        self.split = [args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.n_kv_heads * args.head_dim]
+        self.gqa = args.n_kv_heads != args.n_heads
         self.kv_cache = None  # set by Transformer.setup_caches
 
     def _project(self, x: torch.Tensor):
-        a = self.args
         if self.qkv is not None:
-            return self.qkv(x).split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim,
-                                      a.n_kv_heads * a.head_dim], dim=-1)
+            return self.qkv(x).split(self.split, dim=-1)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-    def forward(self, x, cos, sin, q_scale, input_pos, kv_len: int, mask, ops: Ops):
+    def forward(self, x: torch.Tensor, p: Positions, ops: Ops) -> torch.Tensor:
         a = self.args
         B, T, _ = x.shape
         q, k, v = self._project(x)
         q = q.view(B, T, a.n_heads, a.head_dim)
         k = k.view(B, T, a.n_kv_heads, a.head_dim)
-        v = v.view(B, T, a.n_kv_heads, a.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        q, k = ops.rope(q, k, cos, sin, a.rope_dims, q_scale)
-        keys, values = self.kv_cache.update(input_pos, k, v, kv_len)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                           enable_gqa=a.n_kv_heads != a.n_heads)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim))
+        q, k = ops.rope(q.transpose(1, 2), k.transpose(1, 2), p.cos, p.sin, a.rope_dims, p.q_scale)
+        v = v.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        keys, values = self.kv_cache.update(p.index, k, v, p.kv_len)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=p.mask, is_causal=p.causal,
+                                           enable_gqa=self.gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class FeedForward(nn.Module):
@@ -160,11 +204,11 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
 
-    def forward(self, x, h, cos, sin, q_scale, input_pos, kv_len: int, mask, ops: Ops):
+    def forward(self, x, h, p: Positions, ops: Ops):
         """x: the residual stream; h: attn_norm(x), computed by the caller together with the previous
         residual add. Returns (x + attention, mlp output): the caller adds the mlp output together with
         the next norm, so each residual add and the norm after it are one fused op."""
-        attn = self.attn(h, cos, sin, q_scale, input_pos, kv_len, mask, ops)
+        attn = self.attn(h, p, ops)
         x, h = ops.add_norm(x, attn, self.mlp_norm.weight, self.mlp_norm.eps)
         return x, self.mlp(h, ops)
 
@@ -175,6 +219,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.embed, self.blocks, self.norm, self.lm_head = embed, nn.ModuleList(blocks), norm, lm_head
+        # the norm that follows each block: the next block's attn_norm, the final norm after the last
+        self._next_norms = [b.attn_norm for b in blocks[1:]] + [norm]  # a plain list: already submodules
         self.inv_freq = inv_freq.float().cpu()
         self.rope_scaling = rope_scaling
         self.max_seq_len = 0
@@ -204,7 +250,8 @@ class Transformer(nn.Module):
         self.q_scale = logn_scales(a.logn_seq_length, max_seq_len, self.dtype, self.device)
 
     def set_rope(self, ntk_alpha: float) -> None:
-        """(Re)fill the cos/sin tables in place, so captured graphs keep reading the same buffers."""
+        """(Re)fill the cos/sin tables in place, so captured graphs keep reading the same buffers.
+        sin has its first half negated: apply_rope needs no negation per step."""
         inv_freq = self.inv_freq
         if ntk_alpha != 1.0:  # Qwen v1 dynamic NTK: a larger base for prompts past its training length
             d = self.args.rope_dims
@@ -213,8 +260,9 @@ class Transformer(nn.Module):
         pos = torch.arange(self.max_seq_len, dtype=torch.float32)
         freqs = torch.outer(pos, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
+        sign = torch.cat((-torch.ones_like(freqs[0]), torch.ones_like(freqs[0])))
         cos = (emb.cos() * self.rope_scaling).to(self.device, self.dtype)
-        sin = (emb.sin() * self.rope_scaling).to(self.device, self.dtype)
+        sin = (emb.sin() * self.rope_scaling * sign).to(self.device, self.dtype)
         if self.cos is None or self.cos.shape != cos.shape:
             self.cos, self.sin = cos, sin
         else:
@@ -222,24 +270,44 @@ class Transformer(nn.Module):
             self.sin.copy_(sin)
         self.ntk_alpha = ntk_alpha
 
-    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor, kv_len: int,
+    def positions(self, T: int, input_pos: int | torch.Tensor, kv_len: int | None) -> Positions:
+        """The rope rows, cache range and mask for T tokens at input_pos (see the module docstring)."""
+        if isinstance(input_pos, int):
+            end = input_pos + T
+            if kv_len is not None and kv_len != end:
+                raise ValueError(f"with a host position, attention reads exactly {end} positions, not {kv_len}")
+            rows, kv_len, mask = slice(input_pos, end), end, None
+            causal = T > 1 and input_pos == 0  # the prompt: SDPA's own causal masking
+            if T > 1 and input_pos > 0:  # a chunk after earlier tokens: causal, offset by input_pos
+                mask = causal_mask(torch.arange(input_pos, end, device=self.cos.device), end)
+        else:
+            if kv_len is None:
+                raise ValueError("positions given as a tensor need kv_len (the cache length read)")
+            rows, causal, mask = input_pos, False, causal_mask(input_pos, kv_len)
+        q_scale = None if self.q_scale is None else self.q_scale[rows].view(1, 1, -1, 1)
+        return Positions(self.cos[rows], self.sin[rows], q_scale, input_pos, kv_len, mask, causal)
+
+    def forward(self, input_ids: torch.Tensor, input_pos: int | torch.Tensor, kv_len: int | None = None,
                 last_only: bool = True) -> torch.Tensor:
-        """input_ids [B, T] at positions input_pos [T] -> logits [B, V] (last position) or [B, T, V]."""
-        ops = self.decode_ops if input_ids.shape[1] == 1 else EAGER_OPS
-        cos, sin = self.cos[input_pos], self.sin[input_pos]
-        q_scale = None if self.q_scale is None else self.q_scale[input_pos].view(1, 1, -1, 1)
-        # query at position p sees cache slots 0..p; slots past kv_len are not even read
-        mask = torch.arange(kv_len, device=input_ids.device) <= input_pos[:, None]
+        """input_ids [B, T] at input_pos (an int: the first of T positions; or a LongTensor [T] on the
+        device, read up to kv_len) -> logits [B, V] (last position) or [B, T, V]."""
+        T = input_ids.shape[1]
+        ops = self.decode_ops if T == 1 else EAGER_OPS
+        p = self.positions(T, input_pos, kv_len)
         x = self.embed(input_ids)
         h = self.blocks[0].attn_norm(x)
-        for i, block in enumerate(self.blocks):
-            x, delta = block(x, h, cos, sin, q_scale, input_pos, kv_len, mask, ops)
-            nxt = self.blocks[i + 1].attn_norm if i + 1 < len(self.blocks) else self.norm
-            x, h = ops.add_norm(x, delta, nxt.weight, nxt.eps)
+        for block, norm in zip(self.blocks, self._next_norms):
+            x, delta = block(x, h, p, ops)
+            x, h = ops.add_norm(x, delta, norm.weight, norm.eps)
         if last_only:
             h = h[:, -1:]
         logits = self.lm_head(h)
         return logits[:, -1] if last_only else logits
+
+
+def causal_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """[T, kv_len] bool: the query at position p sees cache slots 0..p (slots past kv_len are not even read)."""
+    return torch.arange(kv_len, device=positions.device) <= positions[:, None]
 
 
 def logn_scales(seq_length: int | None, max_seq_len: int, dtype, device) -> torch.Tensor | None:

@@ -2,7 +2,8 @@
 
 From a model instance the engine borrows its modules as they are (nn.Linear, QuantLinear with its
 chosen backend, nn.Embedding): no copy, no extra memory, no trust_remote_code at run time (a Qwen v1
-model already loaded is only read by name). From a state dict it wraps each tensor in a module.
+model already loaded is only read by name). A bf16 nn.Linear on the CPU is called through
+model.Bf16Gemv (the same weight, a faster one-row product). From a state dict it wraps each tensor in a module.
 The block paths come from the layout table (quantize/layouts.py); the names inside a block from
 BLOCK_NAMES below.
 """
@@ -13,7 +14,8 @@ import torch
 import torch.nn as nn
 
 from qwen_quant.errors import UserError
-from qwen_quant.profile.fast.model import (Attention, Block, FeedForward, ModelArgs, RMSNorm, Transformer)
+from qwen_quant.profile.fast.model import (Attention, Block, FeedForward, ModelArgs, RMSNorm, Transformer,
+                                           for_decode)
 from qwen_quant.quantize.layouts import LAYOUTS, Layout, layout_for
 
 _LLAMA_STYLE = dict(attn_norm="input_layernorm", mlp_norm="post_attention_layernorm",
@@ -86,8 +88,12 @@ def _rope_from_model(model: nn.Module, config, args: ModelArgs) -> tuple[torch.T
     return rope_from_config(config, args)
 
 
-def _assemble(args: ModelArgs, layout: Layout, linear, norm_weight, embed, lm_head, inv_freq, scaling):
+def _assemble(args: ModelArgs, layout: Layout, take_linear, norm_weight, embed, lm_head, inv_freq, scaling):
     names = BLOCK_NAMES[args.layout]
+
+    def linear(name):
+        return for_decode(take_linear(name))
+
     blocks = []
     for i in range(args.n_layers):
         pre = f"{layout.blocks}.{i}."
@@ -104,7 +110,7 @@ def _assemble(args: ModelArgs, layout: Layout, linear, norm_weight, embed, lm_he
         blocks.append(Block(RMSNorm(norm_weight(pre + names["attn_norm"]), args.norm_eps), attn,
                             RMSNorm(norm_weight(pre + names["mlp_norm"]), args.norm_eps), mlp))
     norm = RMSNorm(norm_weight(layout.final_norm), args.norm_eps)
-    return Transformer(args, embed, blocks, norm, lm_head, inv_freq, scaling)
+    return Transformer(args, embed, blocks, norm, for_decode(lm_head), inv_freq, scaling)
 
 
 def _layout_of(model: nn.Module) -> Layout:

@@ -1,0 +1,129 @@
+"""The fast engine's CPU decode step: host-int positions (no mask), the vectorized greedy argmax and the
+bf16 GEMV path, each against the plain computation it replaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qwen_quant.profile.fast.generate import Generator, Sampling, greedy
+from qwen_quant.profile.fast.model import Bf16Gemv, for_decode
+from qwen_quant.profile.fast.weights import from_hf_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_qwen2(dtype=torch.float32, vocab=256):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # larger weights than the init's 0.02: logits far from uniform, ties unlikely
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.2)
+            elif "bias" in name:
+                p.normal_(0, 0.5)
+            else:
+                p.uniform_(0.5, 1.5)
+    return model.to(dtype)
+
+
+def ids(n, vocab=256, seed=1):
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("vocab", [151936, 49152, 1000, 128, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_is_argmax_with_first_index_on_ties(vocab, dtype):
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(3, vocab, generator=g).to(dtype)
+    logits[1, vocab // 3] = logits[1, vocab - 1] = 50  # a tie: the first index wins, as in argmax
+    logits[2, :] = 0  # all equal: index 0
+    assert torch.equal(greedy(logits), logits.argmax(dim=-1))
+    assert greedy(logits)[1].item() == vocab // 3 and greedy(logits)[2].item() == 0
+
+
+def test_a_prompt_in_chunks_gives_the_logits_of_one_pass():
+    """Host-int positions after earlier tokens (T > 1, start > 0) mask causally with the offset."""
+    model = tiny_qwen2()
+    x = ids(12)
+    fast = from_hf_model(model)
+    fast.setup_caches(1, 16)
+    with torch.no_grad():
+        whole = fast(x, 0, last_only=False)
+        first = fast(x[:, :5], 0, last_only=False)
+        rest = fast(x[:, 5:], 5, last_only=False)
+        by_device_positions = fast(x, torch.arange(12), kv_len=12, last_only=False)
+    assert (torch.cat([first, rest], dim=1) - whole).abs().max().item() < 1e-4
+    assert (by_device_positions - whole).abs().max().item() < 1e-4
+    with pytest.raises(ValueError, match="exactly 12"):
+        fast(x, 0, kv_len=16)
+
+
+def test_half_gemv_wraps_only_plain_16_bit_cpu_linears():
+    lin = nn.Linear(64, 40, bias=True).to(torch.bfloat16)
+    assert isinstance(for_decode(lin), Bf16Gemv)
+    for dtype in (torch.float32, torch.float16):  # fp32: as fast and transformers' bits; fp16: mv is slower
+        other = nn.Linear(64, 40).to(dtype)
+        assert for_decode(other) is other
+    hooked = nn.Linear(64, 40).to(torch.bfloat16)
+    hooked.register_forward_hook(lambda *a: None)
+    assert for_decode(hooked) is hooked  # hooks must run: the module is called as it is
+    gemv = for_decode(lin)
+    for shape in [(1, 1, 64), (1, 3, 64), (2, 1, 64)]:  # one row: torch.mv; more rows: the module
+        x = torch.randn(shape).to(torch.bfloat16)
+        want = F.linear(x.float(), lin.weight.float(), lin.bias.float())
+        got = gemv(x)
+        assert got.shape == want.shape and got.dtype == torch.bfloat16
+        assert (got.float() - want).abs().max().item() < 0.05 * want.abs().max().item()
+
+
+def test_bf16_model_on_the_cpu_decodes_like_transformers():
+    model = tiny_qwen2(torch.bfloat16)
+    x = ids(9)
+    gen = Generator(model, 9 + 12)
+    assert isinstance(gen.model.lm_head, Bf16Gemv) and isinstance(gen.model.blocks[0].attn.q_proj, Bf16Gemv)
+    out = gen.generate_ids(x, 12, return_logits=True)
+    ref = model.generate(x, max_new_tokens=12, min_new_tokens=12, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, pad_token_id=0)
+    # compare while the tokens agree (bf16 rounding may break a near-tie later); most of them must
+    same = int((out.tokens == ref.sequences[:, 9:]).cumprod(dim=1).sum())
+    assert same >= 8, f"bf16 decode diverged from transformers after {same} tokens"
+    scale = max(r.float().abs().max().item() for r in ref.logits[:same])
+    worst = max((a - b.float()).abs().max().item() for a, b in zip(out.logits[:same], ref.logits[:same]))
+    assert worst < 0.03 * scale, f"bf16 logits differ by {worst} (scale {scale})"
+
+
+def test_returned_tokens_are_ordinary_tensors():
+    """generate_ids runs under inference_mode; what it returns can still be written to outside it."""
+    model = tiny_qwen2()
+    out = Generator(model, 16).generate_ids(ids(4), 6)
+    out.tokens.add_(0)  # an inference tensor would raise here
+
+
+def test_host_and_device_positions_agree_with_qwen_v1_logn_scaling():
+    """The eager step (host-int positions, exact reads) and the bucketed one (device positions, masked reads,
+    as replayed in CUDA graphs) give the same tokens and logits, with Qwen v1's log-n query scaling on."""
+    model = tiny_qwen2()
+    runs = []
+    for bucketed in (False, True):
+        fast = from_hf_model(model)
+        fast.args.logn_seq_length = 6  # queries past position 6 are scaled: both paths must index q_scale alike
+        gen = Generator(fast, 32, bucket=8)
+        assert gen.model.q_scale is not None
+        gen.step_for(Sampling()).bucketed = bucketed
+        runs.append(gen.generate_ids(ids(5), 20, return_logits=True))
+    eager, bucketed = runs
+    assert torch.equal(eager.tokens, bucketed.tokens)
+    assert max((a - b).abs().max().item() for a, b in zip(eager.logits, bucketed.logits)) < 1e-4
