@@ -385,13 +385,14 @@ def evaluate(models: list[str], tasks: str | list[str], limit: int | None = None
 
 def write_results(report: dict, out: Path) -> list[Path]:
     """results.json (atomic), results.md and results.csv in `out`."""
-    from qwen_quant.profile.report import accuracy_csv, accuracy_markdown, write_atomic
+    from qwen_quant.files import write_text_atomic
+    from qwen_quant.profile.report import accuracy_csv, accuracy_markdown
 
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "results.json", out / "results.md", out / "results.csv"]
-    write_atomic(paths[0], json.dumps(report, indent=1, ensure_ascii=False, default=str) + "\n")
-    write_atomic(paths[1], accuracy_markdown(report))
-    write_atomic(paths[2], accuracy_csv(report))
+    write_text_atomic(paths[0], json.dumps(report, indent=1, ensure_ascii=False, default=str) + "\n")
+    write_text_atomic(paths[1], accuracy_markdown(report))
+    write_text_atomic(paths[2], accuracy_csv(report))
     return paths
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from qwen_quant.errors import UserError
+from qwen_quant.files import write_text_atomic
 from qwen_quant.profile.report import (Inputs, THROUGHPUT_MEANING, accuracy_section, find_inputs, meanings,
-                                       provenance_section, speed_memory_sections, write_atomic, _read_json)
+                                       provenance_section, speed_memory_sections, _read_json)
 
 
 def model_card_text(checkpoint: Path, inputs: Inputs) -> str:
@@ -42,5 +43,5 @@ def write_model_card(checkpoint: str | Path, result_paths: list[str | Path] = ()
     inputs = find_inputs(list(result_paths)) if result_paths else Inputs()
     inputs.quants = []  # the card's own quant_report is the checkpoint's, already in the card
     readme = checkpoint / "README.md"
-    write_atomic(readme, model_card_text(checkpoint, inputs))
+    write_text_atomic(readme, model_card_text(checkpoint, inputs))
     return readme

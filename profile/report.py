@@ -15,10 +15,10 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 from qwen_quant.errors import UserError
+from qwen_quant.files import write_text_atomic
 
 NOT_MEASURED = "not measured"
 
@@ -40,21 +40,6 @@ MEANINGS = {
     "pass@1": "HumanEval pass@1 in %: one greedy completion per problem, its tests run in a sandboxed "
               "subprocess (time and memory limits, no network, scratch directory).",
 }
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write beside the target and rename: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------- cells
@@ -443,5 +428,5 @@ def write_report(paths: list[str | Path], out_dir: str | Path | None = None) -> 
     out = Path(out_dir) if out_dir else Path("reports") / report_model_name(inputs)
     out.mkdir(parents=True, exist_ok=True)
     readme = out / "README.md"
-    write_atomic(readme, render_report(inputs, out))
+    write_text_atomic(readme, render_report(inputs, out))
     return readme

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from qwen_quant.profile.cells import CELL_FIELDS, Cell, empty_result
 from qwen_quant.profile.roofline import roofline
-from qwen_quant.profile.tables import write_atomic
+from qwen_quant.files import write_text_atomic
 
 # Test hook: QWEN_QUANT_PROFILE_INJECT="oom@<text>" (or "error@<text>") makes every cell whose name
 # contains <text> fail that way inside its subprocess, after the model is built.
@@ -55,7 +55,7 @@ def run_profile(cells: list[Cell], out_dir: Path, options: RunOptions, env: dict
     path = out_dir / "results.json"
 
     def save():
-        write_atomic(path, json.dumps(results, indent=1, allow_nan=False))
+        write_text_atomic(path, json.dumps(results, indent=1, allow_nan=False))
 
     try:
         results["bandwidth"] = measure_bandwidth(options, work)
@@ -158,7 +158,7 @@ def worker_main() -> None:
         out = {"bandwidth": _bandwidth_job(job["device"], job.get("threads"))}
     else:
         out = _cell_job(Cell.from_dict(job["cell"]), RunOptions(**job["options"]))
-    write_atomic(Path(result_path), json.dumps(out, allow_nan=False))
+    write_text_atomic(Path(result_path), json.dumps(out, allow_nan=False))
 
 
 def _bandwidth_job(device: str, threads: int | None) -> dict:

@@ -10,11 +10,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
+from qwen_quant.files import write_text_atomic
 from qwen_quant.profile.cells import CELL_FIELDS
 
 SEED_LABEL = "seed A100 (AutoGPTQ, HF generate)"
@@ -33,20 +32,6 @@ SEED_MEMORY = {
 PRECISION_NAMES = {"bf16": "BF16", "fp16": "FP16", "fp32": "FP32", "int4": "Int4"}
 STATUS_TEXT = {"oom": "OOM", "error": "error"}
 NOT_MEASURED = "not measured"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_results(results) -> dict:
@@ -295,7 +280,7 @@ def render_tables(results_json, out_dir=None) -> list[Path]:
              "details.csv": details_csv(results)}
     paths = []
     for name, text in files.items():
-        write_atomic(out_dir / name, text)
+        write_text_atomic(out_dir / name, text)
         paths.append(out_dir / name)
     return paths
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from qwen_quant.errors import UserError
+from qwen_quant.files import write_bytes_atomic
 from qwen_quant.quantize import corpora
 from qwen_quant.quantize.corpora import Corpus
 
@@ -184,7 +185,7 @@ def corpus_token_stream(tokenizer, corpus: Corpus) -> np.ndarray:
     if cache is not None:
         buf = io.BytesIO()
         np.save(buf, stream, allow_pickle=False)
-        corpora.write_bytes_atomic(cache, buf.getvalue())
+        write_bytes_atomic(cache, buf.getvalue())
     return stream
 
 

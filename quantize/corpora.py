@@ -25,10 +25,10 @@ import importlib.util
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from qwen_quant.errors import UserError
+from qwen_quant.files import write_text_atomic
 
 SPLITS = ("calib", "dev", "eval")
 SPLIT_RULE = ('sha256("qwen-quant-split:" + key)[:8] as big-endian int mod 100: '
@@ -306,23 +306,3 @@ def corpus_by_name(name: str, split: str = "eval") -> Corpus:
     if os.path.exists(name) or name.endswith(TEXT_SUFFIXES + (".jsonl",)):
         return read_text_file(name)
     raise UserError(f"unknown corpus {name!r}: use one of {', '.join(NAMED_CORPORA)}, hf:<dataset id>, or a .txt/.jsonl file")
-
-
-# ---------------------------------------------------------------- atomic writes
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    write_bytes_atomic(path, text.encode("utf-8"))

@@ -112,13 +112,18 @@ def _assemble(codes_qorder, params, g_idx, perm, damp_used, fallback, start) -> 
     scales = torch.stack([p.scale for p in params])  # [G, N]
     zeros = torch.stack([p.zero for p in params])
     g = g_idx.long()
-    weight_t = (codes - zeros[g]) * scales[g]  # exact: a float16 scale times a small integer
+    # W [N, K] = scale * (code - zero), exact (a float16 scale times a small integer), built a slab of
+    # input rows at a time so that no K x N temporaries beyond the codes exist.
+    weight = torch.empty(codes.shape[1], codes.shape[0], dtype=torch.float32, device=codes.device)
+    for r in range(0, codes.shape[0], 1024):
+        gr = g[r:r + 1024]
+        weight[:, r:r + 1024] = ((codes[r:r + 1024] - zeros[gr]) * scales[gr]).T
     return QuantResult(
         codes=codes.to(torch.int32),
         scales=scales.to(torch.float32),
         zeros=zeros.to(torch.int32),
         g_idx=g_idx.to(torch.int32),
-        weight=weight_t.T.contiguous().to(torch.float32),
+        weight=weight,
         damp_used=float(damp_used),
         fallback=fallback,
         seconds=_finish_timing(codes.device, start),
@@ -146,19 +151,24 @@ def rtn_quantize(W: torch.Tensor, bits: int = 4, group_size: int = 128, sym: boo
 def _upper_cholesky_of_inverse(H: torch.Tensor, damp: float):
     """U with U^T U = (H + d I)^-1, d = damp * mean(diag(H)), raising damp until it factorizes.
 
+    H is overwritten (callers pass their own copy): no K x K copy is made for the damping, and the
+    lower factor is freed before the upper one is computed, so at most 3 K x K matrices are alive.
     Returns (U or None, damp fraction used or last tried).
     """
-    mean_diag = torch.diagonal(H).mean()
+    diag = torch.diagonal(H).clone()
+    mean_diag = diag.mean()
     frac = damp
     for attempt in range(DAMP_TRIES):
         if attempt:
             frac *= DAMP_STEP
-        damped = H.clone()
-        damped.diagonal().add_(frac * mean_diag)
-        L, info = torch.linalg.cholesky_ex(damped)
+        torch.diagonal(H).copy_(diag + frac * mean_diag)
+        L, info = torch.linalg.cholesky_ex(H)
         if int(info) != 0:
             continue
-        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        inverse = torch.cholesky_inverse(L)
+        del L
+        U, info = torch.linalg.cholesky_ex(inverse, upper=True)
+        del inverse
         if int(info) == 0 and bool(torch.isfinite(U).all()):
             return U, frac
     return None, frac
@@ -214,7 +224,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
         Wt, H = Wt[perm], H[perm][:, perm]
     original_pos = perm if perm is not None else torch.arange(K, device=W.device)
 
-    Hinv, damp_used = _upper_cholesky_of_inverse(H, damp)
+    Hinv, damp_used = _upper_cholesky_of_inverse(H, damp)  # overwrites H (our copy)
+    del H
     if Hinv is None:
         unpermuted = Wt if perm is None else Wt[torch.argsort(perm)]
         fallback = rtn_quantize(unpermuted.T, bits, group_size, sym, mse)

@@ -361,11 +361,13 @@ def quantize_block(block: nn.Module, inputs: BlockInputs, layout: Layout, settin
         # their weights stacked along the output dimension is exactly quantizing each alone, with one
         # Cholesky and one column loop instead of several (q/k/v: 3x fewer Python-level steps).
         weights = [lin.weight.detach().float() for lin in linears.values()]
-        fused = quantize_weight(torch.cat(weights), h, settings, gptq)
-        for (name, lin), w, res in zip(linears.items(), weights, fused.split([w.shape[0] for w in weights])):
+        pieces = quantize_weight(torch.cat(weights), h, settings, gptq).split([w.shape[0] for w in weights])
+        for (name, lin), w, res in zip(linears.items(), weights, pieces):
             q = res.weight.to(lin.weight.device)
             err = relative_output_error(w, q, h)
             lin.weight.data.copy_(q.to(lin.weight.dtype))
+            del q
+            res.weight = None  # the checkpoint needs codes/scales/zeros only: don't hold a float copy per linear
             results[name] = res
             stats.append(LayerStats(name, lin.in_features, lin.out_features, err, float(res.damp_used),
                                     res.fallback, res.seconds))

@@ -282,12 +282,6 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -317,12 +311,14 @@ def main(argv: list[str] | None = None) -> int:
 
     model_source = load_model("demo").description["source"]
 
+    from qwen_quant.files import write_text_atomic
+
     def publish(described, rows):
         """Rewrite JSON, then Markdown from it, after every method: a long run reports as it goes."""
         report = {"model": model_source, **described, "methods_requested": methods,
                   "results": rows, "goals": goals(rows), "provenance": provenance(argv)}
-        write_atomic(out_dir / f"{stem}.json", json.dumps(report, indent=2) + "\n")
-        write_atomic(out_dir / f"{stem}.md", render_markdown(json.loads((out_dir / f"{stem}.json").read_text())))
+        write_text_atomic(out_dir / f"{stem}.json", json.dumps(report, indent=2) + "\n")
+        write_text_atomic(out_dir / f"{stem}.md", render_markdown(json.loads((out_dir / f"{stem}.json").read_text())))
 
     with tempfile.TemporaryDirectory(prefix="bench-quantize-demo-") as tmp:
         work = Path(tmp)

@@ -91,7 +91,7 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("QWEN_QUANT_QUIET", "1")
     from qwen_quant.profile.evaluate import evaluate
-    from qwen_quant.profile.report import write_atomic
+    from qwen_quant.files import write_text_atomic
 
     out = Path(args.out)
     report = evaluate(["demo", args.gptq, args.rtn], args.tasks, limit=args.limit, seqlen=args.seqlen,
@@ -100,9 +100,9 @@ def main() -> None:
     fp, gptq, rtn = (m["label"] for m in report["models"])
     g = goals(report, fp, gptq, rtn)
     g["models"] = {"fp": fp, "gptq": gptq, "rtn": rtn}
-    write_atomic(out / "goals.json", json.dumps(g, indent=1) + "\n")
+    write_text_atomic(out / "goals.json", json.dumps(g, indent=1) + "\n")
     text = markdown(g, report, g["models"])
-    write_atomic(out / "goals.md", text)
+    write_text_atomic(out / "goals.md", text)
     print(text)
 
 

@@ -265,7 +265,7 @@ def main() -> None:
     from qwen_quant.profile.accuracy.tasks import TASKS, TaskRequest
     from qwen_quant.profile.env import collect_env
     from qwen_quant.profile.evaluate import _questions, load_for_eval
-    from qwen_quant.profile.report import write_atomic
+    from qwen_quant.files import write_text_atomic
     from qwen_quant.quantize.sources import demo_model_dir
 
     lenv = lmeval_versions(python)
@@ -308,9 +308,9 @@ def main() -> None:
            "platform": platform.platform(),
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out.with_suffix(".json"), json.dumps(rep, indent=1, default=str) + "\n")
+    write_text_atomic(out.with_suffix(".json"), json.dumps(rep, indent=1, default=str) + "\n")
     rendered = json.loads(out.with_suffix(".json").read_text())  # the .md from the .json as written
-    write_atomic(out.with_suffix(".md"), markdown(rendered))
+    write_text_atomic(out.with_suffix(".md"), markdown(rendered))
     print(markdown(rendered))
     sys.exit(0 if agree else 1)
 

@@ -95,7 +95,7 @@ def _sha256(path: Path) -> str:
 
 def step_convert(gguf: str, folder: str) -> dict:
     """GGUF -> fp32 safetensors folder (once), so later steps load in seconds and quantize streams it."""
-    from qwen_quant.quantize.corpora import write_text_atomic
+    from qwen_quant.files import write_text_atomic
     from qwen_quant.quantize.sources import load_model
 
     target = Path(folder)
@@ -215,7 +215,7 @@ def render_md(report: dict) -> str:
 
 
 def write_report(report: dict, reports: Path) -> None:
-    from qwen_quant.quantize.corpora import write_text_atomic
+    from qwen_quant.files import write_text_atomic
 
     reports.mkdir(parents=True, exist_ok=True)
     write_text_atomic(reports / f"{REPORT_STEM}.json", json.dumps(report, indent=1, default=str) + "\n")
