@@ -47,6 +47,8 @@ def validate_settings(bits, group_size, method, desc_act, static_groups, sym, da
         raise UserError(f"--damp {damp} is outside (0, 1): use a small fraction of the mean diagonal, e.g. 0.01")
     if forward_dtype not in FORWARD_DTYPES:
         raise UserError(f"unknown --forward-dtype {forward_dtype!r}: use {', '.join(FORWARD_DTYPES)}")
+    if method == "rtn":  # act-order and static groups are GPTQ's: an RTN checkpoint must not claim them
+        desc_act = static_groups = False
     return QuantSettings(bits=bits, group_size=group_size, method=method, desc_act=bool(desc_act),
                          static_groups=bool(static_groups), sym=bool(sym), damp=float(damp), mse=bool(mse),
                          forward_dtype=forward_dtype)
@@ -319,8 +321,8 @@ def _tensor_entries(source, state, n_blocks: int, out_dtype) -> list[writer.Tens
 
 # ---------------------------------------------------------------- the API
 
-def quantize(model, out=None, bits: int = 4, group_size: int = 128, method: str = "gptq", desc_act: bool = False,
-             static_groups: bool = False, sym: bool = True, damp: float = 0.01, mse: bool = True,
+def quantize(model, out=None, bits: int = 4, group_size: int = 128, method: str = "gptq", desc_act: bool = True,
+             static_groups: bool = True, sym: bool = True, damp: float = 0.01, mse: bool = True,
              forward_dtype: str = "auto", nsamples: int = 128, seqlen: int | None = None, calib: str = "default", device=None,
              max_shard_size="2GB", overwrite: bool = False, resume: bool = False, trust_remote_code: bool = False,
              gguf_file: str | None = None, seed: int = 0, quiet: bool = False, command: str | None = None) -> Path:

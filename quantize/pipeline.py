@@ -37,8 +37,10 @@ class QuantSettings:
     bits: int = 4
     group_size: int = 128
     method: str = "gptq"  # "gptq" | "rtn"
-    desc_act: bool = False
-    static_groups: bool = False
+    # act-order with static groups (the default): columns quantized by decreasing Hessian diagonal, group
+    # params fixed up front, so g_idx stays i // group_size and kernels need no permutation
+    desc_act: bool = True
+    static_groups: bool = True
     sym: bool = True
     damp: float = 0.01
     mse: bool = True

@@ -89,6 +89,8 @@ def test_layouts_quantize_end_to_end_and_checkpoint_matches_the_quantized_weight
             torch.testing.assert_close(w, model.get_submodule(p).weight.detach(), rtol=0, atol=1e-6)
             assert not torch.equal(w, original[f"{p}.weight"])
             assert t[f"{p}.scales"].dtype == torch.float16 and t[f"{p}.g_idx"].dtype == torch.int32
+            # act-order with static groups (the default) keeps g_idx in order: no kernel needs a permutation
+            assert torch.equal(t[f"{p}.g_idx"], torch.arange(k, dtype=torch.int32) // 32)
             if model_type == "qwen2" and lin.endswith(("q_proj", "k_proj", "v_proj")):
                 assert t[f"{p}.bias"].dtype == torch.float16
     # embeddings, norms, lm_head stay 16-bit (fp32 model -> fp16), unchanged apart from rounding
@@ -116,6 +118,9 @@ def test_gptq_beats_rtn_on_calibration_output_error(tmp_path):
     g = json.loads((run(tiny_hf_model("qwen2"), tmp_path / "g") / "quant_report.json").read_text())
     r = json.loads((run(tiny_hf_model("qwen2"), tmp_path / "r", method="rtn") / "quant_report.json").read_text())
     assert g["totals"]["mean_rel_error"] < r["totals"]["mean_rel_error"]
+    # GPTQ's default is act-order with static groups; an RTN checkpoint claims neither
+    assert (g["quantization_config"]["desc_act"], g["quantization_config"]["static_groups"]) == (True, True)
+    assert (r["quantization_config"]["desc_act"], r["quantization_config"]["static_groups"]) == (False, False)
 
 
 def test_fp32_forwards_under_bf16_autocast_by_default_and_model_dtype_on_request(tmp_path):
