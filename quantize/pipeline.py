@@ -237,13 +237,24 @@ class BlockInputs:
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def forward_autocast(settings: QuantSettings, model_dtype: torch.dtype) -> torch.dtype | None:
-    """The autocast dtype of the calibration forwards, or None to run them in the model's dtype."""
+def forward_autocast(settings: QuantSettings, model_dtype: torch.dtype, device="cpu") -> torch.dtype | None:
+    """The autocast dtype of the calibration forwards, or None to run them in the model's dtype.
+
+    "auto" only picks bf16 where the hardware computes it natively (a CPU without AVX512-BF16/AMX
+    would emulate it, slower than fp32)."""
     if settings.forward_dtype == "bf16":
         return torch.bfloat16
-    if settings.forward_dtype == "auto" and model_dtype == torch.float32:
+    if settings.forward_dtype == "auto" and model_dtype == torch.float32 and native_bf16(torch.device(device)):
         return torch.bfloat16
     return None
+
+
+def native_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
 
 
 def _to_device(obj, device):
@@ -446,7 +457,7 @@ def run_blocks(source, calib, settings: QuantSettings, device, state, progress) 
     layout, n_blocks = source.layout, len(source.blocks)
     out_dtype = checkpoint_dtype(source.dtype)
     inputs = capture_block_inputs(source, calib, device)
-    inputs.autocast = forward_autocast(settings, source.dtype)
+    inputs.autocast = forward_autocast(settings, source.dtype, device)
     start = state.first_unfinished()
     if start > 0:
         inputs.hidden = state.load_inputs(device)

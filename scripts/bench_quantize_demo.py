@@ -118,7 +118,7 @@ def quantize_ours(model, data, extra: dict) -> None:
     source = pipeline.InMemoryModel(model, layout_for(model))
     calib = Calibration(data["input_ids"], data["attention_mask"], {})
     inputs = pipeline.capture_block_inputs(source, calib, "cpu")
-    inputs.autocast = pipeline.forward_autocast(settings, source.dtype)
+    inputs.autocast = pipeline.forward_autocast(settings, source.dtype, "cpu")
     for i in range(len(source.blocks)):
         block = source.load_block(i, "cpu")
         pipeline.quantize_block(block, inputs, source.layout, settings)

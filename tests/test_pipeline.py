@@ -123,9 +123,13 @@ def test_gptq_beats_rtn_on_calibration_output_error(tmp_path):
     assert (r["quantization_config"]["desc_act"], r["quantization_config"]["static_groups"]) == (False, False)
 
 
-def test_fp32_forwards_under_bf16_autocast_by_default_and_model_dtype_on_request(tmp_path):
-    """--forward-dtype: auto runs an fp32 model's calibration forwards in bf16 (faster on CPUs with AMX
-    and on GPUs), which changes the Hessians a little but not the quality; model keeps fp32."""
+def test_fp32_forwards_under_bf16_autocast_by_default_and_model_dtype_on_request(tmp_path, monkeypatch):
+    """--forward-dtype: auto runs an fp32 model's calibration forwards in bf16 where the hardware has it
+    natively (faster on CPUs with AMX and on GPUs), which changes the Hessians a little but not the
+    quality; model keeps fp32."""
+    monkeypatch.setattr(pipeline, "native_bf16", lambda device: False)
+    assert pipeline.forward_autocast(pipeline.QuantSettings(), torch.float32) is None
+    monkeypatch.setattr(pipeline, "native_bf16", lambda device: True)
     assert pipeline.forward_autocast(pipeline.QuantSettings(), torch.float32) == torch.bfloat16
     assert pipeline.forward_autocast(pipeline.QuantSettings(), torch.bfloat16) is None
     assert pipeline.forward_autocast(pipeline.QuantSettings(forward_dtype="model"), torch.float32) is None
