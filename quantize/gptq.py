@@ -35,7 +35,7 @@ class QuantResult:
     scales: torch.Tensor  # float32 [G, N] (float16-representable)
     zeros: torch.Tensor  # int32 [G, N], true zero points
     g_idx: torch.Tensor  # int32 [K]
-    weight: torch.Tensor  # float32 [N, K], dequantized
+    weight: torch.Tensor | None  # float32 [N, K], dequantized; None once a caller dropped it (the checkpoint needs none)
     damp_used: float  # damping actually used, as a fraction of mean(diag(H)) (last one tried on fallback)
     fallback: str | None  # None, or "rtn" when no damping made H^-1 factorizable
     seconds: float

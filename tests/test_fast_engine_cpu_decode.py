@@ -11,6 +11,9 @@ import torch.nn.functional as F
 from qwen_quant.profile.fast.generate import Generator, Sampling, greedy
 from qwen_quant.profile.fast.model import Bf16Gemv, for_decode
 from qwen_quant.profile.fast.weights import from_hf_model
+from tiny_models import random_ids, tiny_causal_lm
+
+VOCAB = 256
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -21,26 +24,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def tiny_qwen2(dtype=torch.float32, vocab=256):
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    torch.manual_seed(0)
-    config = Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # larger weights than the init's 0.02: logits far from uniform, ties unlikely
-        for name, p in model.named_parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.2)
-            elif "bias" in name:
-                p.normal_(0, 0.5)
-            else:
-                p.uniform_(0.5, 1.5)
-    return model.to(dtype)
+def tiny_qwen2(dtype=torch.float32):
+    return tiny_causal_lm("qwen2", dtype, vocab_size=VOCAB)
 
 
-def ids(n, vocab=256, seed=1):
-    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+def ids(n):
+    return random_ids(n, vocab=VOCAB)
 
 
 @pytest.mark.parametrize("vocab", [151936, 49152, 1000, 128, 100])
