@@ -11,6 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from qwen_quant.files import make_ordinary
 from qwen_quant.profile.tables import row_key, row_label, load_results
 
 GIB = 2 ** 30
@@ -30,6 +31,7 @@ def _save(fig, path: Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        make_ordinary(tmp)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

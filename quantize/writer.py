@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from qwen_quant.errors import UserError
+from qwen_quant.files import make_ordinary
 
 _DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
            torch.int32: "I32", torch.int64: "I64", torch.int16: "I16", torch.int8: "I8",
@@ -215,7 +216,7 @@ def write_checkpoint(target: Path, entries: list[TensorEntry], files: dict[str, 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.writing-", dir=str(target.parent)))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint is an ordinary folder
+        make_ordinary(tmp, directory=True)  # a checkpoint is an ordinary folder
         write_weights(tmp, entries, max_shard_bytes)
         for name, content in files.items():
             dest = tmp / name
@@ -233,12 +234,6 @@ def write_checkpoint(target: Path, entries: list[TensorEntry], files: dict[str, 
                             f"(nothing was written to {target})") from None
         raise
     return target
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:

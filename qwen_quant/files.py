@@ -11,6 +11,18 @@ import tempfile
 from pathlib import Path
 
 
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_ordinary(path: str | Path, directory: bool = False) -> None:
+    """Give a mkstemp/mkdtemp result (private: 0600/0700) the mode a plain open()/mkdir() would have:
+    reports, tables and checkpoints are meant to be read by others."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -18,6 +30,7 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        make_ordinary(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
