@@ -231,6 +231,7 @@ def run_choice(model: EvalModel, request: TaskRequest, questions: list[mc.Questi
             d["micro_accuracy"] = value
         if metric == "accuracy_norm":
             d["normalization"] = "log-likelihood per character of the choice (acc_norm)"
+        d["per_item"] = mc.per_item(g.correct_norm if metric == "accuracy_norm" else g.correct for g in graded)
         rows.append(_row(model, name, metric, value, err, n, d))
     if any(q.subject for q in questions):
         subjects = rows[0]["details"]["subjects"]
@@ -267,7 +268,7 @@ def run_gsm8k(model: EvalModel, items: list, description: dict) -> list[dict]:
     value, err = mc.mean_and_stderr(correct)
     return [_row(model, "gsm8k", "accuracy", 100 * value, 100 * err, len(items),
                  {"dataset": description, "decoding": f"greedy, at most {GSM8K_MAX_NEW} new tokens",
-                  "extraction": "last number in the completion", "chance": 0.0})]
+                  "extraction": "last number in the completion", "chance": 0.0, "per_item": mc.per_item(correct)})]
 
 
 def run_humaneval(model: EvalModel, items: list, description: dict) -> list[dict]:
@@ -288,7 +289,7 @@ def run_humaneval(model: EvalModel, items: list, description: dict) -> list[dict
     return [_row(model, "humaneval", "pass@1", 100 * value, 100 * err, len(items),
                  {"dataset": description, "decoding": f"greedy, at most {HUMANEVAL_MAX_NEW} new tokens",
                   "sandbox": {"network_isolated": network_isolated(), "timeout_s": 10, "memory_mb": 1024},
-                  "chance": 0.0})]
+                  "chance": 0.0, "per_item": mc.per_item(passed)})]
 
 
 # ---------------------------------------------------------------- the API

@@ -33,7 +33,9 @@ MEANINGS = {
                   "not lm-eval's word perplexity. ± is the delta-method standard error over windows.",
     "accuracy": "Accuracy in %: multiple choice by log-likelihood of each choice (lm-eval 0.4 prompts; MMLU "
                 "5-shot by the answer letter), GSM8K by exact match of the last number of a greedy completion. "
-                "± is the standard error of the mean over items; n is the item count.",
+                "± is the standard error of the mean over items; n is the item count. A Δ's ± is paired: "
+                "the standard error of the per-item differences on the same items (smaller than either "
+                "model's own ±, since both see the same questions).",
     "accuracy_norm": "Accuracy in % choosing by log-likelihood per character of the choice (lm-eval's acc_norm).",
     "accuracy_macro": "MMLU macro average: the mean of the per-subject accuracies (the micro average, "
                       "over all items, is `accuracy`).",
@@ -68,11 +70,22 @@ def format_value(row: dict | None) -> str:
     return f"{value:.{d}f} ± {err:.{d}f}" if _is_num(err) else f"{value:.{d}f}"
 
 
+def paired_stderr(row: dict | None, ref: dict | None) -> float | None:
+    """The standard error of row - ref over the same items, when both stored their per-item results."""
+    from qwen_quant.profile.accuracy.multiple_choice import paired_delta
+
+    if row is None or ref is None:
+        return None
+    paired = paired_delta((ref.get("details") or {}).get("per_item"), (row.get("details") or {}).get("per_item"))
+    return paired[1] if paired else None
+
+
 def format_delta(row: dict | None, ref: dict | None) -> str:
     if row is None or ref is None or not _is_num(row.get("value")) or not _is_num(ref.get("value")):
         return ""
     d = _digits(row["metric"])
-    return f"{row['value'] - ref['value']:+.{d}f}"
+    err = paired_stderr(row, ref)
+    return f"{row['value'] - ref['value']:+.{d}f}" + (f" ± {err:.{d}f}" if _is_num(err) else "")
 
 
 def _index(rows: list[dict]) -> dict[tuple[str, str, str], dict]:
@@ -248,12 +261,15 @@ def accuracy_csv(report: dict) -> str:
     idx, models = _index(rows), _models(report)
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["model", "task", "metric", "value", "stderr", "n", "delta_vs_first", "details"])
+    w.writerow(["model", "task", "metric", "value", "stderr", "n", "delta_vs_first", "delta_stderr_paired",
+                "details"])
     for r in rows:
         ref = idx.get((models[0], r["task"], r["metric"])) if models else None
         delta = r["value"] - ref["value"] if ref and _is_num(r.get("value")) and _is_num(ref.get("value")) else ""
+        paired = paired_stderr(r, ref) if delta != "" else None
         w.writerow([r["model"], r["task"], r["metric"], "" if r.get("value") is None else r["value"],
                     "" if r.get("stderr") is None else r["stderr"], r.get("n"), delta,
+                    "" if paired is None else paired,
                     json.dumps(r.get("details") or {}, ensure_ascii=False, default=str)])
     return buf.getvalue()
 

@@ -23,6 +23,7 @@ POINTS = 2.0
 
 
 def goals(report: dict, fp: str, gptq: str, rtn: str) -> dict:
+    from qwen_quant.profile.accuracy.multiple_choice import paired_delta
     from qwen_quant.profile.accuracy.tasks import TASKS
 
     by = {(r["model"], r["task"], r["metric"]): r for r in report["results"]}
@@ -41,15 +42,21 @@ def goals(report: dict, fp: str, gptq: str, rtn: str) -> dict:
             f, g, r = (by[(m, task, metric)] for m in (fp, gptq, rtn))
             chance = TASKS[task].chance or 0.0
             above = f["value"] - chance > 2 * (f["stderr"] or 0)
+            paired = paired_delta(f["details"].get("per_item"), g["details"].get("per_item"))
             out["benchmarks"].append({"task": task, "metric": metric, "n": f["n"], "chance": chance,
                                       "fp": f["value"], "fp_stderr": f["stderr"], "gptq": g["value"],
                                       "rtn": r["value"], "gptq_minus_fp": g["value"] - f["value"],
+                                      "gptq_minus_fp_stderr": paired[1] if paired else None,
                                       "fp_above_chance": above,
                                       "within_2_points": abs(g["value"] - f["value"]) <= POINTS if above else None})
     out["all_met"] = all(p["gptq_beats_rtn"] for p in out["perplexity"]) and \
         all(b["within_2_points"] is not False for b in out["benchmarks"])
     out["ppl_aim_met"] = all(p["meets_aim"] for p in out["perplexity"])
     return out
+
+
+def _pm(err) -> str:
+    return f" ± {err:.1f}" if err is not None else ""
 
 
 def markdown(g: dict, report: dict, labels: dict) -> str:
@@ -65,12 +72,13 @@ def markdown(g: dict, report: dict, labels: dict) -> str:
         lines.append(f"| {p['task']} | {p['fp']:.3f} | {p['gptq']:.3f} | {p['rtn']:.3f} | {ratio} | "
                      f"{'yes' if p['gptq_beats_rtn'] else 'NO'} | {'yes' if p['meets_aim'] else 'no'} |")
     lines += ["", "## Benchmarks: GPTQ within 2 points of fp where fp is above chance", "",
+              "GPTQ - fp carries its paired standard error (per-item differences on the same items).", "",
               "| task | metric | n | chance | fp | GPTQ Int4 | RTN Int4 | GPTQ - fp | fp above chance | within 2 |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for b in g["benchmarks"]:
         within = "n/a" if b["within_2_points"] is None else ("yes" if b["within_2_points"] else "NO")
         lines.append(f"| {b['task']} | {b['metric']} | {b['n']} | {b['chance']:.0f} | {b['fp']:.1f} ± {b['fp_stderr']:.1f} "
-                     f"| {b['gptq']:.1f} | {b['rtn']:.1f} | {b['gptq_minus_fp']:+.1f} | "
+                     f"| {b['gptq']:.1f} | {b['rtn']:.1f} | {b['gptq_minus_fp']:+.1f}{_pm(b['gptq_minus_fp_stderr'])} | "
                      f"{'yes' if b['fp_above_chance'] else 'no'} | {within} |")
     lines += ["", f"**All required goals met: {'yes' if g['all_met'] else 'NO'}**; perplexity aim (<= {PPL_AIM}) "
               f"met on every corpus: {'yes' if g['ppl_aim_met'] else 'no'}.", "",

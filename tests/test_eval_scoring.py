@@ -144,3 +144,16 @@ def test_greedy_generation_stops_at_stop_string_and_eos():
     assert greedy_generate(CachedBigram(), [0], 7, decode) == "bcdeabc"
     assert greedy_generate(CachedBigram(), [0], 20, decode, stop_strings=("ea",)) == "bcd"
     assert greedy_generate(CachedBigram(), [0], 20, decode, eos_id=4) == "bcd"
+
+
+def test_paired_delta_by_hand():
+    """fp right on items 0-3, Int4 right on 0-1 and 4: differences 0,0,-1,-1,+1 -> mean -20 %,
+    sd = sqrt(((0.2)^2*2 + (0.8)^2*2 + (1.2)^2) / 4) = sqrt(0.7), stderr = sqrt(0.7 / 5)."""
+    fp, int4 = mc.per_item([True, True, True, True, False]), mc.per_item([True, True, False, False, True])
+    assert (fp, int4) == ("11110", "11001")
+    delta, err = mc.paired_delta(fp, int4)
+    assert delta == pytest.approx(-20.0)
+    assert err == pytest.approx(100 * math.sqrt(0.7 / 5))
+    # the same accuracies with every change on one shared item cancel exactly: no difference, no noise
+    assert mc.paired_delta("10", "10") == (0.0, 0.0)
+    assert mc.paired_delta("101", "10") is None and mc.paired_delta(None, "10") is None

@@ -62,6 +62,16 @@ def test_accuracy_table_shows_deltas_oom_and_missing_never_zero():
     assert "GPTQ convention" in md and "wikipedia-summaries-en" in md
 
 
+def test_deltas_on_the_same_items_carry_their_paired_stderr():
+    items = {"fp": "1111100000", "gptq-int4": "1111000001"}  # one item lost, one gained: Δ 0, yet not noise-free
+    report = dict(EVAL, results=[row(m, "piqa", "accuracy", 50.0, 16.7, 10, per_item=items[m]) for m in items])
+    gptq = next(ln for ln in accuracy_table(report).splitlines() if ln.startswith("| gptq-int4"))
+    assert "(Δ +0.0 ± 14.9)" in gptq  # sd of (0 x8, -1, +1) = sqrt(2/9), / sqrt(10)
+    line = next(ln for ln in accuracy_csv(report).splitlines() if ln.startswith("gptq-int4,piqa"))
+    assert ",0.0,14.9" in line
+    assert "paired" in accuracy_markdown(report)
+
+
 def test_csv_keeps_holes_empty_and_deltas():
     lines = accuracy_csv(EVAL).splitlines()
     assert lines[0].startswith("model,task,metric,value,stderr,n,delta_vs_first")

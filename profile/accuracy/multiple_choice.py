@@ -186,6 +186,24 @@ def accuracy_metrics(graded: Sequence[Graded], with_norm: bool) -> dict[str, tup
     return out
 
 
+def per_item(flags: Iterable[bool]) -> str:
+    """Per-item correctness as a compact string ('1' right, '0' wrong) in item order, stored with each
+    result so that two models scored on the same items can be compared pairwise (`paired_delta`)."""
+    return "".join("1" if f else "0" for f in flags)
+
+
+def paired_delta(a: str, b: str) -> tuple[float, float] | None:
+    """(mean of b - a, its standard error) over the same items, in %; None unless both cover the same n >= 2.
+
+    The pairs share each item's difficulty, so this error is smaller than either accuracy's own: it is
+    the one that says whether two models on the same items really differ."""
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        return None
+    diffs = [int(y) - int(x) for x, y in zip(a, b)]
+    mean, err = mean_and_stderr(diffs)
+    return 100 * mean, 100 * err
+
+
 def per_subject(graded: Sequence[Graded]) -> dict[str, dict]:
     """Accuracy per subject, and the macro average (mean over subjects) beside the micro one."""
     by: dict[str, list[float]] = {}
