@@ -55,6 +55,17 @@ def goals(report: dict, fp: str, gptq: str, rtn: str) -> dict:
     return out
 
 
+def checkpoint_settings(path: str) -> dict:
+    """What a checkpoint was quantized with, from its quant_report.json (stated next to the verdicts)."""
+    report = json.loads((Path(path) / "quant_report.json").read_text())
+    qc, calib = report["quantization_config"], report["calibration"]
+    return {"command": report.get("command"), "commit": report.get("git_commit"), "bits": qc.get("bits"),
+            "group_size": qc.get("group_size"), "sym": qc.get("sym"), "desc_act": qc.get("desc_act"),
+            "static_groups": qc.get("static_groups"), "damp": qc.get("damp_percent"),
+            "mse": report["settings"].get("mse"), "method": report["settings"].get("method"),
+            "calibration": f"{calib.get('nsamples')} x {calib.get('seqlen')} tokens ({calib.get('source')})"}
+
+
 def _pm(err) -> str:
     return f" ± {err:.1f}" if err is not None else ""
 
@@ -80,6 +91,13 @@ def markdown(g: dict, report: dict, labels: dict) -> str:
         lines.append(f"| {b['task']} | {b['metric']} | {b['n']} | {b['chance']:.0f} | {b['fp']:.1f} ± {b['fp_stderr']:.1f} "
                      f"| {b['gptq']:.1f} | {b['rtn']:.1f} | {b['gptq_minus_fp']:+.1f}{_pm(b['gptq_minus_fp_stderr'])} | "
                      f"{'yes' if b['fp_above_chance'] else 'no'} | {within} |")
+    lines += ["", "Checkpoints (from their quant_report.json):", ""]
+    for role in ("gptq", "rtn"):
+        c = g.get("checkpoints", {}).get(role)
+        if c:
+            lines.append(f"- {role.upper()}: `{c['command']}` — " + ", ".join(
+                f"{k} {c[k]}" for k in ("method", "bits", "group_size", "sym", "desc_act", "static_groups", "mse",
+                                        "damp", "calibration")) + f"; commit `{c['commit']}`")
     lines += ["", f"**All required goals met: {'yes' if g['all_met'] else 'NO'}**; perplexity aim (<= {PPL_AIM}) "
               f"met on every corpus: {'yes' if g['ppl_aim_met'] else 'no'}.", "",
               f"Command: `{env.get('command')}`; commit `{env.get('commit')}`; {env.get('date')}; CPU `{env.get('cpu')}` "
@@ -108,6 +126,7 @@ def main() -> None:
     fp, gptq, rtn = (m["label"] for m in report["models"])
     g = goals(report, fp, gptq, rtn)
     g["models"] = {"fp": fp, "gptq": gptq, "rtn": rtn}
+    g["checkpoints"] = {"gptq": checkpoint_settings(args.gptq), "rtn": checkpoint_settings(args.rtn)}
     write_text_atomic(out / "goals.json", json.dumps(g, indent=1) + "\n")
     text = markdown(g, report, g["models"])
     write_text_atomic(out / "goals.md", text)
