@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """Issue 6's accuracy goals on the demo model, measured on this machine and written with provenance.
 
-fp / GPTQ Int4 / RTN Int4 through qwen-eval on the same items; then:
+fp / GPTQ Int4 (one or more checkpoints) / RTN Int4 through qwen-eval on the same items; then, per GPTQ
+checkpoint:
 - every perplexity corpus: GPTQ beats RTN, and (aim) GPTQ's increase over fp <= 0.7 x RTN's increase;
-- every benchmark where fp is above chance (by more than 2 standard errors): |GPTQ - fp| <= 2 points.
+- every benchmark where fp is above chance (by more than 2 standard errors): |GPTQ - fp| <= 2 points,
+  shown with the paired standard error of GPTQ - fp (the same items for every model).
 Writes OUT/results.{json,md,csv} (qwen-eval's) and OUT/goals.{json,md} (the verdicts, from the JSON).
 
     .venv/bin/python scripts/demo_accuracy_goals.py --gptq out/demo/gptq-int4 --rtn out/demo/rtn-int4
+    .venv/bin/python scripts/demo_accuracy_goals.py --gptq A --gptq B ...   # several GPTQ checkpoints
 """
 
 from __future__ import annotations
@@ -22,13 +25,13 @@ PPL_AIM = 0.7
 POINTS = 2.0
 
 
-def goals(report: dict, fp: str, gptq: str, rtn: str) -> dict:
+def goals_for(by: dict, tasks: list[str], fp: str, gptq: str, rtn: str) -> dict:
+    """The verdicts for one GPTQ checkpoint against fp and RTN."""
     from qwen_quant.profile.accuracy.multiple_choice import paired_delta
     from qwen_quant.profile.accuracy.tasks import TASKS
 
-    by = {(r["model"], r["task"], r["metric"]): r for r in report["results"]}
     out = {"perplexity": [], "benchmarks": []}
-    for task in report["tasks"]:
+    for task in tasks:
         if task.startswith("ppl"):
             f, g, r = (by[(m, task, "perplexity")]["value"] for m in (fp, gptq, rtn))
             ratio = (g - f) / (r - f) if r - f > 0 else None
@@ -55,13 +58,18 @@ def goals(report: dict, fp: str, gptq: str, rtn: str) -> dict:
     return out
 
 
+def goals(report: dict, fp: str, gptqs: list[str], rtn: str) -> dict:
+    by = {(r["model"], r["task"], r["metric"]): r for r in report["results"]}
+    return {"per_gptq": {g: goals_for(by, report["tasks"], fp, g, rtn) for g in gptqs}}
+
+
 def checkpoint_settings(path: str) -> dict:
     """What a checkpoint was quantized with, from its quant_report.json (stated next to the verdicts)."""
     report = json.loads((Path(path) / "quant_report.json").read_text())
     qc, calib = report["quantization_config"], report["calibration"]
-    return {"command": report.get("command"), "commit": report.get("git_commit"), "bits": qc.get("bits"),
-            "group_size": qc.get("group_size"), "sym": qc.get("sym"), "desc_act": qc.get("desc_act"),
-            "static_groups": qc.get("static_groups"), "damp": qc.get("damp_percent"),
+    return {"path": str(path), "command": report.get("command"), "commit": report.get("git_commit"),
+            "bits": qc.get("bits"), "group_size": qc.get("group_size"), "sym": qc.get("sym"),
+            "desc_act": qc.get("desc_act"), "static_groups": qc.get("static_groups"), "damp": qc.get("damp_percent"),
             "mse": report["settings"].get("mse"), "method": report["settings"].get("method"),
             "calibration": f"{calib.get('nsamples')} x {calib.get('seqlen')} tokens ({calib.get('source')})"}
 
@@ -70,44 +78,54 @@ def _pm(err) -> str:
     return f" ± {err:.1f}" if err is not None else ""
 
 
-def markdown(g: dict, report: dict, labels: dict) -> str:
-    env = report["env"]
+def _yes(flag) -> str:
+    return "n/a" if flag is None else ("yes" if flag else "NO")
+
+
+def markdown(g: dict, report: dict) -> str:
+    env, labels = report["env"], g["models"]
     lines = ["# Demo model: accuracy goals (issue 6)", "",
-             f"Models: fp = `{labels['fp']}`, GPTQ = `{labels['gptq']}`, RTN = `{labels['rtn']}`; the same items for "
-             f"all three. Full tables: [results.md](results.md).", "",
+             f"Models: fp = `{labels['fp']}`, GPTQ = " + ", ".join(f"`{x}`" for x in labels["gptq"]) +
+             f", RTN = `{labels['rtn']}`; the same items for all. Full tables: [results.md](results.md).", "",
              "## Perplexity: GPTQ must beat RTN (aim: increase <= 0.7 x RTN's)", "",
-             "| corpus | fp | GPTQ Int4 | RTN Int4 | GPTQ increase / RTN increase | GPTQ < RTN | aim met |",
-             "|---|---|---|---|---|---|---|"]
-    for p in g["perplexity"]:
-        ratio = f"{p['ratio']:.2f}" if p["ratio"] is not None else "n/a (RTN not worse than fp)"
-        lines.append(f"| {p['task']} | {p['fp']:.3f} | {p['gptq']:.3f} | {p['rtn']:.3f} | {ratio} | "
-                     f"{'yes' if p['gptq_beats_rtn'] else 'NO'} | {'yes' if p['meets_aim'] else 'no'} |")
+             "| corpus | GPTQ checkpoint | fp | GPTQ Int4 | RTN Int4 | GPTQ increase / RTN increase | GPTQ < RTN | aim met |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, v in g["per_gptq"].items():
+        for p in v["perplexity"]:
+            ratio = f"{p['ratio']:.2f}" if p["ratio"] is not None else "n/a (RTN not worse than fp)"
+            lines.append(f"| {p['task']} | `{label}` | {p['fp']:.3f} | {p['gptq']:.3f} | {p['rtn']:.3f} | {ratio} | "
+                         f"{_yes(p['gptq_beats_rtn'])} | {'yes' if p['meets_aim'] else 'no'} |")
     lines += ["", "## Benchmarks: GPTQ within 2 points of fp where fp is above chance", "",
-              "GPTQ - fp carries its paired standard error (per-item differences on the same items).", "",
-              "| task | metric | n | chance | fp | GPTQ Int4 | RTN Int4 | GPTQ - fp | fp above chance | within 2 |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for b in g["benchmarks"]:
-        within = "n/a" if b["within_2_points"] is None else ("yes" if b["within_2_points"] else "NO")
-        lines.append(f"| {b['task']} | {b['metric']} | {b['n']} | {b['chance']:.0f} | {b['fp']:.1f} ± {b['fp_stderr']:.1f} "
-                     f"| {b['gptq']:.1f} | {b['rtn']:.1f} | {b['gptq_minus_fp']:+.1f}{_pm(b['gptq_minus_fp_stderr'])} | "
-                     f"{'yes' if b['fp_above_chance'] else 'no'} | {within} |")
+              "GPTQ - fp carries its paired standard error (per-item differences on the same items): a difference "
+              "smaller than about two of them is not distinguishable from the luck of which items were drawn.", "",
+              "| task | metric | n | chance | GPTQ checkpoint | fp | GPTQ Int4 | RTN Int4 | GPTQ - fp | "
+              "fp above chance | within 2 |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, v in g["per_gptq"].items():
+        for b in v["benchmarks"]:
+            lines.append(f"| {b['task']} | {b['metric']} | {b['n']} | {b['chance']:.0f} | `{label}` | "
+                         f"{b['fp']:.1f} ± {b['fp_stderr']:.1f} | {b['gptq']:.1f} | {b['rtn']:.1f} | "
+                         f"{b['gptq_minus_fp']:+.1f}{_pm(b['gptq_minus_fp_stderr'])} | "
+                         f"{'yes' if b['fp_above_chance'] else 'no'} | {_yes(b['within_2_points'])} |")
+    lines += ["", "## Verdicts", ""]
+    for label, v in g["per_gptq"].items():
+        lines.append(f"- `{label}`: all required goals met: **{'yes' if v['all_met'] else 'NO'}**; perplexity aim "
+                     f"(<= {PPL_AIM}) met on every corpus: {'yes' if v['ppl_aim_met'] else 'no'}.")
     lines += ["", "Checkpoints (from their quant_report.json):", ""]
-    for role in ("gptq", "rtn"):
-        c = g.get("checkpoints", {}).get(role)
-        if c:
-            lines.append(f"- {role.upper()}: `{c['command']}` — " + ", ".join(
-                f"{k} {c[k]}" for k in ("method", "bits", "group_size", "sym", "desc_act", "static_groups", "mse",
-                                        "damp", "calibration")) + f"; commit `{c['commit']}`")
-    lines += ["", f"**All required goals met: {'yes' if g['all_met'] else 'NO'}**; perplexity aim (<= {PPL_AIM}) "
-              f"met on every corpus: {'yes' if g['ppl_aim_met'] else 'no'}.", "",
-              f"Command: `{env.get('command')}`; commit `{env.get('commit')}`; {env.get('date')}; CPU `{env.get('cpu')}` "
-              f"x{env.get('cpu_count')}; torch {env.get('torch')}, transformers {env.get('transformers')}.", ""]
+    for label, c in g["checkpoints"].items():
+        lines.append(f"- `{label}`: `{c['command']}` — " + ", ".join(
+            f"{k} {c[k]}" for k in ("method", "bits", "group_size", "sym", "desc_act", "static_groups", "mse",
+                                    "damp", "calibration")) + f"; commit `{c['commit']}`")
+    lines += ["", f"Command: `{env.get('command')}`; commit `{env.get('commit')}`; {env.get('date')}; CPU "
+              f"`{env.get('cpu')}` x{env.get('cpu_count')}; torch {env.get('torch')}, transformers "
+              f"{env.get('transformers')}.", ""]
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--gptq", default=str(ROOT / "out/demo/gptq-int4"))
+    p.add_argument("--gptq", action="append", help="a GPTQ checkpoint (repeat for several; default "
+                                                   "out/demo/gptq-int4)")
     p.add_argument("--rtn", default=str(ROOT / "out/demo/rtn-int4"))
     p.add_argument("--tasks", default="ppl-wiki,ppl-zh,arc-easy,piqa,hellaswag")
     p.add_argument("--limit", type=int, default=300, help="items per benchmark")
@@ -115,20 +133,23 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--out", default=str(ROOT / "reports/demo-accuracy"))
     args = p.parse_args()
+    gptq_paths = args.gptq or [str(ROOT / "out/demo/gptq-int4")]
     os.environ.setdefault("QWEN_QUANT_QUIET", "1")
-    from qwen_quant.profile.evaluate import evaluate
     from qwen_quant.files import write_text_atomic
+    from qwen_quant.profile.evaluate import evaluate
 
     out = Path(args.out)
-    report = evaluate(["demo", args.gptq, args.rtn], args.tasks, limit=args.limit, seqlen=args.seqlen,
+    report = evaluate(["demo", *gptq_paths, args.rtn], args.tasks, limit=args.limit, seqlen=args.seqlen,
                       ppl_windows=args.ppl_windows, out=out,
                       argv=["scripts/demo_accuracy_goals.py", *sys.argv[1:]])
-    fp, gptq, rtn = (m["label"] for m in report["models"])
-    g = goals(report, fp, gptq, rtn)
-    g["models"] = {"fp": fp, "gptq": gptq, "rtn": rtn}
-    g["checkpoints"] = {"gptq": checkpoint_settings(args.gptq), "rtn": checkpoint_settings(args.rtn)}
+    labels = [m["label"] for m in report["models"]]
+    fp, gptqs, rtn = labels[0], labels[1:-1], labels[-1]
+    g = goals(report, fp, gptqs, rtn)
+    g["models"] = {"fp": fp, "gptq": gptqs, "rtn": rtn}
+    g["checkpoints"] = {label: checkpoint_settings(path)
+                        for label, path in zip(gptqs + [rtn], gptq_paths + [args.rtn])}
     write_text_atomic(out / "goals.json", json.dumps(g, indent=1) + "\n")
-    text = markdown(g, report, g["models"])
+    text = markdown(g, report)
     write_text_atomic(out / "goals.md", text)
     print(text)
 
