@@ -222,8 +222,9 @@ def render_md(report: dict) -> str:
         lines.append(f"| {key} | {row['what']} | {q.get('seconds', '—')} | {q.get('peak_rss_gib', '—')} | {ppl} | "
                      f"{p.get('seconds', '—') if p else '—'} |")
     ratio = report.get("gptq_increase_vs_rtn")
+    verdict = "n/a" if ratio is None else ("GPTQ loses less than RTN" if ratio < 1 else "GPTQ does NOT beat RTN here")
     lines += ["", f"GPTQ perplexity increase / RTN perplexity increase: "
-                  f"{'%.2f' % ratio if ratio is not None else 'n/a'} (below 1: GPTQ loses less than RTN).", ""]
+                  f"{'%.2f' % ratio if ratio is not None else 'n/a'} ({verdict}; below 1 means GPTQ loses less).", ""]
     measured = [(k, r["measured"]) for k, r in rows.items() if r.get("measured")]
     if measured:
         lines += ["When each row was measured (1-minute load average on the 2 cores before and after; wall "
