@@ -10,6 +10,9 @@ Writes OUT/results.{json,md,csv} (qwen-eval's) and OUT/goals.{json,md} (the verd
 
     .venv/bin/python scripts/demo_accuracy_goals.py --gptq out/demo/gptq-int4 --rtn out/demo/rtn-int4
     .venv/bin/python scripts/demo_accuracy_goals.py --gptq A --gptq B ...   # several GPTQ checkpoints
+    .venv/bin/python scripts/demo_accuracy_goals.py --render                 # tables again from the JSON
+Paths inside the repository are recorded relative to it (the run works from the repository root), so
+the published JSON names no one's checkout.
 """
 
 from __future__ import annotations
@@ -122,36 +125,65 @@ def markdown(g: dict, report: dict) -> str:
     return "\n".join(lines)
 
 
+def repo_relative(path: str) -> str:
+    """`path` relative to the repository when it lies inside it (as recorded and as opened), else as given."""
+    full = Path(path).resolve()
+    return str(full.relative_to(ROOT)) if full.is_relative_to(ROOT) else path
+
+
+def write_goals(report: dict, out: Path, gptq_paths: list[str], rtn_path: str, checkpoints: dict | None = None) -> str:
+    """goals.json and goals.md from qwen-eval's report (the first model fp, the last RTN, GPTQ between).
+    `checkpoints`: the settings recorded when the models were evaluated (default: read them now)."""
+    from qwen_quant.files import write_text_atomic
+
+    labels = [m["label"] for m in report["models"]]
+    fp, gptqs, rtn = labels[0], labels[1:-1], labels[-1]
+    g = goals(report, fp, gptqs, rtn)
+    g["models"] = {"fp": fp, "gptq": gptqs, "rtn": rtn}
+    g["checkpoints"] = checkpoints or {label: checkpoint_settings(path)
+                                       for label, path in zip(gptqs + [rtn], gptq_paths + [rtn_path])}
+    write_text_atomic(out / "goals.json", json.dumps(g, indent=1) + "\n")
+    text = markdown(g, report)
+    write_text_atomic(out / "goals.md", text)
+    return text
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gptq", action="append", help="a GPTQ checkpoint (repeat for several; default "
                                                    "out/demo/gptq-int4)")
-    p.add_argument("--rtn", default=str(ROOT / "out/demo/rtn-int4"))
+    p.add_argument("--rtn", default="out/demo/rtn-int4")
     p.add_argument("--tasks", default="ppl-wiki,ppl-zh,arc-easy,piqa,hellaswag")
     p.add_argument("--limit", type=int, default=300, help="items per benchmark")
     p.add_argument("--ppl-windows", type=int, default=40)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--out", default=str(ROOT / "reports/demo-accuracy"))
+    p.add_argument("--render", action="store_true", help="only re-render results.{md,csv} and goals.{json,md} "
+                                                         "from the results.json in --out")
     args = p.parse_args()
-    gptq_paths = args.gptq or [str(ROOT / "out/demo/gptq-int4")]
+    out = Path(args.out).resolve()
+    os.chdir(ROOT)
+    from qwen_quant.profile.evaluate import write_results
+
+    if args.render:
+        report = json.loads((out / "results.json").read_text())
+        specs = [m["spec"] for m in report["models"]]
+        write_results(report, out)
+        earlier = out / "goals.json"  # keep what was recorded at evaluation time: checkpoints may be rebuilt since
+        recorded = json.loads(earlier.read_text()).get("checkpoints") if earlier.is_file() else None
+        print(write_goals(report, out, specs[1:-1], specs[-1], recorded))
+        return
+    gptq_paths = [repo_relative(x) for x in args.gptq or ["out/demo/gptq-int4"]]
+    rtn_path = repo_relative(args.rtn)
     os.environ.setdefault("QWEN_QUANT_QUIET", "1")
-    from qwen_quant.files import write_text_atomic
     from qwen_quant.profile.evaluate import evaluate
 
-    out = Path(args.out)
-    report = evaluate(["demo", *gptq_paths, args.rtn], args.tasks, limit=args.limit, seqlen=args.seqlen,
-                      ppl_windows=args.ppl_windows, out=out,
-                      argv=["scripts/demo_accuracy_goals.py", *sys.argv[1:]])
-    labels = [m["label"] for m in report["models"]]
-    fp, gptqs, rtn = labels[0], labels[1:-1], labels[-1]
-    g = goals(report, fp, gptqs, rtn)
-    g["models"] = {"fp": fp, "gptq": gptqs, "rtn": rtn}
-    g["checkpoints"] = {label: checkpoint_settings(path)
-                        for label, path in zip(gptqs + [rtn], gptq_paths + [args.rtn])}
-    write_text_atomic(out / "goals.json", json.dumps(g, indent=1) + "\n")
-    text = markdown(g, report)
-    write_text_atomic(out / "goals.md", text)
-    print(text)
+    argv = ["scripts/demo_accuracy_goals.py", *(a for x in gptq_paths for a in ("--gptq", x)), "--rtn", rtn_path,
+            "--tasks", args.tasks, "--limit", str(args.limit), "--ppl-windows", str(args.ppl_windows),
+            "--seqlen", str(args.seqlen)]
+    report = evaluate(["demo", *gptq_paths, rtn_path], args.tasks, limit=args.limit, seqlen=args.seqlen,
+                      ppl_windows=args.ppl_windows, out=out, argv=argv)
+    print(write_goals(report, out, gptq_paths, rtn_path))
 
 
 if __name__ == "__main__":
