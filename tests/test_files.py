@@ -34,3 +34,15 @@ def test_a_failed_replace_keeps_the_old_file_and_leaves_no_temporary(tmp_path, m
         files.write_bytes_atomic(path, b"new")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_atomic_path_publishes_only_on_success(tmp_path):
+    target = tmp_path / "plot.png"
+    with pytest.raises(RuntimeError):
+        with files.atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("savefig failed")
+    assert list(tmp_path.iterdir()) == []
+    with files.atomic_path(target) as tmp:
+        tmp.write_bytes(b"whole")  # any writer that takes a path
+    assert target.read_bytes() == b"whole" and [p.name for p in tmp_path.iterdir()] == ["plot.png"]
