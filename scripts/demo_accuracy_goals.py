@@ -74,6 +74,7 @@ def checkpoint_settings(path: str) -> dict:
             "bits": qc.get("bits"), "group_size": qc.get("group_size"), "sym": qc.get("sym"),
             "desc_act": qc.get("desc_act"), "static_groups": qc.get("static_groups"), "damp": qc.get("damp_percent"),
             "mse": report["settings"].get("mse"), "method": report["settings"].get("method"),
+            "forward_dtype": report["settings"].get("forward_dtype"),
             "calibration": f"{calib.get('nsamples')} x {calib.get('seqlen')} tokens ({calib.get('source')})"}
 
 

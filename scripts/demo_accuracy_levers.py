@@ -1,0 +1,176 @@
+#!/usr/bin/env python
+"""What moves the demo model's Int4 accuracy: quantization settings changed one at a time, each checkpoint
+scored against fp on the same items.
+
+Every lever is a folder LEVERS/<name>/ holding qwen-eval's results*.json for one checkpoint and that
+checkpoint's quant_report.json (copied beside it, so the settings and commands travel with the numbers).
+`run` makes one (quantize the demo model, evaluate it, copy the report); `render` (the default) reads them all,
+plus the reference run of scripts/demo_accuracy_goals.py (fp and the default checkpoints on the same items),
+and writes LEVERS/levers.{json,md}: every metric, its difference from fp and the paired standard error.
+
+    .venv/bin/python scripts/demo_accuracy_levers.py run damp10 --damp 0.1      # extra args go to qwen-quantize
+    .venv/bin/python scripts/demo_accuracy_levers.py run g32-asym --group-size 32 --asym --tasks hellaswag,ppl-wiki
+    .venv/bin/python scripts/demo_accuracy_levers.py                              # levers.{json,md} from the JSON
+Run from anywhere; paths are recorded relative to the repository root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demo_accuracy_goals import checkpoint_settings  # noqa: E402
+
+REFERENCE = "reports/demo-accuracy"
+LEVERS = "reports/demo-accuracy/levers"
+BASE_ARGS = ["--nsamples", "32", "--seqlen", "512"]  # the make-demo checkpoint's calibration
+# the settings a lever is compared with (the defaults of qwen-quantize at 32 x 512, as in make demo)
+SHOWN = ("method", "group_size", "sym", "desc_act", "static_groups", "damp", "mse", "forward_dtype", "calibration")
+
+
+def run(name: str, quantize_args: list[str], tasks: str, limit: int, ppl_windows: int) -> None:
+    """Quantize the demo model with BASE_ARGS + quantize_args into out/levers/NAME (unless there already), evaluate
+    it and keep the results and the checkpoint's report in LEVERS/NAME (results-2.json, ... for later runs)."""
+    bin_dir = Path(sys.executable).parent
+    checkpoint, keep = Path("out/levers") / name, Path(LEVERS) / name
+    if not (checkpoint / "quant_report.json").is_file():
+        subprocess.run([str(bin_dir / "qwen-quantize"), "demo", *BASE_ARGS, *quantize_args, "--out", str(checkpoint),
+                        "--overwrite", "--quiet"], check=True)
+    elif quantize_args:
+        print(f"{checkpoint} exists: evaluating it as it is (its quant_report.json says how it was made)")
+    scratch = Path("out/levers") / f"{name}.eval"
+    subprocess.run([str(bin_dir / "qwen-eval"), str(checkpoint), "--tasks", tasks, "--limit", str(limit),
+                    "--ppl-windows", str(ppl_windows), "--seqlen", "512", "--batch", "8", "--device", "cpu",
+                    "--out", str(scratch), "--quiet"], check=True)
+    keep.mkdir(parents=True, exist_ok=True)
+    taken = len(list(keep.glob("results*.json")))
+    shutil.copyfile(scratch / "results.json", keep / ("results.json" if not taken else f"results-{taken + 1}.json"))
+    shutil.copyfile(checkpoint / "quant_report.json", keep / "quant_report.json")
+
+
+def _key(r: dict) -> tuple:
+    """What makes two results comparable item by item: task, metric, item count and, for perplexity, the windows."""
+    d = r.get("details") or {}
+    return r["task"], r["metric"], r["n"], d.get("seqlen"), d.get("slice"), (d.get("dataset") or {}).get("file")
+
+
+def lever_rows(reference: dict, reference_goals: dict, levers: Path) -> list[dict]:
+    """One row per checkpoint (the reference run's own checkpoints first), each metric beside fp's."""
+    fp_label = reference["models"][0]["label"]
+    fp = {_key(r): r for r in reference["results"] if r["model"] == fp_label}
+    rows = []
+    for label, settings in (reference_goals.get("checkpoints") or {}).items():
+        # goals.json of that run predates recording forward_dtype; its commits' only value was the default
+        settings.setdefault("forward_dtype", "auto")
+        results = [r for r in reference["results"] if r["model"] == label]
+        rows.append({"lever": label, "source": REFERENCE + "/results.json", "settings": settings,
+                     "results": results, "command": reference["env"].get("command"),
+                     "eval_commit": str(reference["env"].get("commit"))[:10]})
+    for folder in sorted(p for p in levers.iterdir() if (p / "quant_report.json").is_file()):
+        # one qwen-eval run per results*.json (a lever can be scored on more tasks later)
+        reports = [json.loads(f.read_text()) for f in sorted(folder.glob("results*.json"))]
+        rows.append({"lever": folder.name, "source": str(folder.relative_to(ROOT)) + "/results*.json",
+                     "settings": checkpoint_settings(str(folder)),
+                     "results": [r for report in reports for r in report["results"]],
+                     "command": " ; ".join(report["env"].get("command") for report in reports),
+                     "eval_commit": " ; ".join(str(report["env"].get("commit"))[:10] for report in reports)})
+    for row in rows:
+        row["settings"].pop("path", None)
+        row["cells"] = {f"{r['task']} {r['metric']}": cell(r, fp.get(_key(r))) for r in row.pop("results")}
+    return rows
+
+
+def cell(result: dict, fp: dict | None) -> dict:
+    """One checkpoint's metric, its difference from fp on the same items and (benchmarks) the paired error."""
+    from qwen_quant.profile.accuracy.multiple_choice import paired_delta
+
+    out = {"value": result["value"], "n": result["n"]}
+    if fp is not None:
+        out.update(fp=fp["value"], minus_fp=result["value"] - fp["value"])
+        if result["metric"] != "perplexity":
+            paired = paired_delta(fp["details"].get("per_item"), result["details"].get("per_item"))
+            out["minus_fp_stderr"] = paired[1] if paired else None
+    return out
+
+
+def changed(settings: dict, base: dict) -> str:
+    diffs = [f"{k}={settings.get(k)}" for k in SHOWN if settings.get(k) != base.get(k) and k in settings]
+    return ", ".join(diffs) or "(the defaults)"
+
+
+def markdown(rows: list[dict], reference: dict) -> str:
+    base = next((r["settings"] for r in rows if r["settings"].get("method") == "gptq"), {})
+    columns = sorted({c for r in rows for c in r["cells"]}, key=lambda c: (not c.startswith("ppl"), c))
+    fp_label = reference["models"][0]["label"]
+    lines = ["# Demo model: what moves Int4 accuracy (issue 6)", "",
+             f"Each row is one checkpoint of the demo model, scored on the same items as fp (`{fp_label}`, the "
+             f"reference run in [{REFERENCE}/results.md](../results.md)). A cell reads value (checkpoint - fp ± the "
+             "paired standard error); perplexity cells carry the increase over fp. '—' = not measured. 'changed' "
+             f"is relative to the first GPTQ row: {', '.join(f'{k}={base.get(k)}' for k in SHOWN if k in base)}.",
+             "", "| checkpoint | changed | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for c in columns:
+            cell = row["cells"].get(c)
+            if cell is None:
+                cells.append("—")
+            elif c.startswith("ppl"):
+                d = cell.get("minus_fp")
+                cells.append(f"{cell['value']:.2f}" + (f" (+{d:.2f})" if d is not None else " (no fp on these windows)"))
+            else:
+                d, se = cell.get("minus_fp"), cell.get("minus_fp_stderr")
+                pm = f" ± {se:.1f}" if se is not None else ""
+                cells.append(f"{cell['value']:.1f}" + (f" ({d:+.1f}{pm})" if d is not None else " (no fp on these items)"))
+        lines.append(f"| `{row['lever']}` | {changed(row['settings'], base)} | " + " | ".join(cells) + " |")
+    lines += ["", "## Provenance", ""]
+    for row in rows:
+        s = row["settings"]
+        lines.append(f"- `{row['lever']}`: quantized by `{s.get('command')}` (commit `{str(s.get('commit'))[:10]}`); "
+                     f"scored by `{row['command']}` (commit `{row['eval_commit']}`); JSON: `{row['source']}`")
+    env = reference["env"]
+    lines += ["", f"Machine: CPU `{env.get('cpu')}` x{env.get('cpu_count')}, torch {env.get('torch')}, transformers "
+                  f"{env.get('transformers')}. Written by `scripts/demo_accuracy_levers.py` from the JSON; no number "
+                  "typed by hand."]
+    return "\n".join(lines) + "\n"
+
+
+def render(levers: Path) -> str:
+    from qwen_quant.files import write_text_atomic
+
+    reference = json.loads((ROOT / REFERENCE / "results.json").read_text())
+    goals = json.loads((ROOT / REFERENCE / "goals.json").read_text())
+    rows = lever_rows(reference, goals, levers)
+    write_text_atomic(levers / "levers.json", json.dumps({"fp_model": reference["models"][0]["label"],
+                                                          "levers": rows}, indent=1) + "\n")
+    text = markdown(rows, reference)
+    write_text_atomic(levers / "levers.md", text)
+    return text
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("action", nargs="?", default="render", choices=["render", "run"])
+    p.add_argument("name", nargs="?", help="run: the lever's folder name")
+    p.add_argument("--tasks", default="hellaswag", help="run: qwen-eval tasks (default hellaswag)")
+    p.add_argument("--limit", type=int, default=300, help="run: items per benchmark (the reference run's 300)")
+    p.add_argument("--ppl-windows", type=int, default=40, help="run: perplexity windows (the reference run's 40)")
+    args, quantize_args = p.parse_known_args()
+    os.chdir(ROOT)
+    if args.action == "run":
+        if not args.name:
+            p.error("run needs a NAME, e.g. run damp10 --damp 0.1")
+        run(args.name, quantize_args, args.tasks, args.limit, args.ppl_windows)
+    elif quantize_args:
+        p.error(f"unrecognized arguments: {' '.join(quantize_args)}")
+    print(render(ROOT / LEVERS))
+
+
+if __name__ == "__main__":
+    main()
