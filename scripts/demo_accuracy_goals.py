@@ -49,10 +49,13 @@ def goals_for(by: dict, tasks: list[str], fp: str, gptq: str, rtn: str) -> dict:
             chance = TASKS[task].chance or 0.0
             above = f["value"] - chance > 2 * (f["stderr"] or 0)
             paired = paired_delta(f["details"].get("per_item"), g["details"].get("per_item"))
+            interval = interval95(g["value"] - f["value"], paired[1] if paired else None)
             out["benchmarks"].append({"task": task, "metric": metric, "n": f["n"], "chance": chance,
                                       "fp": f["value"], "fp_stderr": f["stderr"], "gptq": g["value"],
                                       "rtn": r["value"], "gptq_minus_fp": g["value"] - f["value"],
                                       "gptq_minus_fp_stderr": paired[1] if paired else None,
+                                      "gptq_minus_fp_interval95": interval,
+                                      "interval_vs_goal": interval_vs_goal(interval),
                                       "fp_above_chance": above,
                                       "within_2_points": abs(g["value"] - f["value"]) <= POINTS if above else None})
     out["all_met"] = all(p["gptq_beats_rtn"] for p in out["perplexity"]) and \
@@ -78,8 +81,30 @@ def checkpoint_settings(path: str) -> dict:
             "calibration": f"{calib.get('nsamples')} x {calib.get('seqlen')} tokens ({calib.get('source')})"}
 
 
+def interval95(delta: float, stderr: float | None) -> list[float] | None:
+    """The normal-approximation 95% interval of a paired difference."""
+    return None if stderr is None else [delta - 1.96 * stderr, delta + 1.96 * stderr]
+
+
+def interval_vs_goal(interval: list[float] | None) -> str:
+    """Whether these items can tell the goal apart: the whole interval inside +-POINTS, outside it, or across."""
+    if interval is None:
+        return "n/a"
+    lo, hi = interval
+    if -POINTS <= lo and hi <= POINTS:
+        return "inside"
+    if hi < -POINTS or lo > POINTS:
+        return "outside"
+    return "across (more items needed)"
+
+
 def _pm(err) -> str:
     return f" ± {err:.1f}" if err is not None else ""
+
+
+def _interval(b: dict) -> str:
+    i = b.get("gptq_minus_fp_interval95")
+    return "n/a" if i is None else f"[{i[0]:+.1f}, {i[1]:+.1f}]"
 
 
 def _yes(flag) -> str:
@@ -101,20 +126,27 @@ def markdown(g: dict, report: dict) -> str:
                          f"{_yes(p['gptq_beats_rtn'])} | {'yes' if p['meets_aim'] else 'no'} |")
     lines += ["", "## Benchmarks: GPTQ within 2 points of fp where fp is above chance", "",
               "GPTQ - fp carries its paired standard error (per-item differences on the same items): a difference "
-              "smaller than about two of them is not distinguishable from the luck of which items were drawn.", "",
+              "smaller than about two of them is not distinguishable from the luck of which items were drawn. "
+              "The 95% interval (± 1.96 of them) says whether these items can decide the goal: an interval inside "
+              f"±{POINTS:g} points meets it whatever the luck, one outside misses it, one across needs more items.", "",
               "| task | metric | n | chance | GPTQ checkpoint | fp | GPTQ Int4 | RTN Int4 | GPTQ - fp | "
-              "fp above chance | within 2 |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "95% interval | fp above chance | within 2 | interval vs ±2 |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, v in g["per_gptq"].items():
         for b in v["benchmarks"]:
             lines.append(f"| {b['task']} | {b['metric']} | {b['n']} | {b['chance']:.0f} | `{label}` | "
                          f"{b['fp']:.1f} ± {b['fp_stderr']:.1f} | {b['gptq']:.1f} | {b['rtn']:.1f} | "
-                         f"{b['gptq_minus_fp']:+.1f}{_pm(b['gptq_minus_fp_stderr'])} | "
-                         f"{'yes' if b['fp_above_chance'] else 'no'} | {_yes(b['within_2_points'])} |")
+                         f"{b['gptq_minus_fp']:+.1f}{_pm(b['gptq_minus_fp_stderr'])} | {_interval(b)} | "
+                         f"{'yes' if b['fp_above_chance'] else 'no'} | {_yes(b['within_2_points'])} | "
+                         f"{b.get('interval_vs_goal', 'n/a')} |")
     lines += ["", "## Verdicts", ""]
     for label, v in g["per_gptq"].items():
         lines.append(f"- `{label}`: all required goals met: **{'yes' if v['all_met'] else 'NO'}**; perplexity aim "
-                     f"(<= {PPL_AIM}) met on every corpus: {'yes' if v['ppl_aim_met'] else 'no'}.")
+                     f"(<= {PPL_AIM}) met on every corpus: {'yes' if v['ppl_aim_met'] else 'no'}; "
+                     f"benchmark intervals vs ±{POINTS:g}: " +
+                     ", ".join(f"{sum(b.get('interval_vs_goal') == k for b in v['benchmarks'])} {k.split()[0]}"
+                               for k in ("inside", "outside", "across (more items needed)")) +
+                     f" (of {len(v['benchmarks'])}).")
     lines += ["", "Checkpoints (from their quant_report.json):", ""]
     for label, c in g["checkpoints"].items():
         lines.append(f"- `{label}`: `{c['command']}` — " + ", ".join(
