@@ -31,7 +31,7 @@ from demo_accuracy_goals import checkpoint_settings  # noqa: E402
 REFERENCE = "reports/demo-accuracy"
 LEVERS = "reports/demo-accuracy/levers"
 BASE_ARGS = ["--nsamples", "32", "--seqlen", "512"]  # the make-demo checkpoint's calibration
-# the settings a lever is compared with (the defaults of qwen-quantize at 32 x 512, as in make demo)
+# the settings a row's 'changed' column names when they differ from the first GPTQ row (make demo's checkpoint)
 SHOWN = ("method", "group_size", "sym", "desc_act", "static_groups", "damp", "mse", "forward_dtype", "calibration")
 
 
