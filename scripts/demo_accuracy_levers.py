@@ -102,7 +102,7 @@ def cell(result: dict, fp: dict | None) -> dict:
 
 def changed(settings: dict, base: dict) -> str:
     diffs = [f"{k}={settings.get(k)}" for k in SHOWN if settings.get(k) != base.get(k) and k in settings]
-    return ", ".join(diffs) or "(the defaults)"
+    return ", ".join(diffs) or "(the reference settings)"
 
 
 def markdown(rows: list[dict], reference: dict) -> str:

@@ -1,0 +1,86 @@
+"""The accuracy-goal scripts' arithmetic: the 95% interval verdict and the lever table's paired differences."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def load_script(name: str):
+    sys.path.insert(0, str(SCRIPTS))  # the levers script imports the goals script by name
+    try:
+        spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(SCRIPTS))
+
+
+@pytest.mark.parametrize("delta, stderr, want", [
+    (-0.5, 0.5, "inside"),                         # [-1.48, +0.48]
+    (-4.0, 0.9, "outside"),                        # [-5.76, -2.24]
+    (+3.0, 0.4, "outside"),                        # [+2.22, +3.78]
+    (-4.0, 2.0, "across (more items needed)"),     # [-7.92, -0.08]
+    (0.0, 1.1, "across (more items needed)"),      # [-2.16, +2.16]
+    (-1.0, None, "n/a"),
+])
+def test_interval_verdict(delta, stderr, want):
+    goals = load_script("demo_accuracy_goals")
+    interval = goals.interval95(delta, stderr)
+    assert goals.interval_vs_goal(interval) == want
+    if stderr is not None:
+        assert interval == pytest.approx([delta - 1.96 * stderr, delta + 1.96 * stderr])
+
+
+def _result(model, task, metric, value, per_item=None, n=4):
+    details = {"dataset": {"file": "items.arrow"}}
+    if per_item:
+        details["per_item"] = per_item
+    else:
+        details.update(seqlen=512, slice="first 4 windows")
+    return {"model": model, "task": task, "metric": metric, "value": value, "n": n, "details": details}
+
+
+def test_lever_rows_pair_each_checkpoint_with_fp_on_the_same_items(tmp_path, monkeypatch):
+    levers = load_script("demo_accuracy_levers")
+    monkeypatch.setattr(levers, "ROOT", tmp_path)
+    reference = {"models": [{"label": "fp"}, {"label": "ours"}], "env": {"command": "goals", "commit": "abc"},
+                 "results": [_result("fp", "hellaswag", "accuracy", 50.0, "1100"),
+                             _result("fp", "ppl-wiki", "perplexity", 10.0),
+                             _result("ours", "hellaswag", "accuracy", 25.0, "1000")]}
+    # recorded before forward_dtype was: the default, auto, is filled in
+    goals = {"checkpoints": {"ours": {"method": "gptq", "group_size": 128, "damp": 0.01, "mse": True, "path": "x",
+                                      "calibration": "32 x 512 tokens (default)"}}}
+    lever = tmp_path / "levers" / "g32"
+    lever.mkdir(parents=True)
+    (lever / "quant_report.json").write_text(json.dumps({
+        "quantization_config": {"bits": 4, "group_size": 32, "damp_percent": 0.01},
+        "calibration": {"nsamples": 32, "seqlen": 512, "source": "default"},
+        "settings": {"method": "gptq", "mse": True, "forward_dtype": "auto"}, "command": "q", "git_commit": "c"}))
+    # scored twice: a benchmark with per-item answers, then perplexity on the reference's windows
+    (lever / "results.json").write_text(json.dumps({"env": {"command": "e1", "commit": "d"}, "results": [
+        _result("g32", "hellaswag", "accuracy", 75.0, "1110")]}))
+    (lever / "results-2.json").write_text(json.dumps({"env": {"command": "e2", "commit": "d"}, "results": [
+        _result("g32", "ppl-wiki", "perplexity", 12.5), _result("g32", "ppl-zh", "perplexity", 9.0)]}))
+
+    rows = levers.lever_rows(reference, goals, tmp_path / "levers")
+    assert [r["lever"] for r in rows] == ["ours", "g32"]
+    ours, g32 = rows
+    assert ours["cells"]["hellaswag accuracy"]["minus_fp"] == -25.0
+    # per-item differences 0,-1,0,0: mean -25 %, stderr sqrt(var/n) = sqrt(0.25/4) = 25 %
+    assert ours["cells"]["hellaswag accuracy"]["minus_fp_stderr"] == pytest.approx(25.0)
+    assert g32["cells"]["hellaswag accuracy"]["minus_fp"] == 25.0
+    assert g32["cells"]["ppl-wiki perplexity"]["minus_fp"] == 2.5
+    assert "minus_fp" not in g32["cells"]["ppl-zh perplexity"]  # fp has no ppl-zh on these windows
+    assert ours["settings"]["forward_dtype"] == "auto" and "path" not in ours["settings"]
+    assert levers.changed(g32["settings"], ours["settings"]) == "group_size=32"
+    assert levers.changed(ours["settings"], ours["settings"]) == "(the reference settings)"
+    text = levers.markdown(rows, reference)
+    assert "| `g32` |" in text and "75.0 (+25.0 ± 25.0)" in text and "(no fp on these windows)" in text
