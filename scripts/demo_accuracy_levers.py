@@ -5,7 +5,7 @@ scored against fp on the same items.
 Every lever is a folder LEVERS/<name>/ holding qwen-eval's results*.json for one checkpoint and that
 checkpoint's quant_report.json (copied beside it, so the settings and commands travel with the numbers).
 `run` makes one (quantize the demo model, evaluate it, copy the report); `render` (the default) reads them all,
-plus the reference run of scripts/demo_accuracy_goals.py (fp and the default checkpoints on the same items),
+plus the reference runs of scripts/demo_accuracy_goals.py (fp and the default checkpoints on the same items),
 and writes LEVERS/levers.{json,md}: every metric, its difference from fp and the paired standard error.
 
     .venv/bin/python scripts/demo_accuracy_levers.py run damp10 --damp 0.1      # extra args go to qwen-quantize
@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo_accuracy_goals import checkpoint_settings  # noqa: E402
 
 REFERENCE = "reports/demo-accuracy"
+# runs of scripts/demo_accuracy_goals.py whose fp results the levers are paired with
+REFERENCES = (REFERENCE, "reports/demo-accuracy-hellaswag-1000")
 LEVERS = "reports/demo-accuracy/levers"
 BASE_ARGS = ["--nsamples", "32", "--seqlen", "512"]  # the make-demo checkpoint's calibration
 # the settings a row's 'changed' column names when they differ from the first GPTQ row (make demo's checkpoint)
@@ -61,30 +63,42 @@ def _key(r: dict) -> tuple:
     return r["task"], r["metric"], r["n"], d.get("seqlen"), d.get("slice"), (d.get("dataset") or {}).get("file")
 
 
-def lever_rows(reference: dict, reference_goals: dict, levers: Path) -> list[dict]:
-    """One row per checkpoint (the reference run's own checkpoints first), each metric beside fp's."""
-    fp_label = reference["models"][0]["label"]
-    fp = {_key(r): r for r in reference["results"] if r["model"] == fp_label}
-    rows = []
-    for label, settings in (reference_goals.get("checkpoints") or {}).items():
-        # goals.json of that run predates recording forward_dtype; its commits' only value was the default
-        settings.setdefault("forward_dtype", "auto")
-        results = [r for r in reference["results"] if r["model"] == label]
-        rows.append({"lever": label, "source": REFERENCE + "/results.json", "settings": settings,
-                     "results": results, "command": reference["env"].get("command"),
-                     "eval_commit": str(reference["env"].get("commit"))[:10]})
+def lever_rows(references: list[tuple[str, dict, dict]], levers: Path) -> list[dict]:
+    """One row per checkpoint (the reference runs' own checkpoints first), each metric beside fp's on the same
+    items. `references`: (folder, results.json, goals.json) of demo_accuracy_goals.py runs, fp first in each."""
+    fp, rows = {}, {}
+    for folder, reference, goals in references:
+        fp_label = reference["models"][0]["label"]
+        fp.update({_key(r): r for r in reference["results"] if r["model"] == fp_label})
+        for label, settings in (goals.get("checkpoints") or {}).items():
+            # goals.json of the first run predates recording forward_dtype; its commits' only value was the default
+            settings.setdefault("forward_dtype", "auto")
+            row = rows.setdefault(label, {"lever": label, "settings": settings, "results": [], "scored_by": []})
+            row["results"] += [r for r in reference["results"] if r["model"] == label]
+            row["scored_by"].append(_scored_by(reference, folder + "/results.json"))
     for folder in sorted(p for p in levers.iterdir() if (p / "quant_report.json").is_file()):
-        # one qwen-eval run per results*.json (a lever can be scored on more tasks later)
-        reports = [json.loads(f.read_text()) for f in sorted(folder.glob("results*.json"))]
-        rows.append({"lever": folder.name, "source": str(folder.relative_to(ROOT)) + "/results*.json",
-                     "settings": checkpoint_settings(str(folder)),
-                     "results": [r for report in reports for r in report["results"]],
-                     "command": " ; ".join(report["env"].get("command") for report in reports),
-                     "eval_commit": " ; ".join(str(report["env"].get("commit"))[:10] for report in reports)})
-    for row in rows:
+        row = rows.setdefault(folder.name, {"lever": folder.name, "settings": checkpoint_settings(str(folder)),
+                                            "results": [], "scored_by": []})
+        # one qwen-eval run per results*.json (a lever can be scored on more tasks or items later)
+        for path in sorted(folder.glob("results*.json"), key=lambda f: (len(f.name), f.name)):  # results.json first
+            report = json.loads(path.read_text())
+            row["results"] += report["results"]
+            row["scored_by"].append(_scored_by(report, str(path.relative_to(ROOT))))
+    for row in rows.values():
         row["settings"].pop("path", None)
-        row["cells"] = {f"{r['task']} {r['metric']}": cell(r, fp.get(_key(r))) for r in row.pop("results")}
-    return rows
+        row["cells"] = {column(r): cell(r, fp.get(_key(r))) for r in row.pop("results")}
+    return list(rows.values())
+
+
+def _scored_by(report: dict, source: str) -> dict:
+    return {"command": report["env"].get("command"), "commit": report["env"].get("commit"), "json": source}
+
+
+def column(result: dict) -> str:
+    """Benchmarks name their item count: the same task on 300 and on 1000 items are different columns."""
+    if result["metric"] == "perplexity":
+        return f"{result['task']} perplexity"
+    return f"{result['task']} {result['metric']} (n={result['n']})"
 
 
 def cell(result: dict, fp: dict | None) -> dict:
@@ -105,15 +119,17 @@ def changed(settings: dict, base: dict) -> str:
     return ", ".join(diffs) or "(the reference settings)"
 
 
-def markdown(rows: list[dict], reference: dict) -> str:
+def markdown(rows: list[dict], references: list[tuple[str, dict, dict]]) -> str:
     base = next((r["settings"] for r in rows if r["settings"].get("method") == "gptq"), {})
     columns = sorted({c for r in rows for c in r["cells"]}, key=lambda c: (not c.startswith("ppl"), c))
-    fp_label = reference["models"][0]["label"]
+    fp_label = references[0][1]["models"][0]["label"]
+    runs = ", ".join(f"[{folder}/results.md]({os.path.relpath(ROOT / folder / 'results.md', ROOT / LEVERS)})"
+                     for folder, _, _ in references)
     lines = ["# Demo model: what moves Int4 accuracy (issue 6)", "",
-             f"Each row is one checkpoint of the demo model, scored on the same items as fp (`{fp_label}`, the "
-             f"reference run in [{REFERENCE}/results.md](../results.md)). A cell reads value (checkpoint - fp ± the "
-             "paired standard error); perplexity cells carry the increase over fp. '—' = not measured. 'changed' "
-             f"is relative to the first GPTQ row: {', '.join(f'{k}={base.get(k)}' for k in SHOWN if k in base)}.",
+             f"Each row is one checkpoint of the demo model, scored on the same items as fp (`{fp_label}`, in the "
+             f"reference runs {runs}). A cell reads value (checkpoint - fp ± the paired standard error); perplexity "
+             "cells carry the increase over fp. '—' = not measured. 'changed' is relative to the first GPTQ row: "
+             f"{', '.join(f'{k}={base.get(k)}' for k in SHOWN if k in base)}.",
              "", "| checkpoint | changed | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for row in rows:
         cells = []
@@ -132,9 +148,10 @@ def markdown(rows: list[dict], reference: dict) -> str:
     lines += ["", "## Provenance", ""]
     for row in rows:
         s = row["settings"]
+        scored = "; ".join(f"`{x['command']}` (commit `{str(x['commit'])[:10]}`, `{x['json']}`)" for x in row["scored_by"])
         lines.append(f"- `{row['lever']}`: quantized by `{s.get('command')}` (commit `{str(s.get('commit'))[:10]}`); "
-                     f"scored by `{row['command']}` (commit `{row['eval_commit']}`); JSON: `{row['source']}`")
-    env = reference["env"]
+                     f"scored by {scored}")
+    env = references[0][1]["env"]
     lines += ["", f"Machine: CPU `{env.get('cpu')}` x{env.get('cpu_count')}, torch {env.get('torch')}, transformers "
                   f"{env.get('transformers')}. Written by `scripts/demo_accuracy_levers.py` from the JSON; no number "
                   "typed by hand."]
@@ -144,12 +161,14 @@ def markdown(rows: list[dict], reference: dict) -> str:
 def render(levers: Path) -> str:
     from qwen_quant.files import write_text_atomic
 
-    reference = json.loads((ROOT / REFERENCE / "results.json").read_text())
-    goals = json.loads((ROOT / REFERENCE / "goals.json").read_text())
-    rows = lever_rows(reference, goals, levers)
-    write_text_atomic(levers / "levers.json", json.dumps({"fp_model": reference["models"][0]["label"],
+    references = [(folder, json.loads((ROOT / folder / "results.json").read_text()),
+                   json.loads((ROOT / folder / "goals.json").read_text()))
+                  for folder in REFERENCES if (ROOT / folder / "goals.json").is_file()]
+    rows = lever_rows(references, levers)
+    write_text_atomic(levers / "levers.json", json.dumps({"fp_model": references[0][1]["models"][0]["label"],
+                                                          "references": [f for f, _, _ in references],
                                                           "levers": rows}, indent=1) + "\n")
-    text = markdown(rows, reference)
+    text = markdown(rows, references)
     write_text_atomic(levers / "levers.md", text)
     return text
 

@@ -70,17 +70,19 @@ def test_lever_rows_pair_each_checkpoint_with_fp_on_the_same_items(tmp_path, mon
     (lever / "results-2.json").write_text(json.dumps({"env": {"command": "e2", "commit": "d"}, "results": [
         _result("g32", "ppl-wiki", "perplexity", 12.5), _result("g32", "ppl-zh", "perplexity", 9.0)]}))
 
-    rows = levers.lever_rows(reference, goals, tmp_path / "levers")
+    rows = levers.lever_rows([("reports/ref", reference, goals)], tmp_path / "levers")
     assert [r["lever"] for r in rows] == ["ours", "g32"]
     ours, g32 = rows
-    assert ours["cells"]["hellaswag accuracy"]["minus_fp"] == -25.0
+    assert ours["scored_by"] == [{"command": "goals", "commit": "abc", "json": "reports/ref/results.json"}]
+    assert ours["cells"]["hellaswag accuracy (n=4)"]["minus_fp"] == -25.0
     # per-item differences 0,-1,0,0: mean -25 %, stderr sqrt(var/n) = sqrt(0.25/4) = 25 %
-    assert ours["cells"]["hellaswag accuracy"]["minus_fp_stderr"] == pytest.approx(25.0)
-    assert g32["cells"]["hellaswag accuracy"]["minus_fp"] == 25.0
+    assert ours["cells"]["hellaswag accuracy (n=4)"]["minus_fp_stderr"] == pytest.approx(25.0)
+    assert g32["cells"]["hellaswag accuracy (n=4)"]["minus_fp"] == 25.0
     assert g32["cells"]["ppl-wiki perplexity"]["minus_fp"] == 2.5
     assert "minus_fp" not in g32["cells"]["ppl-zh perplexity"]  # fp has no ppl-zh on these windows
     assert ours["settings"]["forward_dtype"] == "auto" and "path" not in ours["settings"]
     assert levers.changed(g32["settings"], ours["settings"]) == "group_size=32"
     assert levers.changed(ours["settings"], ours["settings"]) == "(the reference settings)"
-    text = levers.markdown(rows, reference)
+    assert [x["json"] for x in g32["scored_by"]] == ["levers/g32/results.json", "levers/g32/results-2.json"]
+    text = levers.markdown(rows, [("reports/ref", reference, goals)])
     assert "| `g32` |" in text and "75.0 (+25.0 ± 25.0)" in text and "(no fp on these windows)" in text
