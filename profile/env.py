@@ -11,11 +11,10 @@ import importlib.metadata as _md
 import os
 import platform
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+from qwen_quant.provenance import git_commit
 
 
 def _version(package: str) -> str | None:
@@ -33,20 +32,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def git_commit() -> str | None:
-    """The project's commit, with '+dirty' when the work tree has changes."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO_ROOT, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        if not sha:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def nvml_gpus() -> list[dict]:

@@ -349,6 +349,7 @@ def evaluate(models: list[str], tasks: str | list[str], limit: int | None = None
     data = _prepare(requests, limit, ppl_text)
     from qwen_quant.profile.env import collect_env
 
+    env = collect_env(argv)  # at the start: the commit and date of the code that produced these numbers
     results, model_info, ppl_cache, questions_cache = [], [], {}, {}
     for spec in models:
         started = time.perf_counter()
@@ -374,7 +375,7 @@ def evaluate(models: list[str], tasks: str | list[str], limit: int | None = None
         model_info.append({"label": em.label, "spec": spec, "description": em.description,
                            "seconds": round(time.perf_counter() - started, 2)})
         del em
-    report = {"kind": "eval", "env": collect_env(argv), "models": model_info,
+    report = {"kind": "eval", "env": env, "models": model_info,
               "tasks": [r.task.name for r in requests],
               "settings": {"limit": limit, "ppl_windows": windows, "seqlen": seqlen, "batch": batch, "ppl_lengths": lengths,
                            "device": device, "backend": backend},

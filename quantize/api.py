@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from qwen_quant.errors import UserError
+from qwen_quant.provenance import git_commit
 from qwen_quant.quantize import resume as resume_mod
 from qwen_quant.quantize import writer
 from qwen_quant.quantize.pipeline import (InMemoryModel, QuantSettings, StreamingModel, check_packable,
@@ -243,15 +243,6 @@ class Progress:
 
 # ---------------------------------------------------------------- report and files
 
-def _git_commit() -> str | None:
-    try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        return (out.stdout.strip() or None) if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def _versions() -> dict:
     import safetensors
     import transformers
@@ -266,7 +257,7 @@ def _downstream(stats) -> dict:
     return {"needs_k_divisible_by_group_size": DIVISIBILITY_KERNELS}
 
 
-def build_report(settings, qconfig, opened, calib, stats, device, command, seconds, group_size) -> dict:
+def build_report(settings, qconfig, opened, calib, stats, device, command, seconds, group_size, commit) -> dict:
     worst = max(stats, key=lambda s: s.rel_error)
     partial = sorted({s.name.rsplit(".", 1)[-1] + f" (K={s.in_features})" for s in stats
                       if group_size != -1 and s.in_features % group_size})
@@ -291,7 +282,7 @@ def build_report(settings, qconfig, opened, calib, stats, device, command, secon
         "device": str(device),
         "versions": _versions(),
         "command": command,
-        "git_commit": _git_commit(),
+        "git_commit": commit,
     }
 
 
@@ -333,6 +324,7 @@ def quantize(model, out=None, bits: int = 4, group_size: int = 128, method: str 
     `calib`: "default", a .txt/.jsonl path, "hf:<dataset id>", or a prepared `Calibration`.
     """
     t_start = time.perf_counter()
+    commit = git_commit()  # the code that starts the run is the code that makes it
     settings = validate_settings(bits, group_size, method, desc_act, static_groups, sym, damp, mse, nsamples, seqlen,
                                  forward_dtype)
     max_shard_bytes = writer.parse_size(max_shard_size)
@@ -375,7 +367,7 @@ def quantize(model, out=None, bits: int = 4, group_size: int = 128, method: str 
                            "method": settings.method, "mse": settings.mse, "forward_dtype": settings.forward_dtype}
         report = build_report(settings, qconfig, opened, calibration, stats, dev,
                               command or _api_command(model, out, settings, nsamples, seqlen, calib),
-                              time.perf_counter() - t_start, settings.group_size)
+                              time.perf_counter() - t_start, settings.group_size, commit)
         from qwen_quant.quantize.model_card import model_card
 
         files = dict(opened.tokenizer_files)
