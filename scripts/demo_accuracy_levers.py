@@ -73,21 +73,36 @@ def lever_rows(references: list[tuple[str, dict, dict]], levers: Path) -> list[d
         for label, settings in (goals.get("checkpoints") or {}).items():
             # goals.json of the first run predates recording forward_dtype; its commits' only value was the default
             settings.setdefault("forward_dtype", "auto")
-            row = rows.setdefault(label, {"lever": label, "settings": settings, "results": [], "scored_by": []})
+            settings.pop("path", None)
+            row = rows.get(label)
+            if row is not None and _same_settings(row["settings"], settings):
+                # the same recipe quantized again by a later commit (make demo reruns it): one row, both commits
+                row["quantized_at"] = list(dict.fromkeys(row["quantized_at"] + [settings.get("commit")]))
+            else:
+                key = label if row is None else f"{label} ({folder})"
+                row = rows[key] = {"lever": key, "settings": settings, "results": [], "scored_by": [],
+                                   "quantized_at": [settings.get("commit")]}
             row["results"] += [r for r in reference["results"] if r["model"] == label]
             row["scored_by"].append(_scored_by(reference, folder + "/results.json"))
     for folder in sorted(p for p in levers.iterdir() if (p / "quant_report.json").is_file()):
-        row = rows.setdefault(folder.name, {"lever": folder.name, "settings": checkpoint_settings(str(folder)),
-                                            "results": [], "scored_by": []})
+        settings = checkpoint_settings(str(folder))
+        settings.pop("path", None)
+        row = rows.setdefault(folder.name, {"lever": folder.name, "settings": settings, "results": [],
+                                            "scored_by": [], "quantized_at": [settings.get("commit")]})
         # one qwen-eval run per results*.json (a lever can be scored on more tasks or items later)
         for path in sorted(folder.glob("results*.json"), key=lambda f: (len(f.name), f.name)):  # results.json first
             report = json.loads(path.read_text())
             row["results"] += report["results"]
             row["scored_by"].append(_scored_by(report, str(path.relative_to(ROOT))))
     for row in rows.values():
-        row["settings"].pop("path", None)
         row["cells"] = {column(r): cell(r, fp.get(_key(r))) for r in row.pop("results")}
     return list(rows.values())
+
+
+def _same_settings(a: dict, b: dict) -> bool:
+    """The same recipe: every recorded setting equal but where and when it ran."""
+    drop = ("commit", "command", "path")
+    return {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
 
 
 def _scored_by(report: dict, source: str) -> dict:
@@ -149,7 +164,8 @@ def markdown(rows: list[dict], references: list[tuple[str, dict, dict]]) -> str:
     for row in rows:
         s = row["settings"]
         scored = "; ".join(f"`{x['command']}` (commit `{str(x['commit'])[:10]}`, `{x['json']}`)" for x in row["scored_by"])
-        lines.append(f"- `{row['lever']}`: quantized by `{s.get('command')}` (commit `{str(s.get('commit'))[:10]}`); "
+        commits = ", ".join(f"`{str(c)[:10]}`" for c in row["quantized_at"])
+        lines.append(f"- `{row['lever']}`: quantized by `{s.get('command')}` (commit {commits}); "
                      f"scored by {scored}")
     env = references[0][1]["env"]
     lines += ["", f"Machine: CPU `{env.get('cpu')}` x{env.get('cpu_count')}, torch {env.get('torch')}, transformers "
