@@ -38,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="Hugging Face id (org/name), local folder, GGUF file, 'demo', or 'synthetic:<shape>'")
     q = p.add_argument_group("quantization")
     q.add_argument("--bits", type=int, default=4, help="bits per weight: 2, 3, 4 or 8 (default 4)")
-    q.add_argument("--group-size", type=int, default=128, help="weights per scale along the input: 128 (default), or -1 for one group per row")
+    q.add_argument("--group-size", type=int, default=128,
+                   help="weights per scale along the input: 128 (default; 4.16 bits per weight with the fp16 scales and "
+                        "packed zeros), 64 or 32 (4.31 / 4.63 bits; smaller groups lose less accuracy, "
+                        "reports/demo-accuracy/levers/levers.md), or -1 for one group per row")
     q.add_argument("--method", default="gptq", help="gptq (default) or rtn (round-to-nearest baseline)")
     q.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=True,
                    help="act-order: quantize input columns by decreasing Hessian diagonal (default on; it is the largest "

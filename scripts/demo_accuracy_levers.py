@@ -30,7 +30,7 @@ from demo_accuracy_goals import checkpoint_settings  # noqa: E402
 
 REFERENCE = "reports/demo-accuracy"
 # runs of scripts/demo_accuracy_goals.py whose fp results the levers are paired with
-REFERENCES = (REFERENCE, "reports/demo-accuracy-hellaswag-1000")
+REFERENCES = (REFERENCE, "reports/demo-accuracy-hellaswag-1000", "reports/demo-accuracy-arc-piqa-1000")
 LEVERS = "reports/demo-accuracy/levers"
 BASE_ARGS = ["--nsamples", "32", "--seqlen", "512"]  # the make-demo checkpoint's calibration
 # the settings a row's 'changed' column names when they differ from the first GPTQ row (make demo's checkpoint)
