@@ -87,8 +87,11 @@ def lever_rows(references: list[tuple[str, dict, dict]], levers: Path) -> list[d
     for folder in sorted(p for p in levers.iterdir() if (p / "quant_report.json").is_file()):
         settings = checkpoint_settings(str(folder))
         settings.pop("path", None)
-        row = rows.setdefault(folder.name, {"lever": folder.name, "settings": settings, "results": [],
-                                            "scored_by": [], "quantized_at": [settings.get("commit")]})
+        row = rows.get(folder.name)
+        if row is None or not _same_settings(row["settings"], settings):  # a lever or a reference's checkpoint
+            key = folder.name if row is None else f"{folder.name} ({LEVERS})"
+            row = rows[key] = {"lever": key, "settings": settings, "results": [], "scored_by": [], "quantized_at": []}
+        row["quantized_at"] = list(dict.fromkeys(row["quantized_at"] + [settings.get("commit")]))
         # one qwen-eval run per results*.json (a lever can be scored on more tasks or items later)
         for path in sorted(folder.glob("results*.json"), key=lambda f: (len(f.name), f.name)):  # results.json first
             report = json.loads(path.read_text())
