@@ -17,12 +17,13 @@ import argparse
 import datetime
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from qwen_quant.provenance import git_commit
 
 
 def build_slice(shape: str, blocks: int, device: str, dtype=torch.bfloat16):
@@ -95,14 +96,6 @@ class _Timer:
         pass
 
 
-def _git_commit():
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
-        return r.stdout.strip() or None
-    except OSError:
-        return None
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir", type=Path)
@@ -168,7 +161,7 @@ def main(argv=None):
         "wall_s": time.perf_counter() - wall0,
         "blocks": timer.blocks,
         "env": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-                "transformers": __import__("transformers").__version__, "git_commit": _git_commit(),
+                "transformers": __import__("transformers").__version__, "git_commit": git_commit(),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])},
     }

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from qwen_quant.provenance import git_commit
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Qwen2 layout, small hidden size and many blocks: the weights are large, one block is small.
@@ -126,7 +128,7 @@ def main(argv=None):
         "mean_rel_error": report["totals"]["mean_rel_error"],
         "method": "getrusage(RUSAGE_CHILDREN).ru_maxrss of the quantizing subprocess (kernel-tracked peak)",
         "env": {"machine": f"{os.cpu_count()} CPUs, {platform.machine()}", "python": platform.python_version(),
-                "torch": torch.__version__, "git_commit": _git_commit(),
+                "torch": torch.__version__, "git_commit": git_commit(),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "command": "python scripts/measure_streaming_rss.py " + " ".join(argv if argv is not None else sys.argv[1:])},
     }
@@ -137,11 +139,6 @@ def main(argv=None):
           f"goal {'met' if result['goal_met'] else 'NOT met'}")
     if not args.keep:
         shutil.rmtree(args.work, ignore_errors=True)
-
-
-def _git_commit():
-    r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    return r.stdout.strip() or None
 
 
 def _markdown(r: dict) -> str:
