@@ -31,7 +31,7 @@ FORWARD_DTYPES = ("auto", "bf16", "model")
 
 
 def validate_settings(bits, group_size, method, desc_act, static_groups, sym, damp, mse, nsamples, seqlen,
-                      forward_dtype: str = "auto") -> QuantSettings:
+                      forward_dtype: str = "auto", gptaq_alpha: float = 0.0) -> QuantSettings:
     """Every check that needs no model: one-line UserErrors before anything is loaded or written."""
     if bits not in (2, 3, 4, 8):
         raise UserError(f"unsupported --bits {bits}: use 2, 3, 4 or 8")
@@ -47,11 +47,15 @@ def validate_settings(bits, group_size, method, desc_act, static_groups, sym, da
         raise UserError(f"--damp {damp} is outside (0, 1): use a small fraction of the mean diagonal, e.g. 0.01")
     if forward_dtype not in FORWARD_DTYPES:
         raise UserError(f"unknown --forward-dtype {forward_dtype!r}: use {', '.join(FORWARD_DTYPES)}")
+    if not (0 <= float(gptaq_alpha) <= 1):
+        raise UserError(f"--gptaq {gptaq_alpha} is outside [0, 1]: 0 is plain GPTQ, 1 the full asymmetric correction, e.g. 0.25")
+    if method == "rtn" and float(gptaq_alpha) > 0:
+        raise UserError("--gptaq changes how GPTQ calibrates; round-to-nearest has no calibration: drop --gptaq or use --method gptq")
     if method == "rtn":  # act-order and static groups are GPTQ's: an RTN checkpoint must not claim them
         desc_act = static_groups = False
     return QuantSettings(bits=bits, group_size=group_size, method=method, desc_act=bool(desc_act),
                          static_groups=bool(static_groups), sym=bool(sym), damp=float(damp), mse=bool(mse),
-                         forward_dtype=forward_dtype)
+                         forward_dtype=forward_dtype, gptaq_alpha=float(gptaq_alpha))
 
 
 def resolve_device(device) -> torch.device:
@@ -268,8 +272,7 @@ def build_report(settings, qconfig, opened, calib, stats, device, command, secon
     return {
         "format": "GPTQ v1 (checkpoint_format gptq, qzeros store zero-1)",
         "quantization_config": qconfig,
-        "settings": {"method": settings.method, "mse": settings.mse, "forward_dtype": settings.forward_dtype,
-                     "device": str(device)},
+        "settings": settings.run_settings() | {"device": str(device)},
         "model": opened.description,
         "calibration": calib.description,
         "layers": [s.to_dict() for s in stats],
@@ -314,7 +317,7 @@ def _tensor_entries(source, state, n_blocks: int, out_dtype) -> list[writer.Tens
 
 def quantize(model, out=None, bits: int = 4, group_size: int = 128, method: str = "gptq", desc_act: bool = True,
              static_groups: bool = True, sym: bool = True, damp: float = 0.01, mse: bool = True,
-             forward_dtype: str = "auto", nsamples: int = 128, seqlen: int | None = None, calib: str = "default", device=None,
+             forward_dtype: str = "auto", gptaq_alpha: float = 0.0, nsamples: int = 128, seqlen: int | None = None, calib: str = "default", device=None,
              max_shard_size="2GB", overwrite: bool = False, resume: bool = False, trust_remote_code: bool = False,
              gguf_file: str | None = None, seed: int = 0, quiet: bool = False, command: str | None = None) -> Path:
     """Quantize `model` (a spec string — HF id, folder, 'demo', 'synthetic:<shape>' — or a LoadedModel)
@@ -326,7 +329,7 @@ def quantize(model, out=None, bits: int = 4, group_size: int = 128, method: str 
     t_start = time.perf_counter()
     commit = git_commit()  # the code that starts the run is the code that makes it
     settings = validate_settings(bits, group_size, method, desc_act, static_groups, sym, damp, mse, nsamples, seqlen,
-                                 forward_dtype)
+                                 forward_dtype, gptaq_alpha)
     max_shard_bytes = writer.parse_size(max_shard_size)
     dev = resolve_device(device)
     progress = Progress(quiet)
@@ -352,8 +355,7 @@ def quantize(model, out=None, bits: int = 4, group_size: int = 128, method: str 
         calibration = calib
 
     identity = {"model": opened.description.get("source"),
-                "settings": settings.quantization_config() | {"mse": settings.mse, "method": settings.method,
-                                                              "forward_dtype": settings.forward_dtype},
+                "settings": settings.quantization_config() | settings.run_settings(),
                 "calibration": resume_mod.calibration_fingerprint(calibration)}
     state = resume_mod.RunState(target, identity, resume, say=progress.say)
     n_blocks = len(opened.source.blocks)
@@ -364,7 +366,7 @@ def quantize(model, out=None, bits: int = 4, group_size: int = 128, method: str 
         qconfig["meta"] = {"quantizer": [f"qwen-quant:{_versions()['qwen_quant']}"], "quantizer_name": "qwen-quant",
                            "version": _versions()["qwen_quant"], "date": state.date,
                            "calibration": calibration.description, "synthetic": bool(opened.description.get("synthetic")),
-                           "method": settings.method, "mse": settings.mse, "forward_dtype": settings.forward_dtype}
+                           **settings.run_settings()}
         report = build_report(settings, qconfig, opened, calibration, stats, dev,
                               command or _api_command(model, out, settings, nsamples, seqlen, calib),
                               time.perf_counter() - t_start, settings.group_size, commit)

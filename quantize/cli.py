@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--forward-dtype", default="auto", choices=("auto", "bf16", "model"),
                    help="dtype of the calibration forwards (not of the checkpoint): auto (default) runs an fp32 "
                         "model's forwards under bf16 autocast, 2-3x faster, GPTQ itself stays fp32; model: the model's own dtype")
+    q.add_argument("--gptaq", type=float, default=0.0, metavar="ALPHA",
+                   help="asymmetric calibration (GPTAQ, a.k.a. GPTQ v2): fit each layer to the full-precision model's "
+                        "outputs instead of its own output on the already-quantized model's inputs; ALPHA in [0, 1] "
+                        "scales the correction (0 = plain GPTQ, the default; 1 = exact; the GPTAQ authors' code uses 0.25). "
+                        "Costs one fp copy of a block and a second activation stream")
     c = p.add_argument_group("calibration")
     c.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
     c.add_argument("--seqlen", type=int, default=None, help="tokens per sample (default 2048, capped at the model's context)")
@@ -85,7 +90,7 @@ def main(argv=None):
     argv_used = sys.argv[1:] if argv is None else list(argv)
     quantize(args.model, args.out, bits=args.bits, group_size=args.group_size, method=args.method,
              desc_act=args.desc_act, static_groups=args.static_groups, sym=not args.asym, damp=args.damp,
-             mse=args.mse, forward_dtype=args.forward_dtype, nsamples=args.nsamples, seqlen=args.seqlen, calib=args.calib, device=args.device,
+             mse=args.mse, forward_dtype=args.forward_dtype, gptaq_alpha=args.gptaq, nsamples=args.nsamples, seqlen=args.seqlen, calib=args.calib, device=args.device,
              max_shard_size=args.max_shard_size, overwrite=args.overwrite, resume=args.resume,
              trust_remote_code=args.trust_remote_code, gguf_file=args.gguf_file, seed=args.seed,
              quiet=args.quiet or is_quiet(), command="qwen-quantize " + shlex.join(argv_used))

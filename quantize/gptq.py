@@ -86,6 +86,63 @@ class HessianAccumulator:
         return self._xtx * (2.0 / self.tokens)
 
 
+class AsymmetricAccumulator(HessianAccumulator):
+    """H = 2 X~ X~^T / n and D = 2 (X - X~) X~^T / n, for asymmetric calibration (GPTAQ, Li et al. 2025).
+
+    X~ are the layer's inputs in the model being quantized (earlier layers already quantized), X the
+    same tokens' inputs in the full-precision model. D is what `asymmetric_target` needs to aim the
+    layer at the fp model's outputs W X rather than at W X~.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None):
+        super().__init__(in_features, device)
+        self._dxt = None if device is None else torch.zeros(in_features, in_features, device=device)
+
+    def add_pair(self, x: torch.Tensor, x_fp: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """x [..., K] inputs in the quantized model, x_fp the same tokens' inputs in the fp model."""
+        if x.shape != x_fp.shape:
+            raise UserError(f"quantized-model inputs {tuple(x.shape)} and fp-model inputs {tuple(x_fp.shape)} differ")
+        rows, rows_fp = x.reshape(-1, self.in_features), x_fp.reshape(-1, self.in_features)
+        if mask is not None:
+            keep = mask.reshape(-1).to(device=rows.device, dtype=torch.bool)
+            rows, rows_fp = rows[keep], rows_fp[keep]
+        rows, rows_fp = rows.to(torch.float32), rows_fp.to(device=rows.device, dtype=torch.float32)
+        self.add_batch(rows)
+        if self._dxt is None:
+            self._dxt = torch.zeros(self.in_features, self.in_features, device=rows.device)
+        self._dxt.addmm_((rows_fp - rows).T, rows)
+
+    def asymmetry(self) -> torch.Tensor:
+        self.hessian()  # the same "no tokens" error
+        return self._dxt * (2.0 / self.tokens)
+
+
+def asymmetric_target(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, alpha: float = 1.0,
+                      damp: float = 0.01) -> torch.Tensor:
+    """The weights GPTQ should aim at so that Q X~ matches the fp model's W X (asymmetric calibration).
+
+    With C = X X~^T = D + H: ||Q X~ - W X||^2 = ||(Q - W') X~||^2 + const for W' = W C H^-1 = W + W D H^-1,
+    because the residual W' X~ - W X is orthogonal to the rows of X~. So GPTQ on (W', H) solves the
+    asymmetric problem exactly; H is damped here as GPTQ damps it, and alpha scales the correction
+    (1 = the exact target, 0 = W: plain GPTQ). Returns W' [N, K] in float32 (float64 for float64 W);
+    W itself if H cannot be factorized even with damping (the correction is then skipped).
+    """
+    dtype = _compute_dtype(W)
+    if alpha == 0:
+        return W.to(dtype)
+    H = H.to(device=W.device, dtype=dtype).clone()
+    D = D.to(device=W.device, dtype=dtype)
+    diag = torch.diagonal(H)
+    diag[diag == 0] = 1  # dead inputs: their D rows and columns are 0, so they get no correction
+    diag += damp * diag.mean()
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info) != 0:
+        return W.to(dtype)
+    # W D H^-1 = (H^-1 D^T W^T)^T, H symmetric: one triangular solve pair on [K, N]
+    correction = torch.cholesky_solve((W.to(dtype) @ D).T.contiguous(), L).T
+    return W.to(dtype) + alpha * correction
+
+
 def _check_args(W: torch.Tensor, bits: int, group_size: int, damp: float | None = None) -> None:
     check_bits(bits)
     if W.dim() != 2:

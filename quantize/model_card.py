@@ -57,6 +57,8 @@ def model_card(report: dict) -> str:
         f"- bits {qc['bits']}, group size {group}, {'symmetric' if qc['sym'] else 'asymmetric'}, "
         f"act-order (desc_act) {qc['desc_act']}, static groups {qc['static_groups']}, damp {qc['damp_percent']}, "
         f"range search (mse) {report['settings']['mse']}",
+        *([f"- asymmetric calibration (GPTAQ): each layer fitted to the full-precision model's outputs, correction "
+           f"scaled by alpha = {report['settings']['gptaq_alpha']}"] if report["settings"].get("gptaq_alpha") else []),
         f"- command: `{report['command']}`",
         "",
         "## Calibration",

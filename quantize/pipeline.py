@@ -10,6 +10,7 @@ block, not the model.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -44,6 +45,10 @@ class QuantSettings:
     sym: bool = True
     damp: float = 0.01
     mse: bool = True
+    # asymmetric calibration (GPTAQ): 0 = classic GPTQ (each layer matches its own weights on the quantized
+    # model's inputs); alpha > 0 aims each layer at the fp model's outputs instead, alpha scaling the
+    # correction (1 = exact). Costs an fp copy of the block being quantized and a second activation stream.
+    gptaq_alpha: float = 0.0
     # dtype of the calibration forwards (not of the checkpoint): "auto" runs an fp32 model's block
     # forwards under bfloat16 autocast (2-3x faster on CPUs with AMX/AVX512-BF16 and on GPUs; GPTQ itself
     # and the Hessians stay float32), a 16-bit model in its own dtype; "model" never autocasts.
@@ -55,6 +60,13 @@ class QuantSettings:
                 "desc_act": self.desc_act, "sym": self.sym, "damp_percent": self.damp,
                 "static_groups": self.static_groups, "true_sequential": True,
                 "checkpoint_format": "gptq", "lm_head": False}
+
+    def run_settings(self) -> dict:
+        """How the run calibrated, beyond the format's keys (quant_report.json, meta, resume identity).
+        gptaq_alpha only appears when on: loaders need nothing new, the checkpoint format is unchanged,
+        and a classic run's records stay as they were."""
+        out = {"method": self.method, "mse": self.mse, "forward_dtype": self.forward_dtype}
+        return out | ({"gptaq_alpha": self.gptaq_alpha} if self.gptaq_alpha else {})
 
 
 @dataclasses.dataclass
@@ -229,11 +241,14 @@ class BlockInputs:
     kwargs: list[dict]  # attention mask, position embeddings/ids ... as the model passed them
     token_mask: torch.Tensor  # [n, L] bool, True where a real (non-padding) token is
     autocast: torch.dtype | None = None  # run blocks under autocast to this dtype (see QuantSettings.forward_dtype)
+    # asymmetric calibration only: the same samples' hidden states in the full-precision model
+    fp_hidden: list[torch.Tensor] | None = None
 
-    def run(self, block: nn.Module, i: int) -> torch.Tensor:
-        device = self.hidden[i].device.type
-        with torch.autocast(device, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
-            out = block(self.hidden[i], *self.args[i], **self.kwargs[i])
+    def run(self, block: nn.Module, i: int, fp: bool = False) -> torch.Tensor:
+        """Block `block` on sample i: the quantized model's stream, or with fp=True the fp model's."""
+        hidden = (self.fp_hidden if fp else self.hidden)[i]
+        with torch.autocast(hidden.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            out = block(hidden, *self.args[i], **self.kwargs[i])
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -303,34 +318,45 @@ def capture_block_inputs(source, calib, device) -> BlockInputs:
     return BlockInputs(hidden, args, kwargs, calib.attention_mask.to(device).bool())
 
 
+def _input_of(block: nn.Module, name: str, inputs: BlockInputs, i: int, fp: bool = False) -> torch.Tensor:
+    """What linear `name` of `block` receives on sample i (the forward stops right there)."""
+    seen = []
+
+    def hook(_module, a):
+        seen.append(a[0].detach())
+        raise _StopForward
+
+    handle = block.get_submodule(name).register_forward_pre_hook(hook)
+    try:
+        inputs.run(block, i, fp=fp)
+    except _StopForward:
+        return seen[0]
+    finally:
+        handle.remove()
+    raise RuntimeError(f"{name} never ran in the block's forward: fix the layout")
+
+
 @torch.no_grad()
-def collect_hessian(block: nn.Module, inputs: BlockInputs, linears: dict[str, nn.Module], gptq) -> torch.Tensor:
+def collect_hessian(block: nn.Module, inputs: BlockInputs, linears: dict[str, nn.Module], gptq,
+                    fp_block: nn.Module | None = None):
     """The Hessian shared by a step's linears (they see the same input, by the layout's definition).
 
     Only the step's first linear is hooked, and the forward stops right there: nothing after it is needed.
+    With `fp_block` (the block's unquantized copy: asymmetric calibration) the same linear's inputs in
+    the fp model are read too, and (H, D) is returned, D as `gptq.AsymmetricAccumulator` defines it.
     """
-    first = next(iter(linears.values()))
+    first_name, first = next(iter(linears.items()))
     if len({lin.in_features for lin in linears.values()}) != 1:
         raise RuntimeError(f"the linears of step {list(linears)} have different inputs: fix the layout")
-    acc = gptq.HessianAccumulator(first.in_features)
-    current = {}
-
-    def hook(_module, a):
-        acc.add_batch(a[0].detach(), mask=current["mask"])
-        raise _StopForward
-
-    handle = first.register_forward_pre_hook(hook)
-    try:
-        for i in range(len(inputs.hidden)):
-            current["mask"] = inputs.token_mask[i:i + 1]
-            try:
-                inputs.run(block, i)
-            except _StopForward:
-                continue
-            raise RuntimeError(f"{next(iter(linears))} never ran in the block's forward: fix the layout")
-    finally:
-        handle.remove()
-    return acc.hessian()
+    acc = (gptq.AsymmetricAccumulator if fp_block is not None else gptq.HessianAccumulator)(first.in_features)
+    for i in range(len(inputs.hidden)):
+        mask = inputs.token_mask[i:i + 1]
+        x = _input_of(block, first_name, inputs, i)
+        if fp_block is None:
+            acc.add_batch(x, mask=mask)
+        else:
+            acc.add_pair(x, _input_of(fp_block, first_name, inputs, i, fp=True), mask=mask)
+    return acc.hessian() if fp_block is None else (acc.hessian(), acc.asymmetry())
 
 
 def relative_output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor, rows: int = 1024) -> float:
@@ -349,6 +375,7 @@ def relative_output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor, row
 
 
 def quantize_weight(w: torch.Tensor, h: torch.Tensor, settings: QuantSettings, gptq):
+    """w [N, K] float32 (possibly the asymmetric target rather than the layer's own weights)."""
     if settings.method == "rtn":
         return gptq.rtn_quantize(w, settings.bits, settings.group_size, settings.sym, mse=settings.mse)
     return gptq.gptq_quantize(w, h, bits=settings.bits, group_size=settings.group_size, sym=settings.sym,
@@ -362,19 +389,29 @@ def block_device(block: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def quantize_block(block: nn.Module, inputs: BlockInputs, layout: Layout, settings: QuantSettings,
-                   on_layer: Callable[[str], None] | None = None) -> tuple[dict, list[LayerStats]]:
-    """Quantize one block in place, step by step; return {linear name: QuantResult} and stats."""
+                   on_layer: Callable[[str], None] | None = None,
+                   fp_block: nn.Module | None = None) -> tuple[dict, list[LayerStats]]:
+    """Quantize one block in place, step by step; return {linear name: QuantResult} and stats.
+
+    fp_block, the block's unquantized copy, turns on asymmetric calibration (settings.gptaq_alpha)."""
     from qwen_quant.quantize import gptq
 
     results, stats = {}, []
     for step in layout.steps:
         linears = {name: block.get_submodule(name) for name in step}
-        h = collect_hessian(block, inputs, linears, gptq).to(block_device(block))
+        collected = collect_hessian(block, inputs, linears, gptq, fp_block=fp_block)
+        h, d = collected if fp_block is not None else (collected, None)
+        h = h.to(block_device(block))
         # The step's linears share H, and GPTQ treats each output row on its own given H: quantizing
         # their weights stacked along the output dimension is exactly quantizing each alone, with one
         # Cholesky and one column loop instead of several (q/k/v: 3x fewer Python-level steps).
         weights = [lin.weight.detach().float() for lin in linears.values()]
-        pieces = quantize_weight(torch.cat(weights), h, settings, gptq).split([w.shape[0] for w in weights])
+        target = torch.cat(weights)
+        if d is not None:
+            target = gptq.asymmetric_target(target, h, d, settings.gptaq_alpha, settings.damp)
+            del d
+        pieces = quantize_weight(target, h, settings, gptq).split([w.shape[0] for w in weights])
+        del target
         for (name, lin), w, res in zip(linears.items(), weights, pieces):
             q = res.weight.to(lin.weight.device)
             err = relative_output_error(w, q, h)
@@ -390,9 +427,12 @@ def quantize_block(block: nn.Module, inputs: BlockInputs, layout: Layout, settin
 
 
 @torch.no_grad()
-def propagate(block: nn.Module, inputs: BlockInputs) -> None:
-    """The next block's inputs: this block's outputs with its quantized weights."""
+def propagate(block: nn.Module, inputs: BlockInputs, fp_block: nn.Module | None = None) -> None:
+    """The next block's inputs: this block's outputs with its quantized weights (and, for asymmetric
+    calibration, the fp model's: the unquantized copy on the fp stream)."""
     inputs.hidden = [inputs.run(block, i) for i in range(len(inputs.hidden))]
+    if fp_block is not None:
+        inputs.fp_hidden = [inputs.run(fp_block, i, fp=True) for i in range(len(inputs.fp_hidden))]
 
 
 def block_checkpoint_tensors(block: nn.Module, prefix: str, results: dict, settings: QuantSettings,
@@ -458,9 +498,14 @@ def run_blocks(source, calib, settings: QuantSettings, device, state, progress) 
     out_dtype = checkpoint_dtype(source.dtype)
     inputs = capture_block_inputs(source, calib, device)
     inputs.autocast = forward_autocast(settings, source.dtype, device)
+    asymmetric = settings.method == "gptq" and settings.gptaq_alpha > 0
+    if asymmetric:
+        inputs.fp_hidden = list(inputs.hidden)  # block 0 sees the same inputs in both models
     start = state.first_unfinished()
     if start > 0:
-        inputs.hidden = state.load_inputs(device)
+        inputs.hidden, fp_hidden = state.load_inputs(device)
+        if asymmetric:
+            inputs.fp_hidden = fp_hidden
         progress.resumed(start, n_blocks)
     stop_at = stop_after_block()
     all_stats = [s for i in range(start) for s in state.block_stats(i)]
@@ -468,14 +513,18 @@ def run_blocks(source, calib, settings: QuantSettings, device, state, progress) 
     for i in range(start, n_blocks):
         t0 = time.perf_counter()
         block = source.load_block(i, device)
-        results, stats = quantize_block(block, inputs, layout, settings, on_layer=progress.layer_done)
+        fp_block = copy.deepcopy(block) if asymmetric else None  # one block's weights, before quantization
+        results, stats = quantize_block(block, inputs, layout, settings, on_layer=progress.layer_done,
+                                        fp_block=fp_block)
         tensors = block_checkpoint_tensors(block, f"{layout.blocks}.{i}.", results, settings, out_dtype)
         del results
-        propagate(block, inputs)
+        propagate(block, inputs, fp_block)
+        del fp_block
         source.release_block(i, block)
         for s in stats:
             s.name = f"{layout.blocks}.{i}.{s.name}"
-        state.save_block(i, tensors, [s.to_dict() for s in stats], inputs.hidden, last=(i == n_blocks - 1))
+        state.save_block(i, tensors, [s.to_dict() for s in stats], inputs.hidden, last=(i == n_blocks - 1),
+                         fp_inputs=inputs.fp_hidden)
         all_stats.extend(stats)
         _release_freed_memory()
         progress.block_done(i, stats, time.perf_counter() - t0)

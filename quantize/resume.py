@@ -98,23 +98,28 @@ class RunState:
         n = json.loads(p.read_text())["next_block"]
         return n if all(self._block(i, "json").is_file() for i in range(n)) else 0
 
-    def load_inputs(self, device) -> list[torch.Tensor]:
-        hidden = load_file(str(self.dir / "inputs.safetensors"))["hidden"]
-        return [h.unsqueeze(0).to(device) for h in hidden]
+    def load_inputs(self, device) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """The next block's inputs, and the fp model's (asymmetric calibration; None otherwise)."""
+        saved = load_file(str(self.dir / "inputs.safetensors"))
+        unstack = (lambda t: [h.unsqueeze(0).to(device) for h in t])
+        return unstack(saved["hidden"]), (unstack(saved["fp_hidden"]) if "fp_hidden" in saved else None)
 
     def block_stats(self, i: int) -> list[dict]:
         from qwen_quant.quantize.pipeline import LayerStats
 
         return [LayerStats(**d) for d in json.loads(self._block(i, "json").read_text())]
 
-    def save_block(self, i: int, tensors: dict, stats: list[dict], next_inputs: list[torch.Tensor], last: bool) -> None:
+    def save_block(self, i: int, tensors: dict, stats: list[dict], next_inputs: list[torch.Tensor], last: bool,
+                   fp_inputs: list[torch.Tensor] | None = None) -> None:
         _atomic_save_tensors(self._block(i, "safetensors"), tensors)
         _atomic_write_bytes(self._block(i, "json"), json.dumps(stats, indent=1).encode())
         if last:
             return
-        nbytes = sum(h.numel() * h.element_size() for h in next_inputs)
+        streams = {"hidden": next_inputs} | ({"fp_hidden": fp_inputs} if fp_inputs is not None else {})
+        nbytes = sum(h.numel() * h.element_size() for hs in streams.values() for h in hs)
         if nbytes <= SMALL_INPUTS_BYTES or time.monotonic() - self._last_inputs_save >= SAVE_INTERVAL_S:
-            _atomic_save_tensors(self.dir / "inputs.safetensors", {"hidden": torch.cat([h.cpu() for h in next_inputs])})
+            _atomic_save_tensors(self.dir / "inputs.safetensors",
+                                 {k: torch.cat([h.cpu() for h in hs]) for k, hs in streams.items()})
             _atomic_write_bytes(self.dir / "inputs.json", json.dumps({"next_block": i + 1}).encode())
             self._last_inputs_save = time.monotonic()
 

@@ -78,6 +78,8 @@ def checkpoint_settings(path: str) -> dict:
             "desc_act": qc.get("desc_act"), "static_groups": qc.get("static_groups"), "damp": qc.get("damp_percent"),
             "mse": report["settings"].get("mse"), "method": report["settings"].get("method"),
             "forward_dtype": report["settings"].get("forward_dtype"),
+            # recorded only when on (earlier checkpoints predate it and were plain GPTQ)
+            "gptaq_alpha": report["settings"].get("gptaq_alpha", 0.0),
             "calibration": f"{calib.get('nsamples')} x {calib.get('seqlen')} tokens ({calib.get('source')})"}
 
 

@@ -318,3 +318,79 @@ def test_linears_sharing_a_hessian_can_be_quantized_in_one_call(correlated_layer
         assert torch.equal(recompute_weight(piece).float(), piece.weight)
     with pytest.raises(ValueError, match="do not add up"):
         whole.split([16, 16])
+
+
+# ---------- asymmetric calibration (GPTAQ): aim at the fp model's outputs ----------
+
+def asymmetric_pair(n_tokens=600, K=48, seed=11):
+    """Inputs of the fp model X and of the quantized model X~ = X + an error correlated with X (as the
+    error of quantized earlier layers is), both [tokens, K] in float64."""
+    X = correlated_inputs(n_tokens, K, seed=seed, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed + 1)
+    drift = torch.eye(K, dtype=torch.float64) + 0.1 * torch.randn(K, K, generator=g, dtype=torch.float64)
+    return X, X @ drift + 0.05 * X.std() * torch.randn(n_tokens, K, generator=g, dtype=torch.float64)
+
+
+def test_asymmetric_accumulator_gives_h_and_d_and_leaves_out_padding():
+    from qwen_quant.quantize.gptq import AsymmetricAccumulator
+
+    X, Xq = asymmetric_pair(n_tokens=40, K=16)
+    mask = torch.ones(40, dtype=torch.bool)
+    mask[30:] = False
+    Xq_padded, X_padded = Xq.clone(), X.clone()
+    Xq_padded[~mask], X_padded[~mask] = 1e3, -1e3
+    acc = AsymmetricAccumulator(16)
+    acc.add_pair(Xq_padded[:25].float(), X_padded[:25].float(), mask[:25])
+    acc.add_pair(Xq_padded[25:].float(), X_padded[25:].float(), mask[25:])
+    real, real_fp = Xq[mask], X[mask]
+    n = real.shape[0]
+    torch.testing.assert_close(acc.hessian().double(), 2 * real.T @ real / n, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(acc.asymmetry().double(), 2 * (real_fp - real).T @ real / n, rtol=1e-4, atol=1e-4)
+
+
+def test_asymmetric_target_is_the_least_squares_solution_and_makes_the_objective_gptqs():
+    """||Q X~ - W X||^2 = ||(Q - W') X~||^2 + const for every Q: the asymmetric problem is GPTQ's on W'."""
+    from qwen_quant.quantize.gptq import asymmetric_target
+
+    X, Xq = asymmetric_pair()
+    W = random_weight(20, 48, dtype=torch.float64)
+    n = X.shape[0]
+    H, D = 2 * Xq.T @ Xq / n, 2 * (X - Xq).T @ Xq / n
+    target = asymmetric_target(W, H, D, alpha=1.0, damp=0.0)
+    assert target.dtype == torch.float64
+    # W' minimises ||W' X~ - W X|| (rows of the token matrices here: X~ W'^T ~ X W^T)
+    lstsq = torch.linalg.lstsq(Xq, X @ W.T).solution.T
+    torch.testing.assert_close(target, lstsq, rtol=1e-6, atol=1e-8)
+    g = torch.Generator().manual_seed(3)
+    gaps = []
+    for _ in range(3):
+        Q = W + 0.02 * torch.randn(W.shape, generator=g, dtype=torch.float64)
+        asym = ((Xq @ Q.T - X @ W.T) ** 2).sum()
+        gptq_form = ((Xq @ (Q - target).T) ** 2).sum()
+        gaps.append(float(asym - gptq_form))
+    assert max(gaps) - min(gaps) < 1e-6 * abs(gaps[0])  # the same constant for every Q
+    # alpha 0 is plain GPTQ's target; identical streams need no correction (D = 0) whatever the damping
+    assert torch.equal(asymmetric_target(W, H, D, alpha=0.0), W)
+    torch.testing.assert_close(asymmetric_target(W, H, torch.zeros_like(D), alpha=1.0, damp=0.01), W)
+    half = asymmetric_target(W, H, D, alpha=0.5, damp=0.0)
+    torch.testing.assert_close(half, (W + target) / 2)
+
+
+@pytest.mark.parametrize("group_size", [16, -1])
+def test_gptq_on_the_asymmetric_target_is_closer_to_the_fp_outputs(group_size):
+    """The point of GPTAQ: with inputs that drifted from the fp model's, quantizing W' instead of W cuts
+    the error against the fp outputs W X (and costs error against W X~, which nobody wants)."""
+    from qwen_quant.quantize.gptq import asymmetric_target
+
+    X, Xq = asymmetric_pair(K=64)
+    W = random_weight(32, 64, dtype=torch.float64)
+    n = X.shape[0]
+    H, D = 2 * Xq.T @ Xq / n, 2 * (X - Xq).T @ Xq / n
+    plain = gptq_quantize(W, H, group_size=group_size, desc_act=True, static_groups=True).weight.double()
+    asym = gptq_quantize(asymmetric_target(W, H, D), H, group_size=group_size, desc_act=True,
+                         static_groups=True).weight.double()
+
+    def fp_error(Q):
+        return float(((Xq @ Q.T - X @ W.T) ** 2).sum() / ((X @ W.T) ** 2).sum()) ** 0.5
+
+    assert fp_error(asym) < 0.8 * fp_error(plain)

@@ -311,6 +311,57 @@ def test_non_empty_target_is_refused_before_any_work(tmp_path, monkeypatch):
         api.quantize("synthetic:tiny", tmp_path / "ckpt", quiet=True)
 
 
+# ---------------------------------------------------------------- asymmetric calibration (GPTAQ)
+
+def test_gptaq_checkpoint_holds_its_weights_and_tracks_the_fp_model_closer(tmp_path):
+    """--gptaq: the same checkpoint format (it equals the weights fed forward), other weights than plain GPTQ,
+    and the quantized model's last hidden states closer to the fp model's, on the calibration tokens and on
+    fresh ones. (With 8 samples instead of 32, alpha 1 fits the calibration tokens better still but fresh
+    ones worse than plain GPTQ: the full correction overfits few tokens, which is what alpha < 1 is for.)"""
+    fp = tiny_hf_model("qwen2")
+    plain_model, asym_model = tiny_hf_model("qwen2"), tiny_hf_model("qwen2")
+    calib = calibration(n=32, seqlen=32)
+    plain = run(plain_model, tmp_path / "plain", calib=calib, group_size=-1)
+    asym = run(asym_model, tmp_path / "asym", calib=calib, group_size=-1, gptaq_alpha=1.0)
+    t, t_plain = tensors_of(asym), tensors_of(plain)
+    for i in range(2):
+        p = f"model.layers.{i}.mlp.down_proj"
+        k = asym_model.get_submodule(p).in_features
+        w = dequantize(t[f"{p}.qweight"], t[f"{p}.qzeros"], t[f"{p}.scales"], t[f"{p}.g_idx"], 4, k)
+        torch.testing.assert_close(w, asym_model.get_submodule(p).weight.detach(), rtol=0, atol=1e-6)
+    assert not torch.equal(t["model.layers.1.mlp.down_proj.qweight"], t_plain["model.layers.1.mlp.down_proj.qweight"])
+    report = json.loads((asym / "quant_report.json").read_text())
+    assert report["settings"]["gptaq_alpha"] == 1.0
+    assert "GPTAQ" in (asym / "README.md").read_text() and "GPTAQ" not in (plain / "README.md").read_text()
+    assert "gptaq_alpha" not in json.loads((plain / "quant_report.json").read_text())["settings"]
+    assert "gptaq_alpha" not in json.loads((asym / "config.json").read_text())["quantization_config"]  # format unchanged
+
+    for ids in (calib.input_ids, calibration(n=8, seqlen=32, seed=5).input_ids):
+        with torch.no_grad():
+            ref = fp.model(input_ids=ids).last_hidden_state.double()
+            errors = [float((m.model(input_ids=ids).last_hidden_state.double() - ref).norm() / ref.norm())
+                      for m in (plain_model, asym_model)]
+        assert errors[1] < 0.9 * errors[0]
+
+
+def test_gptaq_resume_writes_the_same_bytes_and_rtn_refuses_it(tmp_path, monkeypatch):
+    """The fp stream is part of the saved state: a resumed asymmetric run is byte-identical."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    full = run(tiny_hf_model("qwen2"), tmp_path / "full", gptaq_alpha=0.25)
+    monkeypatch.setenv(pipeline.STOP_AFTER_BLOCK_ENV, "0")
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_hf_model("qwen2"), tmp_path / "part", gptaq_alpha=0.25)
+    monkeypatch.delenv(pipeline.STOP_AFTER_BLOCK_ENV)
+    with pytest.raises(UserError, match="cannot resume.*settings"):
+        run(tiny_hf_model("qwen2"), tmp_path / "part", resume=True)  # the interrupted run had --gptaq
+    resumed = run(tiny_hf_model("qwen2"), tmp_path / "part", gptaq_alpha=0.25, resume=True)
+    assert (full / "model.safetensors").read_bytes() == (resumed / "model.safetensors").read_bytes()
+    with pytest.raises(UserError, match="round-to-nearest"):
+        run(tiny_hf_model("qwen2"), tmp_path / "rtn", method="rtn", gptaq_alpha=0.25)
+    with pytest.raises(UserError, match="outside"):
+        run(tiny_hf_model("qwen2"), tmp_path / "big", gptaq_alpha=2)
+
+
 # ---------------------------------------------------------------- resume
 
 def test_resume_after_interruption_writes_the_same_bytes(tmp_path, monkeypatch):
