@@ -212,11 +212,11 @@ def provenance(argv: list[str]) -> dict:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout.strip())
+    from qwen_quant.provenance import git_commit
+
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "torch": version("torch"), "transformers": version("transformers"), "gptqmodel": version("gptqmodel"),
-            "git_commit": commit + (" (uncommitted changes)" if dirty else ""),
+            "git_commit": git_commit(),  # '+dirty' with uncommitted changes (earlier JSON: "(uncommitted changes)")
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": " ".join(["scripts/bench_quantize_demo.py", *argv])}
 
