@@ -17,11 +17,13 @@ Run from anywhere; paths are recorded relative to the repository root.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,14 +49,21 @@ def run(name: str, quantize_args: list[str], tasks: str, limit: int, ppl_windows
                         "--overwrite", "--quiet"], check=True)
     elif quantize_args:
         print(f"{checkpoint} exists: evaluating it as it is (its quant_report.json says how it was made)")
-    scratch = Path("out/levers") / f"{name}.eval"
+    # a scratch folder per run: two runs scoring the same checkpoint on different tasks can go side by side
+    scratch = Path(tempfile.mkdtemp(prefix=f"{name}.eval-", dir="out/levers"))
     subprocess.run([str(bin_dir / "qwen-eval"), str(checkpoint), "--tasks", tasks, "--limit", str(limit),
                     "--ppl-windows", str(ppl_windows), "--seqlen", "512", "--batch", "8", "--device", "cpu",
                     "--out", str(scratch), "--quiet"], check=True)
     keep.mkdir(parents=True, exist_ok=True)
-    taken = len(list(keep.glob("results*.json")))
-    shutil.copyfile(scratch / "results.json", keep / ("results.json" if not taken else f"results-{taken + 1}.json"))
+    for k in itertools.count(1):  # the first free name; "x" mode: a run finishing at the same time takes the next
+        try:
+            with open(keep / ("results.json" if k == 1 else f"results-{k}.json"), "x") as f:
+                f.write((scratch / "results.json").read_text())
+            break
+        except FileExistsError:
+            continue
     shutil.copyfile(checkpoint / "quant_report.json", keep / "quant_report.json")
+    shutil.rmtree(scratch)
 
 
 def _key(r: dict) -> tuple:
