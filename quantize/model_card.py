@@ -73,6 +73,8 @@ def model_card(report: dict) -> str:
         "## What was lost where",
         "",
         "Relative output error of each quantized linear on the calibration inputs, ||W X - Q X|| / ||W X||:",
+        *(["(X: the inputs in the quantized model. GPTAQ aims at the fp model's outputs instead, so it accepts a "
+           "larger error by this measure.)"] if report["settings"].get("gptaq_alpha") else []),
         "",
         *_error_summary(report["layers"]),
         "",

@@ -74,7 +74,7 @@ class LayerStats:
     name: str
     in_features: int
     out_features: int
-    rel_error: float  # ||W X - Q X|| / ||W X|| on the calibration inputs
+    rel_error: float  # ||W X - Q X|| / ||W X|| on the calibration inputs (X as the quantized model sees them)
     damp_used: float
     fallback: str | None
     seconds: float  # its share (by output rows) of the quantization of its step's stacked linears
@@ -435,6 +435,23 @@ def propagate(block: nn.Module, inputs: BlockInputs, fp_block: nn.Module | None 
         inputs.fp_hidden = [inputs.run(fp_block, i, fp=True) for i in range(len(inputs.fp_hidden))]
 
 
+def start_fp_stream(inputs: BlockInputs, settings: QuantSettings) -> None:
+    """Asymmetric calibration follows the fp model's activations too; block 0 sees the same in both models."""
+    if settings.method == "gptq" and settings.gptaq_alpha > 0:
+        inputs.fp_hidden = list(inputs.hidden)
+
+
+@torch.no_grad()
+def quantize_and_propagate(block: nn.Module, inputs: BlockInputs, layout: Layout, settings: QuantSettings,
+                           on_layer: Callable[[str], None] | None = None) -> tuple[dict, list[LayerStats]]:
+    """One block's whole turn: quantize it in place, then move both streams past it (the quantized model's
+    and, with asymmetric calibration, the fp model's through an unquantized copy of the block)."""
+    fp_block = copy.deepcopy(block) if inputs.fp_hidden is not None else None  # one block's weights
+    results, stats = quantize_block(block, inputs, layout, settings, on_layer=on_layer, fp_block=fp_block)
+    propagate(block, inputs, fp_block)
+    return results, stats
+
+
 def block_checkpoint_tensors(block: nn.Module, prefix: str, results: dict, settings: QuantSettings,
                              out_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of one block (host memory): GPTQ tensors for its linears, 16-bit rest."""
@@ -498,13 +515,11 @@ def run_blocks(source, calib, settings: QuantSettings, device, state, progress) 
     out_dtype = checkpoint_dtype(source.dtype)
     inputs = capture_block_inputs(source, calib, device)
     inputs.autocast = forward_autocast(settings, source.dtype, device)
-    asymmetric = settings.method == "gptq" and settings.gptaq_alpha > 0
-    if asymmetric:
-        inputs.fp_hidden = list(inputs.hidden)  # block 0 sees the same inputs in both models
+    start_fp_stream(inputs, settings)
     start = state.first_unfinished()
     if start > 0:
         inputs.hidden, fp_hidden = state.load_inputs(device)
-        if asymmetric:
+        if inputs.fp_hidden is not None:
             inputs.fp_hidden = fp_hidden
         progress.resumed(start, n_blocks)
     stop_at = stop_after_block()
@@ -513,13 +528,9 @@ def run_blocks(source, calib, settings: QuantSettings, device, state, progress) 
     for i in range(start, n_blocks):
         t0 = time.perf_counter()
         block = source.load_block(i, device)
-        fp_block = copy.deepcopy(block) if asymmetric else None  # one block's weights, before quantization
-        results, stats = quantize_block(block, inputs, layout, settings, on_layer=progress.layer_done,
-                                        fp_block=fp_block)
+        results, stats = quantize_and_propagate(block, inputs, layout, settings, on_layer=progress.layer_done)
         tensors = block_checkpoint_tensors(block, f"{layout.blocks}.{i}.", results, settings, out_dtype)
         del results
-        propagate(block, inputs, fp_block)
-        del fp_block
         source.release_block(i, block)
         for s in stats:
             s.name = f"{layout.blocks}.{i}.{s.name}"

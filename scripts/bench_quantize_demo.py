@@ -42,6 +42,10 @@ METHODS = {
     "gptq-act-static-mse": ("ours", {"mse": True, "desc_act": True, "static_groups": True},
                             "our GPTQ, act-order with static groups + mse"),
     "gptqmodel-gar": ("gptqmodel", {"act_group_aware": True}, "GPTQModel, its default group-aware reordering"),
+    "gptq-gptaq": ("ours", "defaults+gptaq", "our GPTQ at its defaults + asymmetric calibration (--gptaq 0.25)"),
+    "gptqmodel-gptaq": ("gptqmodel", {"desc_act": True, "static_groups": True, "mse": 2.4, "act_group_aware": False,
+                                      "gptaq": {"alpha": 0.25}},
+                        "GPTQModel at our default settings + its GPTAQ (alpha 0.25)"),
 }
 DEFAULT_METHODS = ("fp", "rtn", "gptq", "gptqmodel-same", "gptqmodel", "gptq-minmax", "gptq-mse", "gptq-act", "gptq-act-mse",
                    "gptq-act-static", "gptq-act-static-mse", "gptqmodel-gar")  # most important first
@@ -119,10 +123,9 @@ def quantize_ours(model, data, extra: dict) -> None:
     calib = Calibration(data["input_ids"], data["attention_mask"], {})
     inputs = pipeline.capture_block_inputs(source, calib, "cpu")
     inputs.autocast = pipeline.forward_autocast(settings, source.dtype, "cpu")
+    pipeline.start_fp_stream(inputs, settings)
     for i in range(len(source.blocks)):
-        block = source.load_block(i, "cpu")
-        pipeline.quantize_block(block, inputs, source.layout, settings)
-        pipeline.propagate(block, inputs)
+        pipeline.quantize_and_propagate(source.load_block(i, "cpu"), inputs, source.layout, settings)
 
 
 def quantize_gptqmodel(data, extra: dict, out: Path) -> float:
@@ -175,6 +178,8 @@ def run_worker(name: str, work: Path, threads: int) -> None:
     who, extra, _ = METHODS[name]
     if extra == "defaults":
         extra = our_defaults()
+    elif extra == "defaults+gptaq":
+        extra = our_defaults() | {"gptaq_alpha": 0.25}
     data = torch.load(work / "inputs.pt")
     model = load_model("demo").model
     seconds = cpu = None

