@@ -5,7 +5,7 @@
 #   DRY_RUN=1 bash scripts/gpu_check.sh /tmp/gpu_dry  (CPU rehearsal with tiny shapes)
 set -u
 OUTDIR=${1:-/tmp/gpu_out}
-PARTS=${2:-cuda,kernels,fast,profile,quantize}
+PARTS=${2:-cuda,kernels,fast,profile,quantize,quantize-gptaq}
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
@@ -39,7 +39,8 @@ run cuda     45  $PY scripts/gpu_cuda_check.py "$OUTDIR/cuda" "${DRY[@]}"
 run kernels  "${KERNELS_BUDGET:-130}" $PY scripts/gpu_kernels.py "$OUTDIR/kernels" --budget "$(( ${KERNELS_BUDGET:-130} - 10 ))" "${DRY[@]}"
 run fast     "${FAST_BUDGET:-110}" $PY scripts/gpu_fast_engine.py "$OUTDIR/fast" --budget-s "$(( ${FAST_BUDGET:-110} - 12 ))" ${FAST_ARGS:-} "${DRY[@]}"
 run profile  210 bash scripts/gpu_profile.sh "${DRY[@]}" "$OUTDIR/profile"
-run quantize 70  $PY scripts/gpu_quantize_timing.py --out "$OUTDIR/quantize" "${DRY[@]}"
+run quantize 70  $PY scripts/gpu_quantize_timing.py "$OUTDIR/quantize" "${DRY[@]}"
+run quantize-gptaq 70 $PY scripts/gpu_quantize_timing.py "$OUTDIR/quantize-gptaq" --gptaq 0.25 "${DRY[@]}"
 
 if [ -n "${OUT:-}" ]; then tar czf "$OUT/gpu_results.tgz" -C "$OUTDIR" . && cp "$OUTDIR/summary.txt" "$OUT/" 2>/dev/null; fi
 cat "$OUTDIR/summary.txt"

@@ -14,6 +14,7 @@ The total for 32 blocks is extrapolated from the mean seconds per block and labe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -104,6 +105,8 @@ def main(argv=None):
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--gptaq", type=float, default=0.0, metavar="ALPHA",
+                    help="time asymmetric calibration (qwen-quantize --gptaq ALPHA) instead of plain GPTQ")
     args = ap.parse_args(argv)
     if args.dry_run:
         args.shape, args.blocks, args.nsamples, args.seqlen = "tiny", 2, 4, 64
@@ -134,7 +137,8 @@ def main(argv=None):
     source = InMemoryModel(model, layout_for(model))
     timer = _Timer(device)
     t0 = time.perf_counter()
-    run_blocks(source, calib, QuantSettings(), device, _NoState(), timer)
+    settings = QuantSettings(gptaq_alpha=args.gptaq)  # qwen-quantize's defaults (+ GPTAQ when asked)
+    run_blocks(source, calib, settings, device, _NoState(), timer)
     if device.type == "cuda":
         torch.cuda.synchronize()
     run_s = time.perf_counter() - t0
@@ -147,10 +151,11 @@ def main(argv=None):
     steady_mean = sum(steady) / len(steady)
 
     result = {
-        "what": f"GPTQ of synthetic:{args.shape}, first {args.blocks} blocks timed, total EXTRAPOLATED to {full_depth} blocks",
+        "what": f"GPTQ{f' + GPTAQ (alpha {args.gptaq})' if args.gptaq else ''} of synthetic:{args.shape}, first "
+                f"{args.blocks} blocks timed, total EXTRAPOLATED to {full_depth} blocks",
         "synthetic": True,
         "shape": args.shape, "blocks_timed": args.blocks, "full_depth": full_depth,
-        "nsamples": args.nsamples, "seqlen": args.seqlen, "settings": "bits 4, group 128, sym, desc_act False, damp 0.01, mse False",
+        "nsamples": args.nsamples, "seqlen": args.seqlen, "settings": dataclasses.asdict(settings),
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({platform.processor() or 'unknown'})",
         "model_build_s": build_s, "capture_s": capture_s, "block_seconds": block_s,
         "mean_block_s": mean_block, "steady_block_s": steady_mean,
