@@ -333,6 +333,8 @@ def main(argv=None) -> int:
                 "ppl_windows": args.ppl_windows}
     env = collect_env()
     report = {"model": model, "settings": settings, "env": env, "rows": earlier_rows(args.reports, model, settings)}
+    if report["rows"]:  # the earlier rows' note (how busy the machine was for them) stays with them
+        report["note"] = json.loads((args.reports / f"{REPORT_STEM}.json").read_text()).get("note")
     what = {"fp": "fp32 reference (no quantization)", "gptq": "our GPTQ Int4 g128", "rtn": "round-to-nearest Int4 g128",
             "gptaq": "our GPTQ Int4 g128 with asymmetric calibration (GPTAQ, --gptaq 0.25)"}
     for variant in variants:
