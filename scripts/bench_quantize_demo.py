@@ -324,10 +324,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from qwen_quant.files import write_text_atomic
 
+    started = provenance(argv)  # read once, at the start: a commit made while it runs did not make its numbers
+
     def publish(described, rows):
         """Rewrite JSON, then Markdown from it, after every method: a long run reports as it goes."""
         report = {"model": model_source, **described, "methods_requested": methods,
-                  "results": rows, "goals": goals(rows), "provenance": provenance(argv)}
+                  "results": rows, "goals": goals(rows), "provenance": started}
         write_text_atomic(out_dir / f"{stem}.json", json.dumps(report, indent=2) + "\n")
         write_text_atomic(out_dir / f"{stem}.md", render_markdown(json.loads((out_dir / f"{stem}.json").read_text())))
 
