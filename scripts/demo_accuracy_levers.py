@@ -153,6 +153,32 @@ def changed(settings: dict, base: dict) -> str:
     return ", ".join(diffs) or "(the reference settings)"
 
 
+def goal_summary(rows: list[dict], n: int = 1000) -> list[str]:
+    """Issue 6's 2-point goal for every checkpoint scored on `n` items per benchmark: how many metrics are
+    within 2 points of fp, and what their 95% intervals can tell (as demo_accuracy_goals.py counts them)."""
+    from demo_accuracy_goals import POINTS, interval95, interval_vs_goal
+
+    out = []
+    for row in rows:
+        cells = {c: v for c, v in row["cells"].items() if c.endswith(f"(n={n})") and v.get("minus_fp") is not None}
+        if not cells:
+            continue
+        verdicts = [interval_vs_goal(interval95(v["minus_fp"], v.get("minus_fp_stderr"))).split()[0]
+                    for v in cells.values()]
+        within = sum(abs(v["minus_fp"]) <= POINTS for v in cells.values())
+        worst = min(cells.items(), key=lambda kv: kv[1]["minus_fp"])
+        out.append(f"| `{row['lever']}` | {len(cells)} | {within} of {len(cells)} | "
+                   + " / ".join(str(verdicts.count(k)) for k in ("inside", "across", "outside"))
+                   + f" | {worst[0].rsplit(' (', 1)[0]} {worst[1]['minus_fp']:+.1f} |")
+    if not out:
+        return []
+    return ["", f"## The 2-point goal on {n} items", "",
+            f"Benchmark metrics scored on {n} items, checkpoint - fp: how many lie within ±{POINTS:g} points, and "
+            "their 95% intervals (paired): inside ±2, across a bound (more items needed) or outside.", "",
+            "| checkpoint | metrics | within ±2 | 95% interval inside / across / outside | worst |",
+            "|---|---|---|---|---|", *out]
+
+
 def markdown(rows: list[dict], references: list[tuple[str, dict, dict]]) -> str:
     base = next((r["settings"] for r in rows if r["settings"].get("method") == "gptq"), {})
     columns = sorted({c for r in rows for c in r["cells"]}, key=lambda c: (not c.startswith("ppl"), c))
@@ -179,6 +205,7 @@ def markdown(rows: list[dict], references: list[tuple[str, dict, dict]]) -> str:
                 pm = f" ± {se:.1f}" if se is not None else ""
                 cells.append(f"{cell['value']:.1f}" + (f" ({d:+.1f}{pm})" if d is not None else " (no fp on these items)"))
         lines.append(f"| `{row['lever']}` | {changed(row['settings'], base)} | " + " | ".join(cells) + " |")
+    lines += goal_summary(rows)
     lines += ["", "## Provenance", ""]
     for row in rows:
         s = row["settings"]

@@ -95,3 +95,18 @@ def test_lever_provenance_keeps_the_dirty_flag():
     assert levers.short("f27fdc030537351b4cc607a1f8a170c84c5ac840+dirty") == "f27fdc0305+dirty"
     assert levers.short("f27fdc030537351b4cc607a1f8a170c84c5ac840") == "f27fdc0305"
     assert levers.short(None) == "None"
+
+
+def test_goal_summary_counts_metrics_within_two_points_and_their_intervals():
+    levers = load_script("demo_accuracy_levers")
+    rows = [{"lever": "a", "cells": {
+        "piqa accuracy (n=1000)": {"minus_fp": -0.5, "minus_fp_stderr": 0.5},  # [-1.48, 0.48]: inside
+        "arc-easy accuracy (n=1000)": {"minus_fp": -3.0, "minus_fp_stderr": 0.4},  # [-3.78, -2.22]: outside
+        "hellaswag accuracy (n=1000)": {"minus_fp": -1.5, "minus_fp_stderr": 1.0},  # within, interval across
+        "hellaswag accuracy (n=300)": {"minus_fp": -9.0, "minus_fp_stderr": 1.0},  # another item count: left out
+        "ppl-wiki perplexity": {"minus_fp": 3.0}}},
+        {"lever": "only-300", "cells": {"piqa accuracy (n=300)": {"minus_fp": 0.0, "minus_fp_stderr": 1.0}}}]
+    lines = levers.goal_summary(rows)
+    assert lines[-1] == "| `a` | 3 | 2 of 3 | 1 / 1 / 1 | arc-easy accuracy -3.0 |"
+    assert not any("only-300" in line for line in lines)
+    assert levers.goal_summary(rows[1:]) == []
