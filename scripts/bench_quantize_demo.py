@@ -246,6 +246,15 @@ def goals(rows: dict) -> list[dict]:
     if None not in (t_ours, t_peer):
         out.append({"goal": f"our quantize time <= GPTQModel's ({peer_name})", "value": round(t_ours / t_peer, 3),
                     "met": t_ours <= t_peer})
+    # the same two comparisons for GPTAQ, when both GPTAQ rows were measured
+    a_ours, a_peer = rows.get("gptq-gptaq", {}), rows.get("gptqmodel-gptaq", {})
+    if a_ours.get("ppl") is not None and a_peer.get("ppl") is not None:
+        ratio = a_ours["ppl"] / a_peer["ppl"]
+        out.append({"goal": "our GPTAQ ppl <= GPTQModel's GPTAQ (gptqmodel-gptaq) x 1.01", "value": round(ratio, 4),
+                    "met": ratio <= 1.01})
+    if a_ours.get("seconds") is not None and a_peer.get("seconds") is not None:
+        out.append({"goal": "our GPTAQ quantize time <= GPTQModel's GPTAQ (gptqmodel-gptaq)",
+                    "value": round(a_ours["seconds"] / a_peer["seconds"], 3), "met": a_ours["seconds"] <= a_peer["seconds"]})
     return out
 
 
