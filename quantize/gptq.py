@@ -64,8 +64,8 @@ class HessianAccumulator:
         self.tokens = 0
         self._xtx = None if device is None else torch.zeros(in_features, in_features, device=device)
 
-    def add_batch(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """x [..., K] layer inputs; mask [...] bool, False for padding tokens (they are left out)."""
+    def _rows(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x [..., K] as float32 token rows [n, K], padding tokens (mask False) left out."""
         if x.shape[-1] != self.in_features:
             raise UserError(f"layer input has {x.shape[-1]} features, expected {self.in_features}")
         rows = x.reshape(-1, self.in_features)
@@ -74,7 +74,11 @@ class HessianAccumulator:
             if keep.numel() != rows.shape[0]:
                 raise UserError(f"mask has {keep.numel()} entries for {rows.shape[0]} tokens: pass the attention mask of this batch")
             rows = rows[keep]
-        rows = rows.to(torch.float32)  # float16 activations would overflow in X X^T
+        return rows.to(torch.float32)  # float16 activations would overflow in X X^T
+
+    def add_batch(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """x [..., K] layer inputs; mask [...] bool, False for padding tokens (they are left out)."""
+        rows = self._rows(x, mask)
         if self._xtx is None:
             self._xtx = torch.zeros(self.in_features, self.in_features, device=rows.device)
         self._xtx.addmm_(rows.T, rows)
@@ -102,11 +106,7 @@ class AsymmetricAccumulator(HessianAccumulator):
         """x [..., K] inputs in the quantized model, x_fp the same tokens' inputs in the fp model."""
         if x.shape != x_fp.shape:
             raise UserError(f"quantized-model inputs {tuple(x.shape)} and fp-model inputs {tuple(x_fp.shape)} differ")
-        rows, rows_fp = x.reshape(-1, self.in_features), x_fp.reshape(-1, self.in_features)
-        if mask is not None:
-            keep = mask.reshape(-1).to(device=rows.device, dtype=torch.bool)
-            rows, rows_fp = rows[keep], rows_fp[keep]
-        rows, rows_fp = rows.to(torch.float32), rows_fp.to(device=rows.device, dtype=torch.float32)
+        rows, rows_fp = self._rows(x, mask), self._rows(x_fp.to(x.device), mask)
         self.add_batch(rows)
         if self._dxt is None:
             self._dxt = torch.zeros(self.in_features, self.in_features, device=rows.device)

@@ -342,8 +342,8 @@ def collect_hessian(block: nn.Module, inputs: BlockInputs, linears: dict[str, nn
     """The Hessian shared by a step's linears (they see the same input, by the layout's definition).
 
     Only the step's first linear is hooked, and the forward stops right there: nothing after it is needed.
-    With `fp_block` (the block's unquantized copy: asymmetric calibration) the same linear's inputs in
-    the fp model are read too, and (H, D) is returned, D as `gptq.AsymmetricAccumulator` defines it.
+    Returns (H, D): D as `gptq.AsymmetricAccumulator` defines it when `fp_block` (the block's unquantized
+    copy: asymmetric calibration) is given, so the same linear's inputs in the fp model are read too; else None.
     """
     first_name, first = next(iter(linears.items()))
     if len({lin.in_features for lin in linears.values()}) != 1:
@@ -356,7 +356,7 @@ def collect_hessian(block: nn.Module, inputs: BlockInputs, linears: dict[str, nn
             acc.add_batch(x, mask=mask)
         else:
             acc.add_pair(x, _input_of(fp_block, first_name, inputs, i, fp=True), mask=mask)
-    return acc.hessian() if fp_block is None else (acc.hessian(), acc.asymmetry())
+    return acc.hessian(), (acc.asymmetry() if fp_block is not None else None)
 
 
 def relative_output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor, rows: int = 1024) -> float:
@@ -399,8 +399,7 @@ def quantize_block(block: nn.Module, inputs: BlockInputs, layout: Layout, settin
     results, stats = {}, []
     for step in layout.steps:
         linears = {name: block.get_submodule(name) for name in step}
-        collected = collect_hessian(block, inputs, linears, gptq, fp_block=fp_block)
-        h, d = collected if fp_block is not None else (collected, None)
+        h, d = collect_hessian(block, inputs, linears, gptq, fp_block=fp_block)
         h = h.to(block_device(block))
         # The step's linears share H, and GPTQ treats each output row on its own given H: quantizing
         # their weights stacked along the output dimension is exactly quantizing each alone, with one

@@ -120,6 +120,7 @@ def main(argv=None):
     from qwen_quant.quantize.pipeline import InMemoryModel, QuantSettings, run_blocks
     from qwen_quant.quantize.sources import SYNTHETIC_SHAPES
 
+    commit = git_commit()  # at the start: the code that makes the numbers
     wall0 = time.perf_counter()
     model = build_slice(args.shape, args.blocks, str(device))
     if device.type == "cuda":
@@ -166,7 +167,7 @@ def main(argv=None):
         "wall_s": time.perf_counter() - wall0,
         "blocks": timer.blocks,
         "env": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-                "transformers": __import__("transformers").__version__, "git_commit": git_commit(),
+                "transformers": __import__("transformers").__version__, "git_commit": commit,
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])},
     }
