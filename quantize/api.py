@@ -31,7 +31,7 @@ FORWARD_DTYPES = ("auto", "bf16", "model")
 
 
 def validate_settings(bits, group_size, method, desc_act, static_groups, sym, damp, mse, nsamples, seqlen,
-                      forward_dtype: str = "auto", gptaq_alpha: float = 0.0) -> QuantSettings:
+                      forward_dtype: str = "auto", gptaq_alpha: float = 0.0, refit_scales: bool = False) -> QuantSettings:
     """Every check that needs no model: one-line UserErrors before anything is loaded or written."""
     if bits not in (2, 3, 4, 8):
         raise UserError(f"unsupported --bits {bits}: use 2, 3, 4 or 8")
@@ -51,11 +51,13 @@ def validate_settings(bits, group_size, method, desc_act, static_groups, sym, da
         raise UserError(f"--gptaq {gptaq_alpha} is outside [0, 1]: 0 is plain GPTQ, 1 the full asymmetric correction, e.g. 0.25")
     if method == "rtn" and float(gptaq_alpha) > 0:
         raise UserError("--gptaq changes how GPTQ calibrates; round-to-nearest has no calibration: drop --gptaq or use --method gptq")
+    if method == "rtn" and refit_scales:
+        raise UserError("--refit-scales refits the scales to GPTQ's calibration objective; round-to-nearest has none: drop it or use --method gptq")
     if method == "rtn":  # act-order and static groups are GPTQ's: an RTN checkpoint must not claim them
         desc_act = static_groups = False
     return QuantSettings(bits=bits, group_size=group_size, method=method, desc_act=bool(desc_act),
                          static_groups=bool(static_groups), sym=bool(sym), damp=float(damp), mse=bool(mse),
-                         forward_dtype=forward_dtype, gptaq_alpha=float(gptaq_alpha))
+                         forward_dtype=forward_dtype, gptaq_alpha=float(gptaq_alpha), refit_scales=bool(refit_scales))
 
 
 def resolve_device(device) -> torch.device:
@@ -317,7 +319,7 @@ def _tensor_entries(source, state, n_blocks: int, out_dtype) -> list[writer.Tens
 
 def quantize(model, out=None, bits: int = 4, group_size: int = 128, method: str = "gptq", desc_act: bool = True,
              static_groups: bool = True, sym: bool = True, damp: float = 0.01, mse: bool = True,
-             forward_dtype: str = "auto", gptaq_alpha: float = 0.0, nsamples: int = 128, seqlen: int | None = None, calib: str = "default", device=None,
+             forward_dtype: str = "auto", gptaq_alpha: float = 0.0, refit_scales: bool = False, nsamples: int = 128, seqlen: int | None = None, calib: str = "default", device=None,
              max_shard_size="2GB", overwrite: bool = False, resume: bool = False, trust_remote_code: bool = False,
              gguf_file: str | None = None, seed: int = 0, quiet: bool = False, command: str | None = None) -> Path:
     """Quantize `model` (a spec string — HF id, folder, 'demo', 'synthetic:<shape>' — or a LoadedModel)
@@ -329,7 +331,7 @@ def quantize(model, out=None, bits: int = 4, group_size: int = 128, method: str 
     t_start = time.perf_counter()
     commit = git_commit()  # the code that starts the run is the code that makes it
     settings = validate_settings(bits, group_size, method, desc_act, static_groups, sym, damp, mse, nsamples, seqlen,
-                                 forward_dtype, gptaq_alpha)
+                                 forward_dtype, gptaq_alpha, refit_scales)
     max_shard_bytes = writer.parse_size(max_shard_size)
     dev = resolve_device(device)
     progress = Progress(quiet)

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "Costs one fp copy of a block and a second activation stream (+47%% time on Qwen2.5-Coder-1.5B "
                         "on a CPU); it helped the demo model a lot and that Qwen not measurably: "
                         "reports/demo-accuracy/levers/levers.md")
+    q.add_argument("--refit-scales", action="store_true",
+                   help="after GPTQ fixes the codes, refit every group's scale by least squares to the layer's output "
+                        "error on the calibration data (the same objective GPTQ minimizes; seconds per layer, same format)")
     c = p.add_argument_group("calibration")
     c.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
     c.add_argument("--seqlen", type=int, default=None, help="tokens per sample (default 2048, capped at the model's context)")
@@ -92,7 +95,7 @@ def main(argv=None):
     argv_used = sys.argv[1:] if argv is None else list(argv)
     quantize(args.model, args.out, bits=args.bits, group_size=args.group_size, method=args.method,
              desc_act=args.desc_act, static_groups=args.static_groups, sym=not args.asym, damp=args.damp,
-             mse=args.mse, forward_dtype=args.forward_dtype, gptaq_alpha=args.gptaq, nsamples=args.nsamples, seqlen=args.seqlen, calib=args.calib, device=args.device,
+             mse=args.mse, forward_dtype=args.forward_dtype, gptaq_alpha=args.gptaq, refit_scales=args.refit_scales, nsamples=args.nsamples, seqlen=args.seqlen, calib=args.calib, device=args.device,
              max_shard_size=args.max_shard_size, overwrite=args.overwrite, resume=args.resume,
              trust_remote_code=args.trust_remote_code, gguf_file=args.gguf_file, seed=args.seed,
              quiet=args.quiet or is_quiet(), command="qwen-quantize " + shlex.join(argv_used))

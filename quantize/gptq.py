@@ -328,3 +328,51 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
         Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)  # lazy update of everything after the block
 
     return _assemble(codes, params, g_idx, perm, damp_used, None, start)
+
+
+def refit_scales(W: torch.Tensor, H: torch.Tensor, result: QuantResult, ridge: float = 1e-6) -> QuantResult:
+    """Least-squares scales for codes GPTQ already chose: the exact minimizer of GPTQ's own objective
+    sum_n (w_n - q_n)^T H (w_n - q_n) over the float scales, codes and integer zero points held fixed.
+
+    Row n of the dequantized weight is q_n = M_n s_n, M_n [K, G] holding (code - zero) in its group's
+    column, so s_n solves the G x G normal equations (M_n^T H M_n) s_n = M_n^T H w_n. GPTQ picks each
+    group's scale from the weights before any error feedback (static groups) or before the group's own
+    updates; once the codes are fixed, this pass moves every scale to where the layer's output error is
+    least. Scales are rounded to float16 (what the checkpoint stores); a row keeps its old scales where
+    the new ones are not positive and finite or do not lower its error after the rounding. W [N, K] is
+    the target GPTQ quantized (the asymmetric target with GPTAQ); returns a new QuantResult.
+    """
+    start = time.perf_counter()
+    dtype = _compute_dtype(W)
+    K, N = result.codes.shape
+    H = H.to(device=W.device, dtype=dtype)
+    g = result.g_idx.to(W.device).long()
+    G = result.scales.shape[0]
+    old = result.scales.to(dtype)
+    a = result.codes.to(dtype) - result.zeros.to(dtype)[g]  # [K, N]: code - zero, in original row order
+    target = W.to(dtype).T  # [K, N]
+    # normal equations, all rows at once: A[n, f, h] = sum_{k in f, l in h} a[k, n] H[k, l] a[l, n]
+    A = torch.zeros(N, G, G, dtype=dtype, device=W.device)
+    for h in range(G):
+        rows = (g == h).nonzero().squeeze(1)
+        y = H[:, rows] @ a[rows]  # [K, N]: H applied to group h's part of every row
+        A[:, :, h] = torch.zeros(G, N, dtype=dtype, device=W.device).index_add_(0, g, a * y).T
+    b = torch.zeros(G, N, dtype=dtype, device=W.device).index_add_(0, g, a * (H @ target)).T  # [N, G]
+    # a row's error is s^T A s - 2 b^T s + const: old and new scales are compared without another K x K pass
+    def row_error(scales):  # [G, N] -> [N], up to the row's constant
+        st = scales.T.unsqueeze(2)  # [N, G, 1]
+        return ((A @ st).squeeze(2) * scales.T).sum(dim=1) - 2 * (b * scales.T).sum(dim=1)
+
+    # a relative ridge on each group's own diagonal (groups differ in size by orders of magnitude: partial last
+    # groups), and 1 for a group whose codes all sit on the zero point (its b is 0: solved to 0, then kept old)
+    d = torch.diagonal(A, dim1=1, dim2=2)
+    ridged = A + torch.diag_embed(torch.where(d > 0, ridge * d, torch.ones_like(d)))
+    new, info = torch.linalg.solve_ex(ridged, b.unsqueeze(2))
+    new = new.squeeze(2).T.to(torch.float16).to(dtype)  # [G, N], as the checkpoint stores them
+    usable = torch.isfinite(new) & (new > 0) & (info == 0)[None, :]
+    new = torch.where(usable, new, old)
+    better = row_error(new) < row_error(old)
+    scales = torch.where(better[None, :], new, old)
+    weight = (a * scales[g]).T.to(torch.float32).contiguous()
+    return dataclasses.replace(result, scales=scales.to(torch.float32), weight=weight,
+                               seconds=result.seconds + _finish_timing(W.device, start))

@@ -59,6 +59,8 @@ def model_card(report: dict) -> str:
         f"range search (mse) {report['settings']['mse']}",
         *([f"- asymmetric calibration (GPTAQ): each layer fitted to the full-precision model's outputs, correction "
            f"scaled by alpha = {report['settings']['gptaq_alpha']}"] if report["settings"].get("gptaq_alpha") else []),
+        *(["- scales refitted: after GPTQ chose the codes, each group's scale was moved to the least-squares optimum "
+           "of the layer's output error on the calibration inputs"] if report["settings"].get("refit_scales") else []),
         f"- command: `{report['command']}`",
         "",
         "## Calibration",

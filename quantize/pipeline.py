@@ -49,6 +49,9 @@ class QuantSettings:
     # model's inputs); alpha > 0 aims each layer at the fp model's outputs instead, alpha scaling the
     # correction (1 = exact). Costs an fp copy of the block being quantized and a second activation stream.
     gptaq_alpha: float = 0.0
+    # after GPTQ picks the codes, move each group's scale to the least-squares optimum of the layer's output
+    # error (codes and zero points fixed): `gptq.refit_scales`. GPTQ-only; the format is unchanged.
+    refit_scales: bool = False
     # dtype of the calibration forwards (not of the checkpoint): "auto" runs an fp32 model's block
     # forwards under bfloat16 autocast (2-3x faster on CPUs with AMX/AVX512-BF16 and on GPUs; GPTQ itself
     # and the Hessians stay float32), a 16-bit model in its own dtype; "model" never autocasts.
@@ -63,10 +66,11 @@ class QuantSettings:
 
     def run_settings(self) -> dict:
         """How the run calibrated, beyond the format's keys (quant_report.json, meta, resume identity).
-        gptaq_alpha only appears when on: loaders need nothing new, the checkpoint format is unchanged,
+        gptaq_alpha and refit_scales only appear when on: loaders need nothing new, the checkpoint format is unchanged,
         and a classic run's records stay as they were."""
         out = {"method": self.method, "mse": self.mse, "forward_dtype": self.forward_dtype}
-        return out | ({"gptaq_alpha": self.gptaq_alpha} if self.gptaq_alpha else {})
+        return (out | ({"gptaq_alpha": self.gptaq_alpha} if self.gptaq_alpha else {})
+                | ({"refit_scales": True} if self.refit_scales else {}))
 
 
 @dataclasses.dataclass
@@ -378,9 +382,12 @@ def quantize_weight(w: torch.Tensor, h: torch.Tensor, settings: QuantSettings, g
     """w [N, K] float32 (possibly the asymmetric target rather than the layer's own weights)."""
     if settings.method == "rtn":
         return gptq.rtn_quantize(w, settings.bits, settings.group_size, settings.sym, mse=settings.mse)
-    return gptq.gptq_quantize(w, h, bits=settings.bits, group_size=settings.group_size, sym=settings.sym,
-                              desc_act=settings.desc_act, static_groups=settings.static_groups,
-                              damp=settings.damp, mse=settings.mse)
+    result = gptq.gptq_quantize(w, h, bits=settings.bits, group_size=settings.group_size, sym=settings.sym,
+                                desc_act=settings.desc_act, static_groups=settings.static_groups,
+                                damp=settings.damp, mse=settings.mse)
+    if settings.refit_scales and result.fallback is None:
+        result = gptq.refit_scales(w, h, result)
+    return result
 
 
 def block_device(block: nn.Module) -> torch.device:

@@ -1,12 +1,14 @@
 """GPTQ core: against a plain float64 reference, against RTN on its own objective, and the details
 (act-order g_idx, partial groups, dead inputs, padding, damping/fallback, checkpoint round trip)."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from qwen_quant.errors import UserError
 from qwen_quant.kernels.format import dequantize, pack_qweight, pack_qzeros
-from qwen_quant.quantize.gptq import HessianAccumulator, gptq_quantize, rtn_quantize
+from qwen_quant.quantize.gptq import HessianAccumulator, gptq_quantize, refit_scales, rtn_quantize
 from qwen_quant.quantize.quantizer import MSE_NORM, find_params, quantize_codes, dequantize_codes
 
 
@@ -394,3 +396,56 @@ def test_gptq_on_the_asymmetric_target_is_closer_to_the_fp_outputs(group_size):
         return float(((Xq @ Q.T - X @ W.T) ** 2).sum() / ((X @ W.T) ** 2).sum()) ** 0.5
 
     assert fp_error(asym) < 0.8 * fp_error(plain)
+
+
+# ---------- scale refit: least squares over the scales, codes fixed ----------
+
+def _row_errors(W, Q, H):
+    d = (W.double() - Q.double())
+    return ((d @ H.double()) * d).sum(dim=1)
+
+
+@pytest.mark.parametrize("sym,desc_act,static_groups,group_size", [
+    (True, True, True, 64), (False, True, True, 48), (True, True, False, 64), (False, False, False, -1)])
+def test_refit_scales_solves_each_rows_least_squares_and_keeps_the_codes(sym, desc_act, static_groups, group_size):
+    K, N = 200, 16  # 200: a partial last group for 48 and 64
+    X = correlated_inputs(1500, K, seed=7, dtype=torch.float64)
+    H, W = hessian_of(X), random_weight(N, K, seed=8, dtype=torch.float64)
+    H[:, 11] = H[11, :] = 0  # one dead input
+    res = gptq_quantize(W, H, group_size=group_size, sym=sym, desc_act=desc_act, static_groups=static_groups, mse=True)
+    new = refit_scales(W, H, res)
+    assert torch.equal(new.codes, res.codes) and torch.equal(new.zeros, res.zeros) and torch.equal(new.g_idx, res.g_idx)
+    assert torch.equal(new.scales.half().float(), new.scales)  # float16-exact, as the checkpoint stores them
+    g = res.g_idx.long()
+    assert torch.equal(new.weight.double(), (new.scales.double()[g] * (new.codes.double() - new.zeros.double()[g])).T)
+    before, after = _row_errors(W, res.weight, H), _row_errors(W, new.weight, H)
+    assert (after <= before).all() and after.sum() < 0.995 * before.sum()
+    for n in range(N):  # each row against its own normal equations, solved plainly in float64
+        M = torch.zeros(K, res.scales.shape[0], dtype=torch.float64)
+        M[torch.arange(K), g] = res.codes[:, n].double() - res.zeros[g, n].double()
+        exact = torch.linalg.lstsq(M.T @ H @ M, M.T @ H @ W[n]).solution
+        torch.testing.assert_close(new.scales[:, n].double(), exact, rtol=2 ** -10, atol=0)  # float16 rounding
+
+
+def test_refit_scales_fixes_a_layer_dominated_by_one_input():
+    """One input far louder than the rest (the massive activations of real models' down_proj): static-group
+    scales come from the weights alone, so that input's rounding error dominates; refitting the scales to the
+    output error removes most of it."""
+    K, N = 256, 32
+    X = correlated_inputs(2000, K, seed=9)
+    X[:, 5] *= 200
+    H, W = hessian_of(X), random_weight(N, K, seed=10)
+    res = gptq_quantize(W, H, group_size=128, desc_act=True, static_groups=True, mse=True)
+    new = refit_scales(W, H, res)
+    assert _row_errors(W, new.weight, H).sum() < 0.7 * _row_errors(W, res.weight, H).sum()
+
+
+def test_refit_scales_keeps_the_scale_of_a_group_whose_codes_are_all_on_the_zero_point(correlated_layer):
+    X, H, W = correlated_layer
+    res = gptq_quantize(W, H, group_size=64, mse=True)
+    codes = res.codes.clone()
+    codes[:64, 0] = res.zeros[0, 0]  # row 0, group 0: nothing left to scale
+    res = dataclasses.replace(res, codes=codes)
+    new = refit_scales(W, H, res)
+    assert new.scales[0, 0] == res.scales[0, 0] and torch.isfinite(new.weight).all()
+    assert (new.scales[1:, 0] != res.scales[1:, 0]).any()  # the row's other groups are still refitted

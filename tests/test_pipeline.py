@@ -362,6 +362,29 @@ def test_gptaq_resume_writes_the_same_bytes_and_rtn_refuses_it(tmp_path, monkeyp
         run(tiny_hf_model("qwen2"), tmp_path / "big", gptaq_alpha=2)
 
 
+def test_refit_scales_lowers_every_layers_error_where_the_inputs_are_the_same_and_rtn_refuses_it(tmp_path):
+    """--refit-scales: the checkpoint still holds exactly the weights fed forward; on block 0's first step (inputs
+    identical with and without the refit) every linear's output error is lower; recorded, and in the model card."""
+    plain = run(tiny_hf_model("qwen2"), tmp_path / "plain", calib=calibration(n=8, seqlen=32))
+    model = tiny_hf_model("qwen2")
+    refit = run(model, tmp_path / "refit", calib=calibration(n=8, seqlen=32), refit_scales=True)
+    t = tensors_of(refit)
+    p = "model.layers.1.mlp.down_proj"
+    w = dequantize(t[f"{p}.qweight"], t[f"{p}.qzeros"], t[f"{p}.scales"], t[f"{p}.g_idx"], 4,
+                   model.get_submodule(p).in_features)
+    torch.testing.assert_close(w, model.get_submodule(p).weight.detach(), rtol=0, atol=1e-6)
+    errors = [{s["name"]: s["rel_error"] for s in json.loads((f / "quant_report.json").read_text())["layers"]}
+              for f in (plain, refit)]
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert errors[1][f"model.layers.0.self_attn.{name}"] < errors[0][f"model.layers.0.self_attn.{name}"]
+    assert sum(errors[1].values()) < sum(errors[0].values())
+    assert json.loads((refit / "quant_report.json").read_text())["settings"]["refit_scales"] is True
+    assert "refit_scales" not in json.loads((plain / "quant_report.json").read_text())["settings"]
+    assert "scales refitted" in (refit / "README.md").read_text()
+    with pytest.raises(UserError, match="round-to-nearest"):
+        run(tiny_hf_model("qwen2"), tmp_path / "rtn", method="rtn", refit_scales=True)
+
+
 # ---------------------------------------------------------------- resume
 
 def test_resume_after_interruption_writes_the_same_bytes(tmp_path, monkeypatch):

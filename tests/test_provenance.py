@@ -15,12 +15,16 @@ def _git(repo, *args):
 def test_git_commit_names_head_and_flags_changes(tmp_path, monkeypatch):
     _git(tmp_path, "init", "-q")
     (tmp_path / "a.py").write_text("x = 1\n")
-    _git(tmp_path, "add", "a.py")
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "table.md").write_text("| a |\n")
+    _git(tmp_path, "add", "a.py", "reports/table.md")
     _git(tmp_path, "commit", "-qm", "one")
     monkeypatch.setattr(provenance, "_REPO_ROOT", tmp_path)
     head = _git(tmp_path, "rev-parse", "HEAD")
     assert provenance.git_commit() == head
     (tmp_path / "untracked.json").write_text("{}")  # new result files do not make the code dirty
+    assert provenance.git_commit() == head
+    (tmp_path / "reports" / "table.md").write_text("| b |\n")  # a report re-rendered: results, not code
     assert provenance.git_commit() == head
     (tmp_path / "a.py").write_text("x = 2\n")
     assert provenance.git_commit() == head + "+dirty"
