@@ -80,6 +80,7 @@ def checkpoint_settings(path: str) -> dict:
             "forward_dtype": report["settings"].get("forward_dtype"),
             # recorded only when on (earlier checkpoints predate it and were plain GPTQ)
             "gptaq_alpha": report["settings"].get("gptaq_alpha", 0.0),
+            "refit_scales": report["settings"].get("refit_scales", False),
             "calibration": f"{calib.get('nsamples')} x {calib.get('seqlen')} tokens ({calib.get('source')})"}
 
 

@@ -36,7 +36,8 @@ REFERENCES = (REFERENCE, "reports/demo-accuracy-hellaswag-1000", "reports/demo-a
 LEVERS = "reports/demo-accuracy/levers"
 BASE_ARGS = ["--nsamples", "32", "--seqlen", "512"]  # the make-demo checkpoint's calibration
 # the settings a row's 'changed' column names when they differ from the first GPTQ row (make demo's checkpoint)
-SHOWN = ("method", "group_size", "sym", "desc_act", "static_groups", "damp", "mse", "forward_dtype", "gptaq_alpha", "calibration")
+SHOWN = ("method", "group_size", "sym", "desc_act", "static_groups", "damp", "mse", "forward_dtype", "gptaq_alpha",
+         "refit_scales", "calibration")
 
 
 def run(name: str, quantize_args: list[str], tasks: str, limit: int, ppl_windows: int) -> None:
@@ -83,6 +84,7 @@ def lever_rows(references: list[tuple[str, dict, dict]], levers: Path) -> list[d
             # goals.json of the first run predates recording forward_dtype; its commits' only value was the default
             settings.setdefault("forward_dtype", "auto")
             settings.setdefault("gptaq_alpha", 0.0)  # likewise: asymmetric calibration came later, off until then
+            settings.setdefault("refit_scales", False)  # and the scale refit later still
             settings.pop("path", None)
             row = rows.get(label)
             if row is not None and _same_settings(row["settings"], settings):

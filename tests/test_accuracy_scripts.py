@@ -83,6 +83,7 @@ def test_lever_rows_pair_each_checkpoint_with_fp_on_the_same_items(tmp_path, mon
     assert ours["settings"]["forward_dtype"] == "auto" and "path" not in ours["settings"]
     # asymmetric calibration is off in records that predate it, on both sides: still the same recipe
     assert ours["settings"]["gptaq_alpha"] == 0.0 == g32["settings"]["gptaq_alpha"]
+    assert ours["settings"]["refit_scales"] is False is g32["settings"]["refit_scales"]
     assert levers.changed(g32["settings"], ours["settings"]) == "group_size=32"
     assert levers.changed(ours["settings"], ours["settings"]) == "(the reference settings)"
     assert [x["json"] for x in g32["scored_by"]] == ["levers/g32/results.json", "levers/g32/results-2.json"]
