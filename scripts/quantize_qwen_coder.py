@@ -309,8 +309,8 @@ def main(argv=None) -> int:
             q = row.get("quantize")
             if q and not q.get("settings") and Path(q["checkpoint"], "quant_report.json").is_file():
                 q.update(checkpoint_facts(Path(q["checkpoint"])))
-        if args.note:
-            report["note"] = args.note
+        if args.note:  # added after the earlier rows' note, which stays with them
+            report["note"] = " ".join(filter(None, [report.get("note"), args.note]))
         write_report(report, args.reports)
         return 0
 
