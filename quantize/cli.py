@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after GPTQ fixes the codes, refit every group's scale by least squares to the layer's output "
                         "error on the calibration data (the objective GPTQ minimizes; same format, ~10%% more time). "
                         "Never raises a layer's error; most help where inputs have outliers. Demo model: perplexity "
-                        "loss 0.92x (English) and 0.85x (Chinese) of plain GPTQ's; Qwen2.5-Coder-1.5B: within noise (README, Quantize)")
+                        "loss 0.92x (English) and 0.85x (Chinese) of plain GPTQ's; Qwen2.5-Coder-1.5B: within noise "
+                        "(README, Quantize)")
     c = p.add_argument_group("calibration")
     c.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
     c.add_argument("--seqlen", type=int, default=None, help="tokens per sample (default 2048, capped at the model's context)")
