@@ -319,7 +319,8 @@ def _tensor_entries(source, state, n_blocks: int, out_dtype) -> list[writer.Tens
 
 def quantize(model, out=None, bits: int = 4, group_size: int = 128, method: str = "gptq", desc_act: bool = True,
              static_groups: bool = True, sym: bool = True, damp: float = 0.01, mse: bool = True,
-             forward_dtype: str = "auto", gptaq_alpha: float = 0.0, refit_scales: bool = False, nsamples: int = 128, seqlen: int | None = None, calib: str = "default", device=None,
+             forward_dtype: str = "auto", gptaq_alpha: float = 0.0, refit_scales: bool = False, nsamples: int = 128,
+             seqlen: int | None = None, calib: str = "default", device=None,
              max_shard_size="2GB", overwrite: bool = False, resume: bool = False, trust_remote_code: bool = False,
              gguf_file: str | None = None, seed: int = 0, quiet: bool = False, command: str | None = None) -> Path:
     """Quantize `model` (a spec string — HF id, folder, 'demo', 'synthetic:<shape>' — or a LoadedModel)

@@ -98,7 +98,8 @@ def main(argv=None):
     argv_used = sys.argv[1:] if argv is None else list(argv)
     quantize(args.model, args.out, bits=args.bits, group_size=args.group_size, method=args.method,
              desc_act=args.desc_act, static_groups=args.static_groups, sym=not args.asym, damp=args.damp,
-             mse=args.mse, forward_dtype=args.forward_dtype, gptaq_alpha=args.gptaq, refit_scales=args.refit_scales, nsamples=args.nsamples, seqlen=args.seqlen, calib=args.calib, device=args.device,
+             mse=args.mse, forward_dtype=args.forward_dtype, gptaq_alpha=args.gptaq, refit_scales=args.refit_scales,
+             nsamples=args.nsamples, seqlen=args.seqlen, calib=args.calib, device=args.device,
              max_shard_size=args.max_shard_size, overwrite=args.overwrite, resume=args.resume,
              trust_remote_code=args.trust_remote_code, gguf_file=args.gguf_file, seed=args.seed,
              quiet=args.quiet or is_quiet(), command="qwen-quantize " + shlex.join(argv_used))

@@ -338,9 +338,11 @@ def refit_scales(W: torch.Tensor, H: torch.Tensor, result: QuantResult, ridge: f
     column, so s_n solves the G x G normal equations (M_n^T H M_n) s_n = M_n^T H w_n. GPTQ picks each
     group's scale from the weights before any error feedback (static groups) or before the group's own
     updates; once the codes are fixed, this pass moves every scale to where the layer's output error is
-    least. Scales are rounded to float16 (what the checkpoint stores); a row keeps its old scales where
-    the new ones are not positive and finite or do not lower its error after the rounding. W [N, K] is
-    the target GPTQ quantized (the asymmetric target with GPTAQ); returns a new QuantResult.
+    least. Scales are rounded to float16 (what the checkpoint stores); a group keeps its old scale where
+    the new one is not positive and finite, and a row all of its old ones where the new ones do not lower
+    its error after the rounding. W [N, K] is the target GPTQ quantized (the asymmetric target with GPTAQ);
+    ridge is relative to each group's diagonal (keeps the solve defined, moves the optimum by ~ridge).
+    Returns a new QuantResult.
     """
     start = time.perf_counter()
     dtype = _compute_dtype(W)

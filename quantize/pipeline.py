@@ -66,8 +66,8 @@ class QuantSettings:
 
     def run_settings(self) -> dict:
         """How the run calibrated, beyond the format's keys (quant_report.json, meta, resume identity).
-        gptaq_alpha and refit_scales only appear when on: loaders need nothing new, the checkpoint format is unchanged,
-        and a classic run's records stay as they were."""
+        gptaq_alpha and refit_scales only appear when on: loaders need nothing new, the checkpoint format is
+        unchanged, and a classic run's records stay as they were."""
         out = {"method": self.method, "mse": self.mse, "forward_dtype": self.forward_dtype}
         return (out | ({"gptaq_alpha": self.gptaq_alpha} if self.gptaq_alpha else {})
                 | ({"refit_scales": True} if self.refit_scales else {}))

@@ -39,7 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 PARTS, PART_VERSION = 22, "0.2.0"
 GGUF_NAME = "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf"
 REPORT_STEM = "quantize-qwen2.5-coder-1.5b-cpu"
-VARIANTS = {"gptq": {}, "rtn": {"method": "rtn"}, "gptaq": {"gptaq_alpha": 0.25}, "refit": {"refit_scales": True}}  # settings beyond the shared defaults
+# settings beyond the shared defaults
+VARIANTS = {"gptq": {}, "rtn": {"method": "rtn"}, "gptaq": {"gptaq_alpha": 0.25}, "refit": {"refit_scales": True}}
 
 
 # ---------------------------------------------------------------- 1. the GGUF from 22 packages
