@@ -69,8 +69,12 @@ class QuantSettings:
         gptaq_alpha and refit_scales only appear when on: loaders need nothing new, the checkpoint format is
         unchanged, and a classic run's records stay as they were."""
         out = {"method": self.method, "mse": self.mse, "forward_dtype": self.forward_dtype}
-        return (out | ({"gptaq_alpha": self.gptaq_alpha} if self.gptaq_alpha else {})
-                | ({"refit_scales": True} if self.refit_scales else {}))
+        return out | {k: getattr(self, k) for k, off in OPT_IN_RUN_SETTINGS.items() if getattr(self, k) != off}
+
+
+# The run settings a record names only when on (QuantSettings.run_settings), with the value that means off:
+# what a reader of older records fills in (they predate the setting, which was off then).
+OPT_IN_RUN_SETTINGS = {k: QuantSettings.__dataclass_fields__[k].default for k in ("gptaq_alpha", "refit_scales")}
 
 
 @dataclasses.dataclass

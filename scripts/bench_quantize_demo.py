@@ -233,28 +233,23 @@ def goals(rows: dict) -> list[dict]:
 
     # the peer at the same settings as our defaults when it was measured, else its plain GPTQ
     peer_name = "gptqmodel-same" if "gptqmodel-same" in rows else "gptqmodel"
-    fp, rtn, ours, peer = get("fp", "ppl"), get("rtn", "ppl"), get("gptq", "ppl"), get(peer_name, "ppl")
+    fp, rtn, ours = get("fp", "ppl"), get("rtn", "ppl"), get("gptq", "ppl")
     out = []
     if None not in (fp, rtn, ours):
         ratio = (ours - fp) / (rtn - fp)
         out.append({"goal": "our GPTQ ppl increase over fp <= 0.7 x RTN's", "value": round(ratio, 3), "met": ratio <= 0.7})
-    if None not in (ours, peer):
-        ratio = ours / peer
-        out.append({"goal": f"our GPTQ ppl <= GPTQModel's ({peer_name}) x 1.01", "value": round(ratio, 4),
-                    "met": ratio <= 1.01})
-    t_ours, t_peer = get("gptq", "seconds"), get(peer_name, "seconds")
-    if None not in (t_ours, t_peer):
-        out.append({"goal": f"our quantize time <= GPTQModel's ({peer_name})", "value": round(t_ours / t_peer, 3),
-                    "met": t_ours <= t_peer})
-    # the same two comparisons for GPTAQ, when both GPTAQ rows were measured
-    a_ours, a_peer = rows.get("gptq-gptaq", {}), rows.get("gptqmodel-gptaq", {})
-    if a_ours.get("ppl") is not None and a_peer.get("ppl") is not None:
-        ratio = a_ours["ppl"] / a_peer["ppl"]
-        out.append({"goal": "our GPTAQ ppl <= GPTQModel's GPTAQ (gptqmodel-gptaq) x 1.01", "value": round(ratio, 4),
-                    "met": ratio <= 1.01})
-    if a_ours.get("seconds") is not None and a_peer.get("seconds") is not None:
-        out.append({"goal": "our GPTAQ quantize time <= GPTQModel's GPTAQ (gptqmodel-gptaq)",
-                    "value": round(a_ours["seconds"] / a_peer["seconds"], 3), "met": a_ours["seconds"] <= a_peer["seconds"]})
+    # ours against the peer, for plain GPTQ and (when both rows were measured) for GPTAQ
+    for what, mine, theirs in (("GPTQ", "gptq", peer_name), ("GPTAQ", "gptq-gptaq", "gptqmodel-gptaq")):
+        peer_label = f"GPTQModel's{' GPTAQ' if what == 'GPTAQ' else ''} ({theirs})"
+        p_ours, p_peer = get(mine, "ppl"), get(theirs, "ppl")
+        if None not in (p_ours, p_peer):
+            out.append({"goal": f"our {what} ppl <= {peer_label} x 1.01", "value": round(p_ours / p_peer, 4),
+                        "met": p_ours / p_peer <= 1.01})
+        t_ours, t_peer = get(mine, "seconds"), get(theirs, "seconds")
+        if None not in (t_ours, t_peer):
+            time_what = "" if what == "GPTQ" else "GPTAQ "
+            out.append({"goal": f"our {time_what}quantize time <= {peer_label}", "value": round(t_ours / t_peer, 3),
+                        "met": t_ours <= t_peer})
     return out
 
 

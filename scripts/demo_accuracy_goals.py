@@ -23,6 +23,8 @@ import os
 import sys
 from pathlib import Path
 
+from qwen_quant.quantize.pipeline import OPT_IN_RUN_SETTINGS
+
 ROOT = Path(__file__).resolve().parent.parent
 PPL_AIM = 0.7
 POINTS = 2.0
@@ -78,9 +80,8 @@ def checkpoint_settings(path: str) -> dict:
             "desc_act": qc.get("desc_act"), "static_groups": qc.get("static_groups"), "damp": qc.get("damp_percent"),
             "mse": report["settings"].get("mse"), "method": report["settings"].get("method"),
             "forward_dtype": report["settings"].get("forward_dtype"),
-            # recorded only when on (earlier checkpoints predate it and were plain GPTQ)
-            "gptaq_alpha": report["settings"].get("gptaq_alpha", 0.0),
-            "refit_scales": report["settings"].get("refit_scales", False),
+            # recorded only when on (earlier checkpoints predate them, off then)
+            **{k: report["settings"].get(k, off) for k, off in OPT_IN_RUN_SETTINGS.items()},
             "calibration": f"{calib.get('nsamples')} x {calib.get('seqlen')} tokens ({calib.get('source')})"}
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_accuracy_goals import checkpoint_settings  # noqa: E402
+from demo_accuracy_goals import OPT_IN_RUN_SETTINGS, checkpoint_settings  # noqa: E402
 
 REFERENCE = "reports/demo-accuracy"
 # runs of scripts/demo_accuracy_goals.py whose fp results the levers are paired with
@@ -83,8 +83,8 @@ def lever_rows(references: list[tuple[str, dict, dict]], levers: Path) -> list[d
         for label, settings in (goals.get("checkpoints") or {}).items():
             # goals.json of the first run predates recording forward_dtype; its commits' only value was the default
             settings.setdefault("forward_dtype", "auto")
-            settings.setdefault("gptaq_alpha", 0.0)  # likewise: asymmetric calibration came later, off until then
-            settings.setdefault("refit_scales", False)  # and the scale refit later still
+            for k, off in OPT_IN_RUN_SETTINGS.items():  # likewise the opt-in settings that came later, off until then
+                settings.setdefault(k, off)
             settings.pop("path", None)
             row = rows.get(label)
             if row is not None and _same_settings(row["settings"], settings):
