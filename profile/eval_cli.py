@@ -19,8 +19,21 @@ def _lengths(text: str) -> list[int]:
     return values
 
 
+def _windows(text: str) -> int | None:
+    if text.strip().lower() == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise UserError(f"--ppl-windows takes a number of windows or 'all', not {text!r}") from None
+    if value < 1:
+        raise UserError("--ppl-windows must be at least 1 (or 'all')")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from qwen_quant.profile.accuracy.tasks import TASKS
+    from qwen_quant.profile.evaluate import DEFAULT_PPL_WINDOWS, DTYPES
 
     p = argparse.ArgumentParser(
         prog="qwen-eval",
@@ -31,12 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma list of: {', '.join(TASKS)} (ceval=FILE / cmmlu=FILE for a local CSV/JSONL, "
                         f"=hf:<id> for the hub)")
     p.add_argument("--limit", type=int, default=None, help="first N items per benchmark (the same items for every model)")
-    p.add_argument("--ppl-windows", type=int, default=None,
-                   help="first N windows for perplexity tasks (default: --limit; neither = the whole split)")
+    p.add_argument("--ppl-windows", type=_windows, default=DEFAULT_PPL_WINDOWS,
+                   help=f"first N windows of --seqlen tokens for perplexity tasks (default {DEFAULT_PPL_WINDOWS}, "
+                        f"whatever --limit says; 'all' = the whole held-out split)")
     p.add_argument("--seqlen", type=int, default=None, help="perplexity window in tokens (default 2048)")
     p.add_argument("--batch", type=int, default=8, help="rows per forward pass when scoring")
-    p.add_argument("--out", default=None, help="folder for results.json/.md/.csv (default reports/eval/<first model>)")
-    p.add_argument("--ppl-text", default=None, help="a .txt/.jsonl file for the 'ppl' task")
+    p.add_argument("--out", default=None,
+                   help="folder for results.json/.md/.csv and the per-item store (default reports/eval/<first model>-<date>); "
+                        "the same command with the same --out resumes a stopped run")
+    p.add_argument("--ppl-text", default=None,
+                   help="a file for the 'ppl' task: a .txt is scored verbatim, as one text; a .jsonl's \"text\" "
+                        "records are documents joined by blank lines")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="weights and activations of every model: auto (each model's own: an fp model's config dtype; "
+                        "Int4 checkpoints fp32 on a CPU, fp16 on a GPU) or one dtype for all, e.g. bf16 to compare "
+                        "fp and Int4 in the same precision (fast on CPUs with AVX512-BF16/AMX)")
     p.add_argument("--ppl-lengths", type=_lengths, default=None,
                    help="extra window lengths for a long-context perplexity table, e.g. 1024,2048,4096")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
@@ -63,6 +85,7 @@ def main(argv=None):
     report = evaluate(args.models, args.tasks, limit=args.limit, seqlen=args.seqlen, batch=args.batch, out=out,
                       ppl_text=args.ppl_text, ppl_lengths=args.ppl_lengths, device=args.device,
                       backend=args.backend, trust_remote_code=args.trust_remote_code, ppl_windows=args.ppl_windows,
+                      dtype=args.dtype,
                       argv=["qwen-eval", *(sys.argv[1:] if argv is None else argv)])
     from qwen_quant.profile.report import accuracy_table
 

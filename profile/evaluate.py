@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -21,9 +22,14 @@ import torch
 from qwen_quant.errors import UserError
 from qwen_quant.profile.accuracy import generation, multiple_choice as mc, perplexity as ppl
 from qwen_quant.profile.accuracy.scoring import CachedEncoder
+from qwen_quant.profile.accuracy.store import ItemStore, model_fingerprint
 from qwen_quant.profile.accuracy.tasks import TaskRequest, load_items, parse_tasks
 
 DEFAULT_SEQLEN = 2048
+# Perplexity windows scored by default: enough for a standard error of a few percent of the value,
+# few enough for a CPU (--ppl-windows all: the whole held-out split).
+DEFAULT_PPL_WINDOWS = 32
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GSM8K_MAX_NEW = 256
 HUMANEVAL_MAX_NEW = 384
 
@@ -98,11 +104,23 @@ def refuse_synthetic(spec: str):
     return parsed
 
 
+def _local_files(spec: str) -> str | None:
+    """The folder or file a model spec reads from this machine (None for a hub id)."""
+    from qwen_quant.quantize.sources import demo_model_dir, parse_model_spec
+
+    parsed = parse_model_spec(spec)
+    if parsed.kind == "dir":
+        return parsed.path
+    if parsed.kind == "gguf":
+        return os.path.join(parsed.path, parsed.gguf_file)
+    return str(demo_model_dir()) if parsed.kind == "demo" else None
+
+
 def load_for_eval(spec: str, device: str = "cpu", backend: str = "auto", dtype=None,
                   trust_remote_code: bool = False) -> EvalModel:
     """Any model source -> EvalModel. Quantized checkpoints load through load_quantized; synthetic
     models are refused (accuracy of random weights means nothing)."""
-    from qwen_quant.quantize.sources import load_model, parse_model_spec
+    from qwen_quant.quantize.sources import load_model
 
     parsed = refuse_synthetic(spec)
     if parsed.kind == "dir" and _quantization_config(Path(parsed.path)) is not None:
@@ -132,14 +150,18 @@ def _row(model: EvalModel, task: str, metric: str, value, stderr, n, details: di
             "stderr": stderr, "n": n, "details": details}
 
 
-def _ppl_tokens(model: EvalModel, texts: list[str], needed: int | None, cache: dict) -> tuple[list[int], int]:
+def _ppl_tokens(model: EvalModel, texts: list[str], needed: int | None, cache: dict,
+                verbatim: bool = False) -> tuple[list[int], int]:
     """Tokens of the concatenated corpus (GPTQ convention: join, tokenize once), only as many
-    documents as `needed` tokens take; returns (tokens, documents used). Cached per tokenizer."""
-    key = (model.fingerprint(), hashlib.sha256("\x00".join(texts).encode()).hexdigest(), needed)
+    documents as `needed` tokens take; returns (tokens, documents used). Cached per tokenizer.
+    A verbatim text (a user's file) is tokenized whole, exactly as given."""
+    key = (model.fingerprint(), hashlib.sha256("\x00".join(texts).encode()).hexdigest(), needed, verbatim)
     if key in cache:
         return cache[key]
     docs = len(texts)
-    if needed is not None:  # grow the slice until it holds enough tokens (deterministic order)
+    if verbatim:
+        tokens = model.encode("".join(texts))
+    elif needed is not None:  # grow the slice until it holds enough tokens (deterministic order)
         docs = 0
         chars_per_token = 2.0
         while True:
@@ -159,17 +181,19 @@ def _ppl_tokens(model: EvalModel, texts: list[str], needed: int | None, cache: d
 
 
 def run_perplexity(model: EvalModel, name: str, corpus, seqlen: int, limit: int | None,
-                   lengths: list[int], batch: int, cache: dict) -> list[dict]:
+                   lengths: list[int], batch: int, cache: dict, store: ItemStore) -> list[dict]:
     # Every length reads the same tokens: the first `limit` windows of `seqlen` (or the whole text).
     needed = (limit * seqlen) if limit else None
-    tokens, docs = _ppl_tokens(model, corpus.texts, needed, cache)
+    tokens, docs = _ppl_tokens(model, corpus.texts, needed, cache, corpus.description.get("verbatim", False))
     if not tokens:
         raise UserError(f"the text for {name} is empty: give a file with some text")
     span = tokens[:needed] if needed else tokens
+    verbatim = corpus.description.get("verbatim", False)
     base = {"corpus": corpus.description.get("corpus"), "split": corpus.description.get("split"),
             "source": corpus.description, "slice": f"first {docs} of {len(corpus.texts)} documents, "
             f"first {len(span)} tokens", "tokenizer": getattr(model.tokenizer, "name_or_path", None),
-            "convention": "GPTQ: concatenate with blank lines, tokenize once, non-overlapping windows, exp(mean NLL)"}
+            "convention": ("the file verbatim, tokenized once, non-overlapping windows, exp(mean NLL)" if verbatim else
+                           "GPTQ: concatenate with blank lines, tokenize once, non-overlapping windows, exp(mean NLL)")}
     rows = []
     for length, metric in [(seqlen, "perplexity")] + [(L, f"perplexity@{L}") for L in lengths]:
         details = dict(base, seqlen=length)
@@ -182,12 +206,38 @@ def run_perplexity(model: EvalModel, name: str, corpus, seqlen: int, limit: int 
                              dict(details, missing=f"{len(span)} tokens evaluated, fewer than {length}: "
                                                    f"raise --ppl-windows")))
             continue
-        res = ppl.perplexity(model.model, span, length, batch_size=max(1, batch * 256 // length),
-                             device=model.device, desc=f"{model.label} {name}@{length}")
+        nlls = _window_nlls_resumable(model, f"{name}@{length}", ppl.windows_of(span, length),
+                                      max(1, batch * 256 // length), store)
+        res = ppl.summarize(nlls, length)
         details.update(windows=res["windows"], tokens=res["tokens"], tokens_scored=res["tokens_scored"],
-                       mean_nll=res["mean_nll"])
+                       mean_nll=res["mean_nll"], per_window_nll=[round(x, 6) for x in nlls])
         rows.append(_row(model, name, metric, res["value"], res["stderr"], res["n"], details))
     return rows
+
+
+def _window_nlls_resumable(model: EvalModel, name: str, windows: torch.Tensor, batch: int,
+                           store: ItemStore) -> list[float]:
+    """Each window's mean NLL; windows an earlier run stored are read back, the rest scored and stored."""
+    from tqdm.auto import tqdm
+
+    from qwen_quant.cli_util import is_quiet
+
+    # a window is known by its position and its tokens: more windows later reuse the ones scored now
+    keys = [f"{i}:{hashlib.sha256(w.numpy().tobytes()).hexdigest()[:12]}" for i, w in enumerate(windows)]
+    task_key = {"task": name}
+    done = store.load(task_key)
+    missing = [i for i, k in enumerate(keys) if k not in done]
+    bar = tqdm(total=len(keys), initial=len(keys) - len(missing), desc=f"{model.label} {name}", unit="win",
+               disable=is_quiet(), leave=False)
+    for start in range(0, len(missing), batch):
+        chunk = missing[start:start + batch]
+        nlls = ppl.window_nlls(model.model, windows[chunk], len(chunk), model.device, desc=None)
+        scored = {keys[i]: {"nll": v} for i, v in zip(chunk, nlls)}
+        store.add(task_key, scored)
+        done.update(scored)
+        bar.update(len(chunk))
+    bar.close()
+    return [done[k]["nll"] for k in keys]
 
 
 def _questions(request: TaskRequest, items: list) -> list[mc.Question]:
@@ -214,11 +264,42 @@ def _lettered_header(name: str, subject: str | None) -> str:
     return mc.mmlu_header(subject)
 
 
-def run_choice(model: EvalModel, request: TaskRequest, questions: list[mc.Question], description: dict,
-               batch: int, encoder: CachedEncoder) -> list[dict]:
+# Questions scored between two writes to the item store: small enough to lose little to a kill.
+STORE_CHUNK = 32
+
+
+def _graded_resumable(model: EvalModel, request: TaskRequest, questions: list[mc.Question], batch: int,
+                      encoder: CachedEncoder, store: ItemStore) -> list[mc.Graded]:
+    """Every question's choice scores; questions an earlier run stored are read back, the rest scored and stored."""
+    from tqdm.auto import tqdm
+
+    from qwen_quant.cli_util import is_quiet
+    from qwen_quant.profile.accuracy.scoring import Score
+
     name = request.task.name
-    graded = mc.score_questions(model.model, questions, encoder, model.prefix_token, batch,
-                                min(model.max_length, 4096), model.pad_id, model.device, f"{model.label} {name}")
+    keys = [f"{i}:{q.id}" for i, q in enumerate(questions)]  # the order is fixed: --limit takes a prefix
+    task_key = {"task": name, "shots": request.task.shots, "source": request.source}
+    done = store.load(task_key)
+    missing = [i for i, k in enumerate(keys) if k not in done]
+    bar = tqdm(total=len(keys), initial=len(keys) - len(missing), desc=f"{model.label} {name}", unit="q",
+               disable=is_quiet(), leave=False)
+    for start in range(0, len(missing), STORE_CHUNK):
+        chunk = missing[start:start + STORE_CHUNK]
+        graded = mc.score_questions(model.model, [questions[i] for i in chunk], encoder, model.prefix_token, batch,
+                                    min(model.max_length, 4096), model.pad_id, model.device, desc=None)
+        scored = {keys[i]: {"scores": [[sc.logprob, sc.greedy, sc.tokens] for sc in g.scores]}
+                  for i, g in zip(chunk, graded)}
+        store.add(task_key, scored)
+        done.update(scored)
+        bar.update(len(chunk))
+    bar.close()
+    return [mc.Graded(q, [Score(*sc) for sc in done[k]["scores"]]) for q, k in zip(questions, keys)]
+
+
+def run_choice(model: EvalModel, request: TaskRequest, questions: list[mc.Question], description: dict,
+               batch: int, encoder: CachedEncoder, store: ItemStore) -> list[dict]:
+    name = request.task.name
+    graded = _graded_resumable(model, request, questions, batch, encoder, store)
     details = {"dataset": description, "shots": request.task.shots, "chance": request.task.chance,
                "scoring": "log-likelihood of each choice (lm-eval 0.4 prompts)"}
     rows = []
@@ -254,37 +335,51 @@ def _gsm8k_prompt(item) -> str:
     return "\n\n".join(parts)
 
 
-def run_gsm8k(model: EvalModel, items: list, description: dict) -> list[dict]:
+def _generated_resumable(model: EvalModel, name: str, items: list, store: ItemStore, solve) -> list[float]:
+    """1.0/0.0 per generation item; items an earlier run stored are read back, the rest solved and stored."""
     from tqdm.auto import tqdm
 
     from qwen_quant.cli_util import is_quiet
 
-    correct = []
-    for it in tqdm(items, desc=f"{model.label} gsm8k", disable=is_quiet(), leave=False):
+    keys = [f"{i}:{mc.field(it, 'id', 'task_id', default='')}" for i, it in enumerate(items)]
+    task_key = {"task": name}
+    done = store.load(task_key)
+    missing = [i for i, k in enumerate(keys) if k not in done]
+    for i in tqdm(missing, initial=len(keys) - len(missing), total=len(keys), desc=f"{model.label} {name}",
+                  disable=is_quiet(), leave=False):
+        correct, completion = solve(items[i])
+        scored = {keys[i]: {"correct": float(correct), "completion": completion}}
+        store.add(task_key, scored)
+        done.update(scored)
+    return [done[k]["correct"] for k in keys]
+
+
+def run_gsm8k(model: EvalModel, items: list, description: dict, store: ItemStore) -> list[dict]:
+    def solve(it):
         text = generation.greedy_generate(model.model, model.encode(_gsm8k_prompt(it)), GSM8K_MAX_NEW, model.decode,
                                           generation.GSM8K_STOPS, model.eos_id, model.device)
         gold = mc.field(it, "answer_number", "short_answer", "target", "answer")
-        correct.append(float(generation.numbers_equal(generation.extract_last_number(text), gold)))
+        return generation.numbers_equal(generation.extract_last_number(text), gold), text
+
+    correct = _generated_resumable(model, "gsm8k", items, store, solve)
     value, err = mc.mean_and_stderr(correct)
     return [_row(model, "gsm8k", "accuracy", 100 * value, 100 * err, len(items),
                  {"dataset": description, "decoding": f"greedy, at most {GSM8K_MAX_NEW} new tokens",
                   "extraction": "last number in the completion", "chance": 0.0, "per_item": mc.per_item(correct)})]
 
 
-def run_humaneval(model: EvalModel, items: list, description: dict) -> list[dict]:
-    from tqdm.auto import tqdm
-
-    from qwen_quant.cli_util import is_quiet
+def run_humaneval(model: EvalModel, items: list, description: dict, store: ItemStore) -> list[dict]:
     from qwen_quant.profile.accuracy.sandbox import network_isolated
 
-    passed = []
-    for it in tqdm(items, desc=f"{model.label} humaneval", disable=is_quiet(), leave=False):
+    def solve(it):
         prompt = str(mc.field(it, "prompt"))
         completion = generation.greedy_generate(model.model, model.encode(prompt), HUMANEVAL_MAX_NEW, model.decode,
                                                 generation.HUMANEVAL_STOPS, model.eos_id, model.device)
         res = generation.humaneval_passes(prompt, completion, str(mc.field(it, "test")),
                                           str(mc.field(it, "entry_point")))
-        passed.append(float(res.passed))
+        return res.passed, completion
+
+    passed = _generated_resumable(model, "humaneval", items, store, solve)
     value, err = mc.mean_and_stderr(passed)
     return [_row(model, "humaneval", "pass@1", 100 * value, 100 * err, len(items),
                  {"dataset": description, "decoding": f"greedy, at most {HUMANEVAL_MAX_NEW} new tokens",
@@ -297,14 +392,11 @@ def run_humaneval(model: EvalModel, items: list, description: dict) -> list[dict
 def _corpus_for(request: TaskRequest, ppl_text: str | None):
     from qwen_quant.quantize import corpora
 
-    name = request.task.name
-    if name == "ppl-wiki":
-        return corpora.wiki_texts("eval")
-    if name == "ppl-zh":
-        return corpora.peoples_daily_texts("eval")
+    if request.task.corpus:
+        return corpora.corpus_by_name(request.task.corpus, "eval")
     if not ppl_text:
         raise UserError("task ppl needs --ppl-text FILE")
-    corpus = corpora.read_text_file(ppl_text)
+    corpus = corpora.read_text_verbatim(ppl_text)
     if corpus.chats is not None:
         raise UserError(f"{ppl_text} holds chat messages; give plain text (.txt or .jsonl with \"text\") for ppl")
     if not any(t.strip() for t in corpus.texts):
@@ -326,19 +418,24 @@ def _prepare(requests: list[TaskRequest], limit: int | None, ppl_text: str | Non
 def evaluate(models: list[str], tasks: str | list[str], limit: int | None = None, seqlen: int | None = None,
              batch: int = 8, out: str | Path | None = None, ppl_text: str | None = None,
              ppl_lengths: list[int] | None = None, device: str = "cpu", backend: str = "auto",
-             trust_remote_code: bool = False, ppl_windows: int | None = None,
-             argv: list[str] | None = None) -> dict:
+             trust_remote_code: bool = False, ppl_windows: int | None = DEFAULT_PPL_WINDOWS,
+             dtype: str = "auto", argv: list[str] | None = None) -> dict:
     """Evaluate `models` on `tasks`; the first model is the reference for deltas.
 
-    `limit`: the first N items of each benchmark; `ppl_windows`: the first N perplexity windows
-    (default: `limit`; None and None = the whole held-out split)."""
+    `limit`: the first N items of each benchmark; `ppl_windows`: the first N perplexity windows (None:
+    the whole held-out split); `dtype`: "auto" (each model's own: an fp model's config dtype, Int4
+    checkpoints fp32 on the CPU and fp16 on a GPU) or one of DTYPES for every model alike.
+    With `out`, every scored item is stored under out/items as it is scored: the same call again
+    resumes where a stopped one ended, and a larger --limit / --ppl-windows scores only the new items."""
     if not models:
         raise UserError("no model given: pass one or more models (the first is the reference)")
     if limit is not None and limit < 1:
         raise UserError("--limit must be at least 1")
     if ppl_windows is not None and ppl_windows < 1:
         raise UserError("--ppl-windows must be at least 1")
-    windows = ppl_windows if ppl_windows is not None else limit
+    if dtype not in DTYPES and dtype != "auto":
+        raise UserError(f"unknown --dtype {dtype!r}: use auto or one of {', '.join(DTYPES)}")
+    windows = ppl_windows
     requests = parse_tasks(tasks)
     for spec in models:  # refuse synthetic models before spending minutes on data or other models
         refuse_synthetic(spec)
@@ -353,32 +450,36 @@ def evaluate(models: list[str], tasks: str | list[str], limit: int | None = None
     results, model_info, ppl_cache, questions_cache = [], [], {}, {}
     for spec in models:
         started = time.perf_counter()
-        em = load_for_eval(spec, device=device, backend=backend, trust_remote_code=trust_remote_code)
+        em = load_for_eval(spec, device=device, backend=backend, trust_remote_code=trust_remote_code,
+                           dtype=DTYPES.get(dtype))
         if any(m["label"] == em.label for m in model_info):
             em.label = f"{em.label}#{len(model_info) + 1}"
         encoder = CachedEncoder(em.encode)
+        identity = {"model": model_fingerprint(spec, _local_files(spec)), "dtype": dtype,
+                    "backend": backend, "device": torch.device(device).type}
+        store = ItemStore(Path(out) if out is not None else None, em.label, identity)
         for r in requests:
             name = r.task.name
             if r.task.kind == "perplexity":
-                results += run_perplexity(em, name, data[name], seqlen, windows, lengths, batch, ppl_cache)
+                results += run_perplexity(em, name, data[name], seqlen, windows, lengths, batch, ppl_cache, store)
                 continue
             items, desc = data[name]
             if r.task.kind == "choice":
                 if name not in questions_cache:  # the prompts are built once, for every model
                     questions_cache[name] = _questions(r, items)
                 questions = questions_cache[name]
-                results += run_choice(em, r, questions, desc, batch, encoder)
+                results += run_choice(em, r, questions, desc, batch, encoder, store)
             elif r.task.kind == "gsm8k":
-                results += run_gsm8k(em, items, desc)
+                results += run_gsm8k(em, items, desc, store)
             else:
-                results += run_humaneval(em, items, desc)
+                results += run_humaneval(em, items, desc, store)
         model_info.append({"label": em.label, "spec": spec, "description": em.description,
                            "seconds": round(time.perf_counter() - started, 2)})
         del em
     report = {"kind": "eval", "env": env, "models": model_info,
               "tasks": [r.task.name for r in requests],
               "settings": {"limit": limit, "ppl_windows": windows, "seqlen": seqlen, "batch": batch, "ppl_lengths": lengths,
-                           "device": device, "backend": backend},
+                           "device": device, "backend": backend, "dtype": dtype},
               "results": results}
     if out is not None:
         write_results(report, Path(out))

@@ -71,12 +71,19 @@ def format_value(row: dict | None) -> str:
 
 
 def paired_stderr(row: dict | None, ref: dict | None) -> float | None:
-    """The standard error of row - ref over the same items, when both stored their per-item results."""
+    """The standard error of row - ref over the same items (questions, or perplexity windows), when both
+    stored their per-item results."""
     from qwen_quant.profile.accuracy.multiple_choice import paired_delta
+
+    from qwen_quant.profile.accuracy.paired import perplexity_difference
 
     if row is None or ref is None:
         return None
-    paired = paired_delta((ref.get("details") or {}).get("per_item"), (row.get("details") or {}).get("per_item"))
+    mine, theirs = row.get("details") or {}, ref.get("details") or {}
+    nlls, ref_nlls = mine.get("per_window_nll"), theirs.get("per_window_nll")
+    if nlls and ref_nlls and len(nlls) == len(ref_nlls) > 1:
+        return perplexity_difference(ref_nlls, nlls)[1]
+    paired = paired_delta(theirs.get("per_item"), mine.get("per_item"))
     return paired[1] if paired else None
 
 

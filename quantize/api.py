@@ -5,7 +5,6 @@ write the checkpoint. The CLI `qwen-quantize` is a thin layer over this function
 from __future__ import annotations
 
 import json
-import os
 import platform
 import sys
 import tempfile

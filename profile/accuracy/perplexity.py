@@ -29,10 +29,10 @@ def windows_of(token_ids: list[int], seqlen: int, max_windows: int | None = None
 
 
 @torch.no_grad()
-def window_nlls(model, windows: torch.Tensor, batch_size: int = 1, device="cpu", desc: str = "ppl") -> list[float]:
-    """Mean token NLL of each window (natural log)."""
+def window_nlls(model, windows: torch.Tensor, batch_size: int = 1, device="cpu", desc: str | None = "ppl") -> list[float]:
+    """Mean token NLL of each window (natural log); desc None shows no progress bar."""
     out: list[float] = []
-    bar = tqdm(total=windows.shape[0], desc=desc, unit="win", disable=is_quiet(), leave=False)
+    bar = tqdm(total=windows.shape[0], desc=desc, unit="win", disable=is_quiet() or desc is None, leave=False)
     for start in range(0, windows.shape[0], max(1, batch_size)):
         ids = windows[start:start + batch_size].to(device)
         res = model(input_ids=ids)

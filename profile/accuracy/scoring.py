@@ -127,7 +127,7 @@ def loglikelihoods(model, requests: Sequence[tuple[list[int], list[int]]], batch
     """
     results: list[Score | None] = [None] * len(requests)
     rows = _rows(requests, max_length)
-    bar = tqdm(total=len(requests), desc=desc, unit="req", disable=is_quiet(), leave=False)
+    bar = tqdm(total=len(requests), desc=desc, unit="req", disable=is_quiet() or desc is None, leave=False)
     for batch in _batches(rows, max(1, batch_size)):
         width = max(len(row.ids) for row in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)

@@ -21,11 +21,15 @@ class Task:
     chance: float | None = None  # accuracy of guessing, in %
     shots: int = 0
     needs_file: bool = False  # ppl needs --ppl-text; ceval/cmmlu take NAME=FILE here
+    corpus: str | None = None  # perplexity: the package corpus (corpora.NAMED_CORPORA) whose eval split is scored
 
 
 TASKS: dict[str, Task] = {t.name: t for t in [
-    Task("ppl-wiki", "perplexity", "Wikipedia EN ppl"),
-    Task("ppl-zh", "perplexity", "People's Daily ZH ppl"),
+    Task("ppl-wiki", "perplexity", "Wikipedia EN ppl", corpus="wiki"),
+    Task("ppl-zh", "perplexity", "People's Daily ZH ppl", corpus="peoples-daily"),
+    Task("ppl-code", "perplexity", "HumanEval code ppl", corpus="humaneval-code"),
+    Task("ppl-fr", "perplexity", "Wikipedia FR ppl", corpus="wiki-fr"),
+    Task("ppl-fiction", "perplexity", "LAMBADA fiction ppl", corpus="fiction"),
     Task("ppl", "perplexity", "text ppl", needs_file=True),
     Task("mmlu", "choice", "MMLU", chance=25.0, shots=5),
     Task("arc-easy", "choice", "ARC-Easy", with_norm=True, chance=25.0),
