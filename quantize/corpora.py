@@ -15,7 +15,7 @@ Offline corpora (DATA.md), by the name `corpus_by_name` and `--calib` take:
 
 Split rule (fixed, documented in every description): a document goes to a split by the first 8 bytes
 of sha256("qwen-quant-split:" + key), taken modulo 100: 0-49 "calib", 50-59 "dev", 60-99 "eval".
-The key is the article title for Wikipedia, the paragraph text itself for People's Daily (so a
+The key is the article title for English Wikipedia (the summary text for French), the paragraph text itself for People's Daily (so a
 paragraph that occurs twice can never sit in two splits), "<language>:<task id>" for code and
 "<subject>:<index>" for chat. Calibration uses "calib" only; evaluation uses "eval" and never "calib".
 
@@ -160,9 +160,16 @@ def wiki_texts(split: str, lang: str = "en") -> Corpus:
         articles = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {path} ({type(e).__name__}): reinstall {WIKI_DIST}") from None
+    # English splits by title (as since the first release); French by the text itself, because a few of its
+    # summaries stand under two titles and would otherwise land in two splits
+    by_text = lang != "en"
     texts = [a["extract"].strip() for title, a in articles.items()
-             if isinstance(a, dict) and (a.get("extract") or "").strip() and split_of(title) == split]
-    return Corpus(texts, _describe(f"wikipedia-summaries-{lang}", WIKI_DIST, relpath, split, texts, "title"))
+             if isinstance(a, dict) and (a.get("extract") or "").strip()
+             and split_of(a["extract"].strip() if by_text else title) == split]
+    if by_text:
+        texts = list(dict.fromkeys(texts))
+    return Corpus(texts, _describe(f"wikipedia-summaries-{lang}", WIKI_DIST, relpath, split, texts,
+                                   "summary text" if by_text else "title"))
 
 
 def wiki_fr_texts(split: str) -> Corpus:
@@ -179,7 +186,7 @@ def code_texts(split: str) -> Corpus:
         for doc in _olmo_docs(MBPP_FILE.format(language)):
             text, code = doc.get("text"), doc.get("code")
             if isinstance(text, str) and isinstance(code, str) and split_of(f"{language}:{doc.get('task_id')}") == split:
-                code = code.replace("\r\n", "\n").strip("\n")
+                code = code.replace("\r\n", "\n").replace("\r", "\n").strip("\n")
                 texts.append(f"{text.strip()}\n```{language}\n{code}\n```")
     return Corpus(texts, _describe("mbpp-17-languages", OLMO_DIST, MBPP_FILE.format("<language>"), split, texts,
                                    "<language>:<task_id>"))

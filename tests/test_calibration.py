@@ -55,6 +55,40 @@ def test_strip_word_tags():
     assert pd.texts and not any(re.search(r"/[a-zA-Z]{1,3}\b", t) for t in pd.texts)  # no tag left
 
 
+@pytest.mark.parametrize("name", ["wiki-fr", "code", "chat"])
+def test_more_calibration_corpora_are_split_and_described(name):
+    parts = {s: corpora.corpus_by_name(name, s) for s in ("calib", "eval")}
+    calib, evals = set(parts["calib"].texts), set(parts["eval"].texts)
+    assert len(calib) > 500 and len(evals) > 300 and not calib & evals
+    d = parts["calib"].description
+    assert d["split"] == "calib" and d["version"] != "unknown" and d["documents"] == len(parts["calib"].texts)
+
+
+def test_code_and_chat_corpora_look_like_what_they_name():
+    code = corpora.code_texts("calib").texts
+    languages = {t.split("```", 1)[1].split("\n", 1)[0] for t in code}
+    assert languages == set(corpora.MBPP_LANGUAGES) and all(t.endswith("```") and "\r" not in t for t in code)
+    chat = corpora.chat_texts("calib").texts
+    assert all(t.startswith("<|im_start|>system\n") and t.count("<|im_start|>") == 3 and t.endswith("<|im_end|>")
+               for t in chat)
+    assert any("\\frac" in t for t in chat)  # MATH solutions keep their LaTeX
+    fr = corpora.corpus_by_name("wiki-fr", "eval").texts
+    assert sum(" le " in t or " la " in t for t in fr) > 0.5 * len(fr)
+
+
+@pytest.mark.parametrize("name,documents", [("humaneval-code", 164), ("fiction", 5153)])
+def test_evaluation_only_corpora(name, documents):
+    corpus = corpora.corpus_by_name(name, "eval")
+    assert len(corpus.texts) == documents and all(t.strip() for t in corpus.texts)
+    for split in ("calib", "dev"):
+        with pytest.raises(UserError, match="evaluation only"):
+            corpora.corpus_by_name(name, split)
+    with pytest.raises(UserError, match="evaluation only"):
+        build_calibration(TiktokenQwen(), source=name, nsamples=1, seqlen=16)
+    if name == "humaneval-code":
+        assert corpus.texts[0].startswith("from typing import List") and "return False" in corpus.texts[0]
+
+
 # ---------------------------------------------------------------- user files
 
 def test_read_txt_paragraphs():
@@ -114,6 +148,27 @@ def test_default_mix_shapes_determinism_and_languages(qwen_tok):
     assert all(cjk[i] < 5 for i in (0, 2, 4)) and all(cjk[i] > 30 for i in (1, 3))
     d = a.description
     assert [x["samples"] for x in d["corpora"]] == [3, 2] and all(x["split"] == "calib" for x in d["corpora"])
+
+
+def test_a_mix_shares_samples_out_and_interleaves_in_order(qwen_tok):
+    cal = build_calibration(qwen_tok, source="wiki+peoples-daily+code+chat", nsamples=6, seqlen=128, seed=0)
+    assert cal.input_ids.shape == (6, 128) and cal.attention_mask.all()
+    d = cal.description
+    assert [(x["corpus"], x["samples"]) for x in d["corpora"]] == [
+        ("wikipedia-summaries-en", 2), ("peoples-daily-199801", 2), ("mbpp-17-languages", 1), ("math-chatml", 1)]
+    assert all(x["split"] == "calib" for x in d["corpora"]) and "interleaved" in d["mix"]
+    cjk = [sum("\u4e00" <= ch <= "\u9fff" for ch in qwen_tok.decode(row.tolist())) for row in cal.input_ids]
+    # rows: wiki, zh, code, chat, wiki, zh
+    assert cjk[1] > 30 and cjk[5] > 30 and all(cjk[i] < 5 for i in (0, 2, 3, 4))
+    # "default" is the wiki + People's Daily mix
+    assert torch.equal(build_calibration(qwen_tok, nsamples=4, seqlen=64).input_ids,
+                       build_calibration(qwen_tok, source="wiki+peoples-daily", nsamples=4, seqlen=64).input_ids)
+
+
+@pytest.mark.parametrize("source", ["wiki+nonsense", "wiki+wiki", "wiki+"])
+def test_bad_mixes_are_one_line_errors(qwen_tok, source):
+    with pytest.raises(UserError, match="calibration mix"):
+        build_calibration(qwen_tok, source=source, nsamples=2, seqlen=16)
 
 
 def test_calibration_text_comes_from_the_calib_split_only(qwen_tok):

@@ -53,7 +53,7 @@ def test_demo_end_to_end_two_models_same_items(tmp_path, demo_dir, monkeypatch):
     monkeypatch.setenv("QWEN_QUANT_QUIET", "1")
     text = tmp_path / "text.txt"
     text.write_text("The cat sat on the mat and looked at the garden for a long time.\n\n" * 20)
-    report = evaluate(["demo", str(demo_dir)], "ppl-wiki,arc-easy,winogrande", limit=3, seqlen=64, batch=4,
+    report = evaluate(["demo", str(demo_dir)], "ppl-wiki,arc-easy,winogrande", limit=3, seqlen=64, batch=4, ppl_windows=3,
                       out=tmp_path / "out", ppl_text=str(text), ppl_lengths=[32, 100000])
     rows = report["results"]
     by = {(r["model"], r["task"], r["metric"]): r for r in rows}
