@@ -2,10 +2,14 @@
 and plain torch kernel on the CPU and gives the same logits as our `load_quantized`.
 
 GPTQModel's torch kernel reads v1 zero points (stored zero-1) itself, so a v1/v2 mix-up or a packing
-error would show here as garbage logits, not as a crash.
+error would show here as garbage logits, not as a crash. The peer runs in its own environment
+(.venv-peer, made by `make peer`; `make test` makes it): a user's environment never holds it or what
+it pulls in (torchao and friends print on import), and the proof is what a GPTQModel user would see.
 """
 
-import os
+import json
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,17 +33,30 @@ def demo_checkpoint(tmp_path_factory):
     return out
 
 
-def _gptqmodel_logits(path, ids):
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-    from gptqmodel import BACKEND, GPTQModel
+PEER_PYTHON = Path(__file__).resolve().parents[1] / ".venv-peer" / "bin" / "python"
+PEER_LOGITS = """
+import json, sys, torch
+from gptqmodel import BACKEND, GPTQModel
+path, ids, out = sys.argv[1], torch.tensor(json.loads(sys.argv[2])), sys.argv[3]
+model = GPTQModel.load(path, backend=BACKEND.TORCH, device="cpu", dtype=torch.float16)
+with torch.no_grad():
+    torch.save(model.model(input_ids=ids).logits.float(), out)
+"""
 
-    model = GPTQModel.load(str(path), backend=BACKEND.TORCH, device="cpu", dtype=torch.float16)
-    with torch.no_grad():
-        return model.model(input_ids=ids).logits.float()
+
+def _gptqmodel_logits(path, ids, tmp_path):
+    if not PEER_PYTHON.is_file():
+        pytest.fail(f"the peer's environment {PEER_PYTHON.parents[1]} is missing: run `make peer` (make test does)")
+    out = tmp_path / "logits.pt"
+    proc = subprocess.run([str(PEER_PYTHON), "-c", PEER_LOGITS, str(path), json.dumps(ids.tolist()), str(out)],
+                          capture_output=True, text=True, timeout=600,
+                          env={"GPTQMODEL_CPU_WORKERS": "2", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out)
 
 
 @pytest.mark.slow
-def test_gptqmodel_loads_our_checkpoint_with_the_same_logits(demo_checkpoint):
+def test_gptqmodel_loads_our_checkpoint_with_the_same_logits(demo_checkpoint, tmp_path):
     from transformers import AutoTokenizer
 
     from qwen_quant.kernels.loader import load_quantized
@@ -49,7 +66,7 @@ def test_gptqmodel_loads_our_checkpoint_with_the_same_logits(demo_checkpoint):
     ours_model = load_quantized(demo_checkpoint, backend="torch", device="cpu", dtype=torch.float16)
     with torch.no_grad():
         ours = ours_model(input_ids=ids).logits.float()
-    theirs = _gptqmodel_logits(demo_checkpoint, ids)
+    theirs = _gptqmodel_logits(demo_checkpoint, ids, tmp_path)
     assert ours.shape == theirs.shape
     # fp16 activations through 30 blocks: compare at fp16 tolerance, relative to the logits' scale
     scale = ours.abs().max()
