@@ -48,8 +48,9 @@ def _gptqmodel_logits(path, ids, tmp_path):
     if not PEER_PYTHON.is_file():
         pytest.fail(f"the peer's environment {PEER_PYTHON.parents[1]} is missing: run `make peer` (make test does)")
     out = tmp_path / "logits.pt"
+    # cwd outside the repository: its top-level kernels/ folder would shadow the `kernels` package GPTQModel imports
     proc = subprocess.run([str(PEER_PYTHON), "-c", PEER_LOGITS, str(path), json.dumps(ids.tolist()), str(out)],
-                          capture_output=True, text=True, timeout=600,
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path,
                           env={"GPTQMODEL_CPU_WORKERS": "2", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out)
