@@ -63,7 +63,7 @@ def fp_folder() -> Path:
     sys.path.insert(0, str(ROOT / "scripts"))
     import quantize_qwen_coder as prep
 
-    from qwen_quant.quantize.sources import cache_dir
+    from qwen_quant.files import cache_dir
 
     work = cache_dir() / "qwen2.5-coder-1.5b-instruct"
     folder = work / "fp32"
@@ -145,8 +145,8 @@ def collect() -> dict:
 
 
 def render(rows: dict) -> str:
-    from qwen_quant.profile.accuracy.paired import loss_ratio
-    from qwen_quant.profile.accuracy.perplexity import summarize
+    from qwen_quant.accuracy.paired import loss_ratio
+    from qwen_quant.accuracy.perplexity import summarize
 
     fp, rtn = rows["fp"]["nlls"], rows["rtn"]["nlls"]
     lines = ["# Qwen2.5-Coder-1.5B-Instruct Int4 g128: which GPTQ settings hold up out of domain", "",

@@ -12,13 +12,10 @@ Writes reports/kernels/<gpu-or-cpu>-<date>.{json,md,png}; md and png are rendere
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +24,7 @@ import torch
 
 from qwen_quant.cli_util import is_quiet, run_cli
 from qwen_quant.errors import UserError
+from qwen_quant.files import write_text_atomic
 from qwen_quant.kernels.bandwidth import copy_bandwidth_gbs
 
 # (model, layer, K, N): the distinct linear shapes of each model (Qwen2-style k/v share one shape)
@@ -165,33 +163,14 @@ def bench_cell(impl: str, k: int, n: int, batch: int, device: torch.device, band
 
 # ---- provenance and output --------------------------------------------------------------------
 def provenance(device: torch.device, argv) -> dict:
-    info = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": " ".join(argv),
-            "python": platform.python_version(), "torch": torch.__version__, "device": str(device),
-            "host": platform.node(), "cpu": platform.processor() or platform.machine()}
-    try:
-        import triton
+    """The shared record (provenance.collect_env) plus what a kernel number depends on: SMs and L2 size."""
+    from qwen_quant.provenance import collect_env
 
-        info["triton"] = triton.__version__
-    except Exception:
-        info["triton"] = None
-    try:
-        repo = Path(__file__).resolve().parent.parent
-        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                                        timeout=10).stdout.strip() or None
-    except Exception:
-        info["commit"] = None
+    info = collect_env(list(argv)) | {"device": str(device), "host": platform.node()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, cuda=torch.version.cuda, sms=props.multi_processor_count,
-                    gpu_memory_gib=round(props.total_memory / 2**30, 1),
+        info.update(gpu=props.name, sms=props.multi_processor_count, gpu_memory_gib=round(props.total_memory / 2**30, 1),
                     l2_mib=round(getattr(props, "L2_cache_size", 0) / 2**20, 1))
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            info["driver"] = pynvml.nvmlSystemGetDriverVersion()
-        except Exception:
-            info["driver"] = None
     return info
 
 
@@ -284,16 +263,10 @@ def write_outputs(result: dict, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{_label(result['provenance'])}-{result['provenance']['date'][:10]}"
     paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("json", "md", "png")}
-    _atomic_write(paths["json"], json.dumps(result, indent=1))
-    _atomic_write(paths["md"], render_markdown(result))
+    write_text_atomic(paths["json"], json.dumps(result, indent=1))
+    write_text_atomic(paths["md"], render_markdown(result))
     render_plot(result, paths["png"])
     return paths
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---- the run ----------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 import warnings
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 
 from qwen_quant.errors import UserError
+from qwen_quant.files import atomic_path
 
 SOURCE_DIR = Path(__file__).resolve().parent / "cuda"
 VARIANTS = ("mma", "simple")
@@ -50,10 +50,10 @@ _DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1}
 # ----------------------------------------------------------------------------- building
 
 def cache_dir() -> Path:
-    """Where built libraries live (kernels must not import quantize, so this is computed here)."""
-    base = os.environ.get("QWEN_QUANT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "qwen_quant")
-    return Path(base) / "cuda"
+    """Where built libraries live: the cuda/ folder of the shared cache (qwen_quant.files.cache_dir)."""
+    from qwen_quant.files import cache_dir as shared
+
+    return shared() / "cuda"
 
 
 def find_nvcc() -> str | None:
@@ -114,18 +114,12 @@ def build_library(archs=CI_ARCHS, out_dir: Path | None = None, nvcc: str | None 
     if target.is_file() and not force:
         return BuildResult(target, "", 0.0, True)
     start = time.perf_counter()
-    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=out_dir)
-    os.close(fd)
-    try:
-        proc = subprocess.run([nvcc, *flags, "-o", tmp, str(main)], capture_output=True, text=True, timeout=900)
+    with atomic_path(target) as tmp:  # a reader never sees half a library
+        proc = subprocess.run([nvcc, *flags, "-o", str(tmp), str(main)], capture_output=True, text=True, timeout=900)
         log = proc.stdout + proc.stderr
         if proc.returncode != 0:
             tail = " | ".join(line for line in log.strip().splitlines()[-4:])
             raise RuntimeError(f"nvcc failed (exit {proc.returncode}): {tail}")
-        os.replace(tmp, target)  # atomic: a reader never sees half a library
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return BuildResult(target, log, time.perf_counter() - start, False)
 
 

@@ -27,11 +27,10 @@ from qwen_quant.kernels import format as fmt
 from qwen_quant.kernels.quant_linear import QuantLinear
 
 QUANT_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.py", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
 
 
 def resolve_checkpoint(path_or_id: str | Path) -> Path:
-    """A local folder, or a hub id fetched with huggingface_hub.snapshot_download."""
+    """A local folder, or a hub id's files (qwen_quant.hub: downloaded once into the HF cache)."""
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
@@ -40,13 +39,9 @@ def resolve_checkpoint(path_or_id: str | Path) -> Path:
     text = str(path_or_id)
     if text.count("/") != 1 or text.startswith((".", "/")):
         raise UserError(f"no checkpoint folder at {text}; pass a folder or a hub id like Qwen/Qwen2.5-7B-Instruct-GPTQ-Int4")
-    try:
-        from huggingface_hub import snapshot_download
+    from qwen_quant.hub import snapshot
 
-        return Path(snapshot_download(text, allow_patterns=_HUB_PATTERNS))
-    except Exception as exc:
-        raise UserError(f"cannot fetch {text} from the Hugging Face hub ({type(exc).__name__}); "
-                        f"check the id and the network, or pass a local folder") from None
+    return snapshot(text)
 
 
 def read_quant_config(folder: Path) -> fmt.QuantConfig:

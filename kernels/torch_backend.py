@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from qwen_quant.kernels.format import SUPPORTED_BITS
+
 NAME = "torch"
-SUPPORTED_BITS = (2, 3, 4, 8)
 
 
 def available() -> tuple[bool, str]:

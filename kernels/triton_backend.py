@@ -21,7 +21,7 @@ import os
 import torch
 
 NAME = "triton"
-SUPPORTED_BITS = (2, 4, 8)  # 3-bit values straddle words; the torch backend covers them
+TRITON_BITS = (2, 4, 8)  # 3-bit values straddle words; the torch backend covers them
 
 try:  # triton is optional (CPU installs without it use the torch backend)
     import triton
@@ -48,7 +48,7 @@ def available() -> tuple[bool, str]:
 
 
 def supports(in_features: int, out_features: int, bits: int, group_size: int, desc_act: bool) -> bool:
-    return bits in SUPPORTED_BITS
+    return bits in TRITON_BITS
 
 
 def words_per_tile(bits: int) -> int:

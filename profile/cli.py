@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def detect_device(requested: str) -> str:
     """cuda when torch has CUDA and NVML sees a GPU (checked without creating a CUDA context)."""
-    from qwen_quant.profile.env import nvml_gpus, torch_cuda_version
+    from qwen_quant.provenance import nvml_gpus, torch_cuda_version
 
     has_gpu = bool(torch_cuda_version()) and bool(nvml_gpus())
     if requested == "cuda" and not has_gpu:
@@ -102,7 +102,7 @@ def main_impl(argv=None) -> int:
     args = build_parser().parse_args(argv)
     # cheap checks first (no torch import), so a typo fails in a fraction of a second
     from qwen_quant.profile.cells import parse_lengths, parse_precisions, plan_cells
-    from qwen_quant.profile.engines import parse_engines
+    from qwen_quant.engine import parse_engines
 
     encode = parse_lengths(args.encode, "--encode")
     gens = parse_lengths(args.gen, "--gen")
@@ -140,7 +140,7 @@ def main_impl(argv=None) -> int:
 
 
 def run_and_report(cells, out: Path, device: str, args, quiet: bool, command: list[str]) -> int:
-    from qwen_quant.profile.env import collect_env
+    from qwen_quant.provenance import collect_env
     from qwen_quant.profile.plots import render_plots
     from qwen_quant.profile.runner import RunOptions, run_profile
     from qwen_quant.profile.tables import format_summary, render_tables

@@ -1,9 +1,8 @@
-"""Turn a MODEL argument and a precision into a ready model for profiling.
+"""Which precisions a profiled model has, and the model in one of them.
 
 Checked in the parent (`resolve_model`, `check_precision`: cheap, no weights) so bad input fails
-before any cell starts; built in each cell's subprocess (`build_model`).
-A synthetic Int4 model is built on the meta device and its linears become random Int4 layers in
-the real GPTQ layout before anything is materialized, so it never holds 16-bit copies of them.
+before any cell starts; built in each cell's subprocess (`build_model`) through models/: what a MODEL
+argument is, and how it loads, is decided there (a synthetic model's Int4 form: models/synthetic.py).
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import dataclasses
 import torch
 
 from qwen_quant.errors import UserError
-from qwen_quant.quantize.sources import reset_rotary
+from qwen_quant.models.synthetic import reset_rotary
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 INT4_GROUP_SIZE = 128
@@ -37,17 +36,10 @@ class ModelInfo:
 
 def resolve_model(text: str, trust_remote_code: bool = False) -> ModelInfo:
     """Parse MODEL and find out whether it is a quantized checkpoint (reads config.json only)."""
-    from qwen_quant.quantize.sources import _read_config_json, parse_model_spec
+    from qwen_quant.models.specs import resolve
 
-    spec = parse_model_spec(text)
-    quantized = False
-    if spec.kind in ("dir", "hub"):
-        config = _read_config_json(spec)
-        if spec.kind == "dir" and config is None:
-            raise UserError(f"{spec.path} has no config.json: not a Hugging Face model folder")
-        quantized = bool(config and "quantization_config" in config)
-    label = spec.label
-    return ModelInfo(text, label, spec.kind, quantized)
+    ref = resolve(text)
+    return ModelInfo(text, ref.label, ref.spec.kind, ref.quantized)
 
 
 def default_precisions(info: ModelInfo) -> list[str]:
@@ -72,13 +64,16 @@ def build_model(info: ModelInfo, precision: str, device: str, backend: str = "au
     """The model in `precision` on `device`, in eval mode."""
     check_precision(info, precision)
     if info.quantized:
-        from qwen_quant.kernels.loader import load_quantized
+        from qwen_quant.models.load import load
 
-        model = load_quantized(info.model, backend=backend, device=device, dtype=int4_compute_dtype(device))
+        model = load(info.model, dtype=int4_compute_dtype(device), device=device, backend=backend).model
     elif info.kind == "synthetic" and precision == "int4":
-        model = build_synthetic_int4(info.model.split(":", 1)[1], device, backend, seed=seed)
+        from qwen_quant.models.synthetic import build_synthetic_int4
+
+        model = build_synthetic_int4(info.model.split(":", 1)[1], device, int4_compute_dtype(device), backend,
+                                     seed=seed, group_size=INT4_GROUP_SIZE)
     else:
-        from qwen_quant.quantize.sources import load_model
+        from qwen_quant.models.load import load_model
 
         model = load_model(info.model, dtype=DTYPES[precision], device=device, seed=seed).model
         if info.kind == "synthetic":
@@ -115,47 +110,12 @@ def int4_compute_dtype(device: str) -> torch.dtype:
     return torch.float16 if device.startswith("cuda") else torch.bfloat16
 
 
-def build_synthetic_int4(shape: str, device: str, backend: str = "auto", seed: int = 0):
-    """A synthetic model whose layout linears are random Int4 layers (QuantLinear.random), built on meta."""
-    from transformers import AutoModelForCausalLM
-
-    from qwen_quant.quantize.random_int4 import replace_with_random_quant
-    from qwen_quant.quantize.sources import synthetic_config
-
-    dtype = int4_compute_dtype(device)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(synthetic_config(shape), dtype=dtype)
-    replace_with_random_quant(model, bits=4, group_size=INT4_GROUP_SIZE, backend=backend, device=device, dtype=dtype)
-    _materialize_rest(model, device, seed)
-    return model
-
-
 def _free_unused_quant_buffers(model, backend: str) -> None:
     """Each Int4 layer keeps only what its kernel reads (a repacking backend drops the checkpoint copy),
     so peak memory is what an inference run holds."""
     for mod in model.modules():
         if type(mod).__name__ == "QuantLinear" and hasattr(mod, "set_backend"):
             mod.set_backend(backend, keep_checkpoint=False)
-
-
-@torch.no_grad()
-def _materialize_rest(model, device: str, seed: int) -> None:
-    """Embeddings, norms and head (still on meta) get real storage: norms 1, biases 0, matrices N(0, 0.02)."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    for mod_name, mod in model.named_modules():
-        for kind, table in (("param", mod._parameters), ("buffer", mod._buffers)):
-            for name, t in list(table.items()):
-                if t is None or t.device.type != "meta":
-                    continue
-                real = torch.empty(t.shape, dtype=t.dtype, device=device)
-                if real.ndim <= 1:
-                    real.fill_(1.0 if "norm" in f"{mod_name}.{name}" and name == "weight" else 0.0)
-                else:
-                    rows = max(1, (1 << 24) // real.shape[1])  # chunks: no full-size fp32 temporary
-                    for i in range(0, real.shape[0], rows):
-                        real[i:i + rows].copy_(torch.randn(real[i:i + rows].shape, generator=gen, device=device) * 0.02)
-                table[name] = torch.nn.Parameter(real, requires_grad=False) if kind == "param" else real
-    reset_rotary(model)
 
 
 def model_dtype(model) -> torch.dtype:

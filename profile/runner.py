@@ -207,8 +207,10 @@ def _inject_failure(cell: Cell) -> None:
 def measure_cell(cell: Cell, options: RunOptions) -> tuple[dict, dict]:
     """Build the model, warm up, run the timed repeats under the memory probe, summarize."""
     import torch
+    import transformers  # noqa: F401  (libraries load before the memory cap: a cell runs out of memory on its
+    #                                   tensors, never on mapping a shared library)
 
-    from qwen_quant.profile.engines import make_engine, total_seconds
+    from qwen_quant.engine import make_engine, total_seconds
     from qwen_quant.profile.memory import MemoryProbe, apply_memory_cap
     from qwen_quant.profile.models import build_model, resolve_model
 

@@ -4,8 +4,8 @@ write the checkpoint. The CLI `qwen-quantize` is a thin layer over this function
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -17,46 +17,13 @@ from qwen_quant.errors import UserError
 from qwen_quant.provenance import git_commit
 from qwen_quant.quantize import resume as resume_mod
 from qwen_quant.quantize import writer
-from qwen_quant.quantize.pipeline import (InMemoryModel, QuantSettings, StreamingModel, check_packable,
+from qwen_quant.quantize.settings import QuantSettings
+from qwen_quant.quantize.pipeline import (InMemoryModel, StreamingModel, check_packable,
                                           checkpoint_dtype, run_blocks)
 
 DEFAULT_SEQLEN = 2048
-METHODS = ("gptq", "rtn")
 # Downstream kernels that need in_features to be a multiple of the group size.
 DIVISIBILITY_KERNELS = "vLLM's Marlin (gptq_marlin) and torch's int4pack (_weight_int4pack_mm, the transformers CPU route)"
-
-
-FORWARD_DTYPES = ("auto", "bf16", "model")
-
-
-def validate_settings(bits, group_size, method, desc_act, static_groups, sym, damp, mse, nsamples, seqlen,
-                      forward_dtype: str = "auto", gptaq_alpha: float = 0.0, refit_scales: bool = False) -> QuantSettings:
-    """Every check that needs no model: one-line UserErrors before anything is loaded or written."""
-    if bits not in (2, 3, 4, 8):
-        raise UserError(f"unsupported --bits {bits}: use 2, 3, 4 or 8")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
-        raise UserError(f"--group-size {group_size} is invalid: use -1 (one group per row) or a positive integer such as 128")
-    if method not in METHODS:
-        raise UserError(f"unknown --method {method!r}: use gptq or rtn")
-    if not isinstance(nsamples, int) or nsamples <= 0:
-        raise UserError(f"--nsamples must be a positive integer, got {nsamples}")
-    if seqlen is not None and (not isinstance(seqlen, int) or seqlen <= 0):
-        raise UserError(f"--seqlen must be a positive integer, got {seqlen}")
-    if not (0 < float(damp) < 1):
-        raise UserError(f"--damp {damp} is outside (0, 1): use a small fraction of the mean diagonal, e.g. 0.01")
-    if forward_dtype not in FORWARD_DTYPES:
-        raise UserError(f"unknown --forward-dtype {forward_dtype!r}: use {', '.join(FORWARD_DTYPES)}")
-    if not (0 <= float(gptaq_alpha) <= 1):
-        raise UserError(f"--gptaq {gptaq_alpha} is outside [0, 1]: 0 is plain GPTQ, 1 the full asymmetric correction, e.g. 0.25")
-    if method == "rtn" and float(gptaq_alpha) > 0:
-        raise UserError("--gptaq changes how GPTQ calibrates; round-to-nearest has no calibration: drop --gptaq or use --method gptq")
-    if method == "rtn" and refit_scales:
-        raise UserError("--refit-scales refits the scales to GPTQ's calibration objective; round-to-nearest has none: drop it or use --method gptq")
-    if method == "rtn":  # act-order and static groups are GPTQ's: an RTN checkpoint must not claim them
-        desc_act = static_groups = False
-    return QuantSettings(bits=bits, group_size=group_size, method=method, desc_act=bool(desc_act),
-                         static_groups=bool(static_groups), sym=bool(sym), damp=float(damp), mse=bool(mse),
-                         forward_dtype=forward_dtype, gptaq_alpha=float(gptaq_alpha), refit_scales=bool(refit_scales))
 
 
 def resolve_device(device) -> torch.device:
@@ -93,52 +60,23 @@ def _context_of(config: dict) -> int | None:
 
 
 def _folder_of(spec, trust_remote_code: bool) -> Path | None:
-    """A local safetensors-capable folder for dir/demo/hub specs (hub: downloaded to the HF cache)."""
-    from qwen_quant.quantize.sources import demo_model_dir
+    """A local safetensors-capable folder for dir/demo/hub specs (hub: downloaded once into the HF cache), its
+    config checked (no remote code unless allowed, not already quantized) before any weight is read."""
+    from qwen_quant.models.load import local_folder
+    from qwen_quant.models.specs import check_fp_config, read_config
 
-    if spec.kind == "demo":
-        return demo_model_dir()
-    if spec.kind == "dir":
-        return Path(spec.path)
-    if spec.kind == "hub":
-        from qwen_quant.quantize.sources import _read_config_json
-
-        # config.json first: refuse remote code or an already-quantized model before downloading weights
-        _check_config(_read_config_json(spec), spec.name, trust_remote_code)
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(spec.path, allow_patterns=[
-                "*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.py", "*.jinja"]))
-        except Exception as e:  # offline, unknown id, gated
-            raise UserError(f"cannot fetch {spec.path!r} from the Hugging Face hub ({type(e).__name__}); "
-                            f"check the id and your network, or pass a local directory") from None
-    return None
-
-
-def _check_folder_config(folder: Path, name: str, trust_remote_code: bool) -> dict:
-    p = folder / "config.json"
-    if not p.is_file():
+    if spec.kind not in ("demo", "dir", "hub"):
+        return None
+    if spec.kind == "hub":  # config.json first: refuse before downloading gigabytes of weights
+        check_fp_config(read_config(spec), spec.name, trust_remote_code)
+    folder = Path(local_folder(spec))
+    if not (folder / "config.json").is_file():
         raise UserError(f"{folder} has no config.json: not a Hugging Face model folder")
-    config = json.loads(p.read_text())
-    _check_config(config, name, trust_remote_code)
-    return config
-
-
-def _check_config(config: dict | None, name: str, trust_remote_code: bool) -> None:
-    from qwen_quant.quantize.sources import needs_remote_code
-
-    config = config or {}
-    if needs_remote_code(config) and not trust_remote_code:
-        raise UserError(f"{name} uses custom modelling code (model_type {config.get('model_type')!r}, e.g. Qwen v1): "
-                        f"pass --trust-remote-code to allow it")
-    if "quantization_config" in config:
-        raise UserError(f"{name} is already quantized ({config['quantization_config'].get('quant_method')}); "
-                        f"quantize its full-precision base model instead")
+    return folder
 
 
 def _folder_tokenizer(folder: Path, config: dict, trust_remote_code: bool):
-    from qwen_quant.quantize.sources import TiktokenQwen
+    from qwen_quant.models.tokenizers import TiktokenQwen
 
     if config.get("synthetic"):
         return TiktokenQwen()
@@ -165,15 +103,19 @@ def _folder_description(spec, folder: Path, config: dict) -> dict:
 
 def open_model(model, trust_remote_code: bool, gguf_file, seed: int) -> tuple[_Opened, object]:
     """A spec string or LoadedModel -> (opened source, spec). Safetensors folders are streamed."""
-    from qwen_quant.quantize.layouts import layout_for
-    from qwen_quant.quantize.sources import LoadedModel, load_model, parse_model_spec
+    from qwen_quant.models.layouts import layout_for
+    from qwen_quant.models.load import LoadedModel, load_model
+    from qwen_quant.models.specs import parse_model_spec
 
     if isinstance(model, LoadedModel):
         return _in_memory(model, layout_for), model.spec
     spec = parse_model_spec(model, gguf_file) if isinstance(model, str) else model
     folder = _folder_of(spec, trust_remote_code)
     if folder is not None:
-        config = _check_folder_config(folder, spec.name, trust_remote_code)
+        from qwen_quant.models.specs import check_fp_config, read_config
+
+        config = read_config(spec) if spec.kind != "demo" else json.loads((folder / "config.json").read_text())
+        check_fp_config(config, spec.name, trust_remote_code)
         if list(folder.glob("*.safetensors")):
             source = StreamingModel(folder, trust_remote_code=trust_remote_code)  # reads the shard headers
             tokenizer = _folder_tokenizer(folder, config, trust_remote_code)
@@ -249,13 +191,10 @@ class Progress:
 # ---------------------------------------------------------------- report and files
 
 def _versions() -> dict:
-    import safetensors
-    import transformers
+    from qwen_quant.provenance import collect_env
 
-    import qwen_quant
-
-    return {"qwen_quant": qwen_quant.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "safetensors": safetensors.__version__, "python": platform.python_version()}
+    env = collect_env([])
+    return {k: env[k] for k in ("qwen_quant", "torch", "transformers", "safetensors", "python")}
 
 
 def _downstream(stats) -> dict:
@@ -316,27 +255,30 @@ def _tensor_entries(source, state, n_blocks: int, out_dtype) -> list[writer.Tens
 
 # ---------------------------------------------------------------- the API
 
-def quantize(model, out=None, bits: int = 4, group_size: int = 128, method: str = "gptq", desc_act: bool = True,
-             static_groups: bool = True, sym: bool = True, damp: float = 0.01, mse: bool = True,
-             forward_dtype: str = "auto", gptaq_alpha: float = 0.0, refit_scales: bool = False, nsamples: int = 128,
-             seqlen: int | None = None, calib: str = "default", device=None,
-             max_shard_size="2GB", overwrite: bool = False, resume: bool = False, trust_remote_code: bool = False,
-             gguf_file: str | None = None, seed: int = 0, quiet: bool = False, command: str | None = None) -> Path:
+def quantize(model, out=None, settings: QuantSettings | None = None, *, device=None, max_shard_size="2GB",
+             overwrite: bool = False, resume: bool = False, trust_remote_code: bool = False,
+             gguf_file: str | None = None, quiet: bool = False, command: str | None = None, **setting_values) -> Path:
     """Quantize `model` (a spec string — HF id, folder, 'demo', 'synthetic:<shape>' — or a LoadedModel)
     into a GPTQ v1 checkpoint at `out`; returns its path.
 
-    `seqlen=None` means 2048 capped at the model's context; an explicit seqlen above the context is an error.
-    `calib`: "default", a .txt/.jsonl path, "hf:<dataset id>", or a prepared `Calibration`.
+    Settings are a QuantSettings, or its fields as keywords (bits=4, nsamples=32, damp=0.1 ...; quantize/settings.py
+    says what each does and why its default is what it is). `seqlen=None` means 2048 capped at the model's
+    context; an explicit seqlen above the context is an error. `calib`: a corpus name or mix, a .txt/.jsonl path,
+    "hf:<dataset id>", or a prepared `Calibration` (then nsamples/seqlen come from it).
     """
     t_start = time.perf_counter()
     commit = git_commit()  # the code that starts the run is the code that makes it
-    settings = validate_settings(bits, group_size, method, desc_act, static_groups, sym, damp, mse, nsamples, seqlen,
-                                 forward_dtype, gptaq_alpha, refit_scales)
+    prepared = setting_values.pop("calib", None) if not isinstance(setting_values.get("calib", ""), str) else None
+    unknown = set(setting_values) - set(QuantSettings.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"quantize() got unknown settings: {', '.join(sorted(unknown))}")
+    settings = dataclasses.replace(settings or QuantSettings(), **setting_values)
+    seed, seqlen, nsamples, calib = settings.seed, settings.seqlen, settings.nsamples, prepared or settings.calib
     max_shard_bytes = writer.parse_size(max_shard_size)
     dev = resolve_device(device)
     progress = Progress(quiet)
     if isinstance(model, str) and out is None:
-        from qwen_quant.quantize.sources import parse_model_spec
+        from qwen_quant.models.specs import parse_model_spec
 
         out = default_out(parse_model_spec(model, gguf_file).label, settings)
     if out is None:
@@ -372,7 +314,7 @@ def quantize(model, out=None, bits: int = 4, group_size: int = 128, method: str 
         report = build_report(settings, qconfig, opened, calibration, stats, dev,
                               command or _api_command(model, out, settings, nsamples, seqlen, calib),
                               time.perf_counter() - t_start, settings.group_size, commit)
-        from qwen_quant.quantize.model_card import model_card
+        from qwen_quant.report import model_card
 
         files = dict(opened.tokenizer_files)
         files.update({"config.json": _config_json(opened.source, qconfig, out_dtype),
@@ -407,7 +349,8 @@ def _check_seqlen_early(model, seqlen, gguf_file) -> None:
     """An explicit seqlen beyond a synthetic shape's or a local folder's context fails before loading."""
     if seqlen is None or not isinstance(model, str):
         return
-    from qwen_quant.quantize.sources import SYNTHETIC_SHAPES, parse_model_spec
+    from qwen_quant.models.synthetic import SYNTHETIC_SHAPES
+    from qwen_quant.models.specs import parse_model_spec
 
     spec = parse_model_spec(model, gguf_file)
     if spec.kind == "synthetic":

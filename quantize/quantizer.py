@@ -13,8 +13,8 @@ import dataclasses
 import torch
 
 from qwen_quant.errors import UserError
+from qwen_quant.kernels.format import SUPPORTED_BITS
 
-SUPPORTED_BITS = (2, 3, 4, 8)
 
 # Range search (`mse=True`), as in the reference code: shrink the range in steps of 1/GRID down to
 # (1 - MAX_SHRINK) of the full range and keep the candidate with the lowest sum |error|^NORM per row.

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qwen_quant.errors import UserError
+from qwen_quant.files import atomic_path, write_bytes_atomic
 
 # Saving the hidden states costs disk time on big models: save them after every block while they
 # are small, otherwise at most every SAVE_INTERVAL_S (a resume then redoes the blocks since).
@@ -43,16 +44,9 @@ def calibration_fingerprint(calib) -> str:
     return h.hexdigest()[:16]
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _atomic_save_tensors(path: Path, tensors: dict) -> None:
-    tmp = path.with_name(path.name + ".part")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 def run_date() -> str:
@@ -85,7 +79,7 @@ class RunState:
             self.discard()
             self.dir.mkdir(parents=True)
             self.date = run_date()
-            _atomic_write_bytes(manifest, json.dumps({"identity": identity, "date": self.date}, indent=1).encode())
+            write_bytes_atomic(manifest, json.dumps({"identity": identity, "date": self.date}, indent=1).encode())
 
     def _block(self, i: int, ext: str) -> Path:
         return self.dir / f"block-{i:05d}.{ext}"
@@ -112,7 +106,7 @@ class RunState:
     def save_block(self, i: int, tensors: dict, stats: list[dict], next_inputs: list[torch.Tensor], last: bool,
                    fp_inputs: list[torch.Tensor] | None = None) -> None:
         _atomic_save_tensors(self._block(i, "safetensors"), tensors)
-        _atomic_write_bytes(self._block(i, "json"), json.dumps(stats, indent=1).encode())
+        write_bytes_atomic(self._block(i, "json"), json.dumps(stats, indent=1).encode())
         if last:
             return
         streams = {"hidden": next_inputs} | ({"fp_hidden": fp_inputs} if fp_inputs is not None else {})
@@ -120,7 +114,7 @@ class RunState:
         if nbytes <= SMALL_INPUTS_BYTES or time.monotonic() - self._last_inputs_save >= SAVE_INTERVAL_S:
             _atomic_save_tensors(self.dir / "inputs.safetensors",
                                  {k: torch.cat([h.cpu() for h in hs]) for k, hs in streams.items()})
-            _atomic_write_bytes(self.dir / "inputs.json", json.dumps({"next_block": i + 1}).encode())
+            write_bytes_atomic(self.dir / "inputs.json", json.dumps({"next_block": i + 1}).encode())
             self._last_inputs_save = time.monotonic()
 
     def block_file(self, i: int) -> Path:

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from qwen_quant.errors import UserError
-from qwen_quant.files import make_ordinary
+from qwen_quant.files import make_ordinary, replace_dir
 
 _DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
            torch.int32: "I32", torch.int64: "I64", torch.int16: "I16", torch.int8: "I8",
@@ -226,7 +226,7 @@ def write_checkpoint(target: Path, entries: list[TensorEntry], files: dict[str, 
                 dest.write_bytes(content)
             else:
                 dest.write_text(content)
-        _replace_dir(tmp, target)
+        replace_dir(tmp, target)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(e):
@@ -234,18 +234,3 @@ def write_checkpoint(target: Path, entries: list[TensorEntry], files: dict[str, 
                             f"(nothing was written to {target})") from None
         raise
     return target
-
-
-def _replace_dir(tmp: Path, target: Path) -> None:
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=str(target.parent)))
-    os.replace(target, old / "x")
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        os.replace(old / "x", target)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)

@@ -24,6 +24,6 @@ def __getattr__(name):
         from qwen_quant.kernels.quant_linear import QuantLinear
         return QuantLinear
     if name == "generate":
-        from qwen_quant.profile.fast.generate import generate
+        from qwen_quant.engine.generate import generate
         return generate
     raise AttributeError(f"module 'qwen_quant' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Atomic file writes: a temporary file beside the target, then a rename.
+"""Files: atomic writes (a temporary file beside the target, then a rename) and the cache folder.
 
 A reader (or a run interrupted half-way) never sees half a file: every JSON, table, report and cache
 file the tools write goes through here.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -40,6 +41,40 @@ def atomic_path(path: str | Path):
         Path(tmp).unlink(missing_ok=True)
 
 
+def replace_dir(tmp: str | Path, target: str | Path) -> None:
+    """Put the finished folder `tmp` at `target` in one rename, an existing `target` swapped out first (and put
+    back if the rename fails)."""
+    tmp, target = Path(tmp), Path(target)
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=str(target.parent)))
+    os.replace(target, old / "x")
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(old / "x", target)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path):
+    """Yield a fresh temporary folder beside `path` to fill; on success it becomes `path` (replace_dir), on
+    error it is removed: a reader sees the old folder or the whole new one, never a half-written one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=str(path.parent)))
+    try:
+        yield tmp
+        make_ordinary(tmp, directory=True)
+        replace_dir(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
@@ -47,3 +82,13 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def cache_dir() -> Path:
+    """Where derived files live (the demo model's folder, tokenized corpora): $QWEN_QUANT_CACHE, else
+    $XDG_CACHE_HOME/qwen_quant, else ~/.cache/qwen_quant. Never inside site-packages."""
+    base = os.environ.get("QWEN_QUANT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "qwen_quant")
+    p = Path(base)
+    p.mkdir(parents=True, exist_ok=True)
+    return p

@@ -59,8 +59,8 @@ def prepare_inputs(work: Path, nsamples: int, seqlen: int, eval_windows: int) ->
     import torch
 
     from qwen_quant.quantize.calibration import build_calibration
-    from qwen_quant.quantize.corpora import wiki_texts
-    from qwen_quant.quantize.sources import load_model
+    from qwen_quant.corpora import wiki_texts
+    from qwen_quant.models.load import load_model
 
     loaded = load_model("demo")
     calib = build_calibration(loaded, nsamples=nsamples, seqlen=seqlen, seed=0)
@@ -115,7 +115,7 @@ def quantize_ours(model, data, extra: dict) -> None:
     """Our block-by-block GPTQ in memory: the pipeline's own steps, weights replaced in place."""
     from qwen_quant.quantize import pipeline
     from qwen_quant.quantize.calibration import Calibration
-    from qwen_quant.quantize.layouts import layout_for
+    from qwen_quant.models.layouts import layout_for
 
     settings = pipeline.QuantSettings(**{**SHARED, **extra})
     print(f"[bench] our settings: {settings}", flush=True)
@@ -133,7 +133,7 @@ def quantize_gptqmodel(data, extra: dict, out: Path) -> float:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     from gptqmodel import GPTQModel, QuantizeConfig
 
-    from qwen_quant.quantize.sources import demo_model_dir
+    from qwen_quant.models.demo import demo_model_dir
 
     cfg = QuantizeConfig(**{"bits": SHARED["bits"], "group_size": SHARED["group_size"], "desc_act": False,
                             "damp_percent": SHARED["damp"], "sym": SHARED["sym"], **extra})
@@ -153,7 +153,7 @@ def load_checkpoint_into(model, folder: Path) -> None:
     from safetensors.torch import load_file
 
     from qwen_quant.kernels.format import QuantConfig, dequantize
-    from qwen_quant.quantize.layouts import layout_for
+    from qwen_quant.models.layouts import layout_for
 
     qcfg = QuantConfig.from_dict(json.loads((folder / "config.json").read_text())["quantization_config"])
     tensors = {}
@@ -172,7 +172,7 @@ def load_checkpoint_into(model, folder: Path) -> None:
 def run_worker(name: str, work: Path, threads: int) -> None:
     import torch
 
-    from qwen_quant.quantize.sources import load_model
+    from qwen_quant.models.load import load_model
 
     torch.set_num_threads(threads)
     who, extra, _ = METHODS[name]
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "quantize-demo-cpu" if not args.quick else "quantize-demo-cpu-quick"
-    from qwen_quant.quantize.sources import load_model
+    from qwen_quant.models.load import load_model
 
     model_source = load_model("demo").description["source"]
 

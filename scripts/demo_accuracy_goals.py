@@ -31,8 +31,8 @@ POINTS = 2.0
 
 def goals_for(by: dict, tasks: list[str], fp: str, gptq: str, rtn: str) -> dict:
     """The verdicts for one GPTQ checkpoint against fp and RTN."""
-    from qwen_quant.profile.accuracy.multiple_choice import paired_delta
-    from qwen_quant.profile.accuracy.tasks import TASKS
+    from qwen_quant.accuracy.multiple_choice import paired_delta
+    from qwen_quant.accuracy.tasks import TASKS
 
     out = {"perplexity": [], "benchmarks": []}
     for task in tasks:
@@ -199,7 +199,7 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out).resolve()
     os.chdir(ROOT)
-    from qwen_quant.profile.evaluate import write_results
+    from qwen_quant.accuracy.evaluate import write_results
 
     if args.render:
         report = json.loads((out / "results.json").read_text())
@@ -212,7 +212,7 @@ def main() -> None:
     gptq_paths = [repo_relative(x) for x in args.gptq or ["out/demo/gptq-int4"]]
     rtn_path = repo_relative(args.rtn)
     os.environ.setdefault("QWEN_QUANT_QUIET", "1")
-    from qwen_quant.profile.evaluate import evaluate
+    from qwen_quant.accuracy.evaluate import evaluate
 
     argv = ["scripts/demo_accuracy_goals.py", *(a for x in gptq_paths for a in ("--gptq", x)), "--rtn", rtn_path,
             "--tasks", args.tasks, "--limit", str(args.limit), "--ppl-windows", str(args.ppl_windows),

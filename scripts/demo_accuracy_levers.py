@@ -133,7 +133,7 @@ def column(result: dict) -> str:
 
 def cell(result: dict, fp: dict | None) -> dict:
     """One checkpoint's metric, its difference from fp on the same items and (benchmarks) the paired error."""
-    from qwen_quant.profile.accuracy.multiple_choice import paired_delta
+    from qwen_quant.accuracy.multiple_choice import paired_delta
 
     out = {"value": result["value"], "n": result["n"]}
     if fp is not None:

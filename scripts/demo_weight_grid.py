@@ -35,8 +35,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--blocks", default="0,15,29", help="decoder blocks to check (comma list)")
     args = p.parse_args()
-    from qwen_quant.quantize.layouts import blocks_of, layout_for
-    from qwen_quant.quantize.sources import load_model
+    from qwen_quant.models.layouts import blocks_of, layout_for
+    from qwen_quant.models.load import load_model
 
     model = load_model("demo").model.float()
     layout = layout_for(model)

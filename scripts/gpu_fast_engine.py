@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
 
-    from qwen_quant.profile.env import collect_env
+    from qwen_quant.provenance import collect_env
     from qwen_quant.profile.roofline import measure_copy_bandwidth
 
     torch.set_grad_enabled(False)
@@ -132,7 +132,7 @@ def measure(model, spec, precision, engine_name, backend, context, new, device, 
     import torch
 
     from qwen_quant.profile.cells import CELL_FIELDS
-    from qwen_quant.profile.engines import make_engine
+    from qwen_quant.engine import make_engine
     from qwen_quant.profile.memory import MemoryProbe
     from qwen_quant.profile.models import model_dtype
     from qwen_quant.profile.roofline import decode_bytes_per_token, decode_weight_bytes, kv_bytes_per_position, roofline
@@ -143,7 +143,7 @@ def measure(model, spec, precision, engine_name, backend, context, new, device, 
     ids = torch.randint(100, 10000, (1, context), generator=torch.Generator().manual_seed(0))
     probe = MemoryProbe(device).start()  # the engine's KV cache and graphs count in this cell's peak
     if engine_name == "fast":
-        from qwen_quant.profile.fast.engine import FastEngine
+        from qwen_quant.engine.fast import FastEngine
 
         engine = FastEngine(model, context + new, device, kv_cache="auto", fuse=fuse)
     else:

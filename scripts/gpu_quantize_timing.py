@@ -31,7 +31,7 @@ def build_slice(shape: str, blocks: int, device: str, dtype=torch.bfloat16):
     """The first `blocks` decoder blocks of `shape` (plus embeddings/head), random weights drawn on `device`."""
     from transformers import AutoModelForCausalLM
 
-    from qwen_quant.quantize.sources import synthetic_config
+    from qwen_quant.models.synthetic import synthetic_config
 
     cfg = synthetic_config(shape)
     cfg.num_hidden_layers = blocks
@@ -116,9 +116,9 @@ def main(argv=None):
 
     from qwen_quant.quantize.api import Progress  # noqa: F401  (same package import path as a real run)
     from qwen_quant.quantize.calibration import Calibration
-    from qwen_quant.quantize.layouts import layout_for
+    from qwen_quant.models.layouts import layout_for
     from qwen_quant.quantize.pipeline import InMemoryModel, QuantSettings, run_blocks
-    from qwen_quant.quantize.sources import SYNTHETIC_SHAPES
+    from qwen_quant.models.synthetic import SYNTHETIC_SHAPES
 
     commit = git_commit()  # at the start: the code that makes the numbers
     wall0 = time.perf_counter()

@@ -5,7 +5,7 @@ same prompts, same model (the demo model's HF folder), same precision (fp32).
 lm-eval lives in its own virtual environment (it is not a dependency of qwen-quant):
     python3 -m venv /tmp/lmeval-venv
     /tmp/lmeval-venv/bin/pip install torch==2.13.0 lm-eval==0.4.13 transformers==5.24.0 accelerate
-The items come from qwen-quant's reader (profile/accuracy/datasets.py) and are handed to lm-eval as
+The items come from qwen-quant's reader (accuracy/datasets.py) and are handed to lm-eval as
 a local JSONL file with a local-file YAML task written here, whose prompt is lm-eval's own
 arc_easy/piqa prompt ("Question: {{question}}\\nAnswer:" + " {{choice}}"), so the only thing that
 differs is the scoring code. lm-eval runs offline (HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1) on the
@@ -136,7 +136,7 @@ def run_lmeval(python: Path, model_dir: Path, folder: Path, name: str, batch: in
 def run_ours(em, task: str, questions, batch: int) -> tuple[dict, float]:
     """qwen-eval's scoring path (the same functions `qwen-eval demo --tasks TASK` runs, with the same
     context limit), keeping the per-choice log-likelihoods for the item-by-item comparison."""
-    from qwen_quant.profile.accuracy import multiple_choice as mc
+    from qwen_quant.accuracy import multiple_choice as mc
 
     start = time.perf_counter()
     graded = mc.score_questions(em.model, questions, em.encode, em.prefix_token, batch,
@@ -261,12 +261,12 @@ def main() -> None:
     if not python.exists():
         sys.exit(f"{python} not found: create the lm-eval venv first (see this script's docstring)")
 
-    from qwen_quant.profile.accuracy.datasets import load_task
-    from qwen_quant.profile.accuracy.tasks import TASKS, TaskRequest
-    from qwen_quant.profile.env import collect_env
-    from qwen_quant.profile.evaluate import _questions, load_for_eval
+    from qwen_quant.accuracy.datasets import load_task
+    from qwen_quant.accuracy.tasks import TASKS, TaskRequest
+    from qwen_quant.provenance import collect_env
+    from qwen_quant.accuracy.evaluate import _questions, load_for_eval
     from qwen_quant.files import write_text_atomic
-    from qwen_quant.quantize.sources import demo_model_dir
+    from qwen_quant.models.demo import demo_model_dir
 
     lenv = lmeval_versions(python)
     model_dir = demo_model_dir()

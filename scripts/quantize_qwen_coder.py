@@ -94,7 +94,7 @@ def _sha256(path: Path) -> str:
 def step_convert(gguf: str, folder: str) -> dict:
     """GGUF -> fp32 safetensors folder (once), so later steps load in seconds and quantize streams it."""
     from qwen_quant.files import write_text_atomic
-    from qwen_quant.quantize.sources import load_model
+    from qwen_quant.models.load import load_model
 
     target = Path(folder)
     if (target / "config.json").is_file():
@@ -136,8 +136,8 @@ def checkpoint_facts(path: Path) -> dict:
 def step_perplexity(model_path: str, quantized: bool, ppl_seqlen: int, windows: int) -> dict:
     import torch
 
-    from qwen_quant.profile.accuracy.perplexity import perplexity
-    from qwen_quant.quantize.corpora import wiki_texts
+    from qwen_quant.accuracy.perplexity import perplexity
+    from qwen_quant.corpora import wiki_texts
 
     if quantized:
         from transformers import AutoTokenizer
@@ -147,7 +147,7 @@ def step_perplexity(model_path: str, quantized: bool, ppl_seqlen: int, windows: 
         model = load_quantized(model_path, device="cpu", dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     else:
-        from qwen_quant.quantize.sources import load_model
+        from qwen_quant.models.load import load_model
 
         loaded = load_model(model_path, dtype=torch.float32)
         model, tokenizer = loaded.model, loaded.tokenizer
@@ -315,8 +315,9 @@ def main(argv=None) -> int:
         write_report(report, args.reports)
         return 0
 
-    from qwen_quant.profile.env import collect_env
-    from qwen_quant.quantize.sources import cache_dir, demo_model_dir
+    from qwen_quant.provenance import collect_env
+    from qwen_quant.files import cache_dir
+    from qwen_quant.models.demo import demo_model_dir
 
     work = args.work or cache_dir() / ("quantize-script-demo" if args.model == "demo" else "qwen2.5-coder-1.5b-instruct")
     work.mkdir(parents=True, exist_ok=True)

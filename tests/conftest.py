@@ -12,6 +12,6 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def demo_dir():
     """The demo model as a cached HF folder (fp32). Load your own copy: `load_model("demo")` (~0.3 s)."""
-    from qwen_quant.quantize.sources import demo_model_dir
+    from qwen_quant.models.demo import demo_model_dir
 
     return demo_model_dir()

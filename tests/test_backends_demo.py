@@ -44,8 +44,8 @@ def rtn(weight: torch.Tensor, bits: int = 4, group_size: int = GROUP):
 
 @pytest.fixture(scope="module")
 def demo_models():
-    from qwen_quant.quantize.layouts import blocks_of, layout_for
-    from qwen_quant.quantize.sources import load_model
+    from qwen_quant.models.layouts import blocks_of, layout_for
+    from qwen_quant.models.load import load_model
 
     loaded = load_model("demo")
     model = loaded.model.float().eval()
@@ -71,7 +71,7 @@ def greedy(model, prompt, tokens):
 
 def test_demo_model_same_greedy_tokens_on_every_backend(demo_models):
     from qwen_quant.kernels.backends import backend_available
-    from qwen_quant.quantize.layouts import blocks_of
+    from qwen_quant.models.layouts import blocks_of
 
     model, reference, prompt, layout = demo_models
     model, reference = model.to(DEVICE), reference.to(DEVICE)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from qwen_quant.errors import UserError
-from qwen_quant.quantize import corpora
+from qwen_quant import corpora
 from qwen_quant.quantize.calibration import (build_calibration, corpus_token_stream, encode_many,
                                              render_chat, tokenizer_fingerprint)
-from qwen_quant.quantize.sources import TiktokenQwen
+from qwen_quant.models.tokenizers import TiktokenQwen
 
 DATA = Path(__file__).parent / "data"
 

@@ -48,7 +48,7 @@ def test_synthetic_model_is_refused(tmp_path):
 @pytest.mark.slow
 def test_demo_end_to_end_two_models_same_items(tmp_path, demo_dir, monkeypatch):
     """The demo and a copy of it (a folder): same items, so every delta is exactly zero."""
-    from qwen_quant.profile.evaluate import evaluate
+    from qwen_quant.accuracy.evaluate import evaluate
 
     monkeypatch.setenv("QWEN_QUANT_QUIET", "1")
     text = tmp_path / "text.txt"

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from qwen_quant.errors import UserError
-from qwen_quant.profile.accuracy import datasets as ds
+from qwen_quant.accuracy import datasets as ds
 
 DATA = Path(__file__).parent / "data"
 

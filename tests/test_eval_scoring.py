@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from qwen_quant.profile.accuracy import multiple_choice as mc
-from qwen_quant.profile.accuracy.generation import extract_last_number, numbers_equal
-from qwen_quant.profile.accuracy.perplexity import perplexity, windows_of
-from qwen_quant.profile.accuracy.scoring import encode_pair, loglikelihoods
+from qwen_quant.accuracy import multiple_choice as mc
+from qwen_quant.accuracy.generation import extract_last_number, numbers_equal
+from qwen_quant.accuracy.perplexity import perplexity, windows_of
+from qwen_quant.accuracy.scoring import encode_pair, loglikelihoods
 
 VOCAB = 5
 
@@ -78,7 +78,7 @@ def test_encode_pair_moves_trailing_space_to_the_continuation():
 def test_multiple_choice_accuracy_and_norm_choose_differently():
     # choice 0: short and likely per token; choice 1: longer, higher total log-likelihood per char
     q = mc.Question("q", ["c", "c"], [" a", " bb"], gold=1, norm_lengths=[1, 10])
-    from qwen_quant.profile.accuracy.scoring import Score
+    from qwen_quant.accuracy.scoring import Score
 
     graded = mc.Graded(q, [Score(-1.0, True, 1), Score(-2.0, False, 2)])
     assert not graded.correct  # -1 > -2 picks choice 0
@@ -137,7 +137,7 @@ class CachedBigram(torch.nn.Module):
 
 
 def test_greedy_generation_stops_at_stop_string_and_eos():
-    from qwen_quant.profile.accuracy.generation import greedy_generate
+    from qwen_quant.accuracy.generation import greedy_generate
 
     decode = lambda ids: "".join("abcde"[i] for i in ids)  # noqa: E731
     # from token 0 the bigram model walks 1, 2, 3, 4, 0, 1 ...

@@ -8,14 +8,14 @@ import random
 import pytest
 import torch
 
-from qwen_quant.profile import evaluate as ev
-from qwen_quant.profile.accuracy import multiple_choice as mc
-from qwen_quant.profile.accuracy.paired import loss_ratio, perplexity_difference
-from qwen_quant.profile.accuracy.perplexity import summarize
-from qwen_quant.profile.accuracy.scoring import CachedEncoder
-from qwen_quant.profile.accuracy.store import ItemStore
-from qwen_quant.profile.accuracy.tasks import TASKS, TaskRequest
-from qwen_quant.quantize.corpora import Corpus
+from qwen_quant.accuracy import evaluate as ev
+from qwen_quant.accuracy import multiple_choice as mc
+from qwen_quant.accuracy.paired import loss_ratio, perplexity_difference
+from qwen_quant.accuracy.perplexity import summarize
+from qwen_quant.accuracy.scoring import CachedEncoder
+from qwen_quant.accuracy.store import ItemStore
+from qwen_quant.accuracy.tasks import TASKS, TaskRequest
+from qwen_quant.corpora import Corpus
 from tiny_models import tiny_causal_lm
 
 
@@ -115,7 +115,7 @@ def test_a_text_file_is_scored_verbatim(tmp_path):
 
 @pytest.mark.parametrize("value,expected", [("all", None), ("12", 12)])
 def test_ppl_windows_option(value, expected):
-    from qwen_quant.profile.eval_cli import build_parser
+    from qwen_quant.accuracy.cli import build_parser
 
     assert build_parser().parse_args(["demo", "--tasks", "ppl-wiki", "--ppl-windows", value]).ppl_windows == expected
     assert build_parser().parse_args(["demo", "--tasks", "ppl-wiki", "--limit", "5"]).ppl_windows == ev.DEFAULT_PPL_WINDOWS

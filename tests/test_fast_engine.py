@@ -1,4 +1,4 @@
-"""The fast engine (profile/fast) against transformers, on the CPU.
+"""The fast engine (engine/) against transformers, on the CPU.
 
 References: transformers' own generate / forward on the same weights, in float32. Tokens must be
 identical (greedy); logits agree to float32 noise (we allow 1e-3 absolute on logits of size ~10-30,
@@ -16,10 +16,10 @@ import torch
 import torch.nn as nn
 
 from qwen_quant.errors import UserError
-from qwen_quant.profile.fast.engine import FastEngine
-from qwen_quant.profile.fast.generate import Generator, Sampling, generate
-from qwen_quant.profile.fast.model import logn_scales, ntk_alpha_for
-from qwen_quant.profile.fast.weights import from_hf_model, from_state_dict
+from qwen_quant.engine.fast import FastEngine
+from qwen_quant.engine.generate import Generator, Sampling, generate
+from qwen_quant.engine.model import logn_scales, ntk_alpha_for
+from qwen_quant.engine.weights import from_hf_model, from_state_dict
 from tiny_models import random_ids
 from tiny_models import tiny_causal_lm as tiny_hf
 
@@ -55,7 +55,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def demo():
-    from qwen_quant.quantize.sources import load_model
+    from qwen_quant.models.load import load_model
 
     loaded = load_model("demo", dtype=torch.float32)
     ids = torch.tensor([loaded.encode(PROMPT)])
@@ -76,8 +76,8 @@ def test_demo_int4_greedy_matches_transformers_on_the_same_quantized_model(demo)
     blocks would take minutes for 2 x 64 tokens), against transformers generate on the same model."""
     from qwen_quant.kernels.quant_linear import QuantLinear
     from qwen_quant.quantize.gptq import rtn_quantize
-    from qwen_quant.quantize.layouts import blocks_of, layout_for
-    from qwen_quant.quantize.sources import load_model
+    from qwen_quant.models.layouts import blocks_of, layout_for
+    from qwen_quant.models.load import load_model
 
     model = load_model("demo", dtype=torch.float32).model
     model.model.layers = model.model.layers[:4]
@@ -234,7 +234,7 @@ def test_bucketed_reads_as_in_cuda_graphs_give_the_same_logits():
 
 def test_fused_decode_ops_trace_as_one_graph_each_and_agree():
     """The GPU decode step compiles its element-wise ops (fullgraph); traced here without codegen."""
-    from qwen_quant.profile.fast.model import compiled_ops
+    from qwen_quant.engine.model import compiled_ops
 
     model = tiny_hf("qwen3")
     ids = random_ids(6)
@@ -326,7 +326,7 @@ def test_fast_engine_timed_generate_contract():
 
 def test_cpu_decode_speed_vs_hf_generate(capsys):
     """Benchmark figure (printed, not asserted): the issue asks for >= 1.5x HF generate on synthetic:tiny."""
-    from qwen_quant.quantize.sources import load_model
+    from qwen_quant.models.load import load_model
 
     model = load_model("synthetic:tiny", dtype=torch.float32).model
     ids = random_ids(8, vocab=1000)

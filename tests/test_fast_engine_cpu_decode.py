@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qwen_quant.profile.fast.generate import Generator, Sampling, greedy
-from qwen_quant.profile.fast.model import Bf16Gemv, for_decode
-from qwen_quant.profile.fast.weights import from_hf_model
+from qwen_quant.engine.generate import Generator, Sampling, greedy
+from qwen_quant.engine.model import Bf16Gemv, for_decode
+from qwen_quant.engine.weights import from_hf_model
 from tiny_models import random_ids, tiny_causal_lm
 
 VOCAB = 256

@@ -13,7 +13,8 @@ from qwen_quant.errors import UserError
 from qwen_quant.kernels.format import dequantize
 from qwen_quant.quantize import api, pipeline, writer
 from qwen_quant.quantize.calibration import Calibration
-from qwen_quant.quantize.sources import LoadedModel, ModelSpec
+from qwen_quant.models.load import LoadedModel
+from qwen_quant.models.specs import ModelSpec
 
 VOCAB = 256
 
@@ -74,7 +75,7 @@ def test_layouts_quantize_end_to_end_and_checkpoint_matches_the_quantized_weight
     original = {k: v.clone() for k, v in model.state_dict().items()}
     out = run(model, tmp_path / "ckpt")
     t = tensors_of(out)
-    layout = pipeline.InMemoryModel(model, __import__("qwen_quant.quantize.layouts", fromlist=["x"]).layout_for(model)).layout
+    layout = pipeline.InMemoryModel(model, __import__("qwen_quant.models.layouts", fromlist=["x"]).layout_for(model)).layout
     assert layout.name == model_type
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "gptq" and cfg["quantization_config"]["bits"] == 4
@@ -212,7 +213,7 @@ class TinyQwenV1(nn.Module):
 
 
 def test_qwen_v1_layout_steps_resolve_and_quantize(tmp_path):
-    from qwen_quant.quantize.layouts import layout_for
+    from qwen_quant.models.layouts import layout_for
 
     torch.manual_seed(0)
     model = TinyQwenV1().eval()

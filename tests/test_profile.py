@@ -40,7 +40,7 @@ def test_plan_is_model_major_with_seed_scenarios():
 # ------------------------------------------------------------------ roofline
 
 def test_kv_bytes_and_roofline():
-    from qwen_quant.quantize.sources import synthetic_config
+    from qwen_quant.models.synthetic import synthetic_config
 
     # Qwen-7B: 32 layers x 32 heads x 128 dims, K and V, bf16 -> 512 KiB per position
     assert roofline.kv_bytes_per_position(synthetic_config("qwen-7b"), 2) == 2 * 32 * 32 * 128 * 2
@@ -94,7 +94,7 @@ def tiny_model():
 
 
 def test_hf_engine_exact_lengths_and_token_times(tiny_model):
-    from qwen_quant.profile.engines import make_engine, total_seconds
+    from qwen_quant.engine import make_engine, total_seconds
 
     engine = make_engine("hf", tiny_model, 40, "cpu")
     ids = torch.randint(100, 1000, (1, 7))

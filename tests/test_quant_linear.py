@@ -155,9 +155,9 @@ def test_keep_checkpoint_false_frees_buffers_and_refuses_saving():
 def test_replace_with_random_quant_builds_layers_from_a_meta_model():
     from transformers import AutoModelForCausalLM
 
-    from qwen_quant.quantize.layouts import blocks_of, layout_for
-    from qwen_quant.quantize.random_int4 import replace_with_random_quant
-    from qwen_quant.quantize.sources import synthetic_config
+    from qwen_quant.models.layouts import blocks_of, layout_for
+    from qwen_quant.models.synthetic import replace_with_random_quant
+    from qwen_quant.models.synthetic import synthetic_config
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(synthetic_config("tiny"))

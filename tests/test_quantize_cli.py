@@ -72,7 +72,29 @@ def test_target_exists(capsys, tmp_path):
 
 def test_unknown_hub_id_offline(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    fails(["Qwen/No-Such-Model-qq", "--out", str(tmp_path / "out")], capsys, tmp_path, match="hugging face hub")
+    fails(["Qwen/No-Such-Model-qq", "--out", str(tmp_path / "out")], capsys, tmp_path,
+          match="not in the local hugging face cache")
+
+
+def test_no_network_is_said_at_once(capsys, tmp_path, monkeypatch):
+    """No name resolution: one line within seconds, not half a minute of huggingface_hub's retries."""
+    import socket
+    import time
+
+    from qwen_quant import hub
+
+    def no_dns(*_a, **_k):
+        raise socket.gaierror(-3, "Temporary failure in name resolution")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    hub.hub_unreachable.cache_clear()
+    try:
+        t0 = time.perf_counter()
+        fails(["Qwen/Qwen-14B-Chat", "--out", str(tmp_path / "out")], capsys, tmp_path, match="no network")
+        assert time.perf_counter() - t0 < 10
+    finally:
+        hub.hub_unreachable.cache_clear()
 
 
 def test_missing_local_model(capsys, tmp_path):

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from qwen_quant.profile.cells import CELL_FIELDS
-from qwen_quant.profile.report import accuracy_csv, accuracy_markdown, accuracy_table, write_report
+from qwen_quant.accuracy.tables import accuracy_csv, accuracy_markdown, accuracy_table
+from qwen_quant.report import write_report
 
 
 def row(model, task, metric, value, stderr=None, n=100, **details):
@@ -104,7 +105,7 @@ def test_report_without_profile_says_not_measured(tmp_path):
 
 
 def test_report_cli_errors_are_one_line(tmp_path, capsys):
-    from qwen_quant.profile.report_cli import main
+    from qwen_quant.report_cli import main
 
     with pytest.raises(SystemExit) as e:
         main([str(tmp_path)])
@@ -132,7 +133,7 @@ QUANT_REPORT = {
 
 
 def test_model_card_carries_front_matter_and_tables(tmp_path):
-    from qwen_quant.profile.model_card import write_model_card
+    from qwen_quant.report import write_model_card
 
     ckpt = tmp_path / "gptq-int4"
     ckpt.mkdir()

@@ -2,8 +2,8 @@
 
 import time
 
-from qwen_quant.profile.accuracy.generation import humaneval_passes
-from qwen_quant.profile.accuracy.sandbox import run_program
+from qwen_quant.accuracy.generation import humaneval_passes
+from qwen_quant.accuracy.sandbox import run_program
 
 
 def test_passing_and_failing_programs():

@@ -32,8 +32,8 @@ def _windows(text: str) -> int | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qwen_quant.profile.accuracy.tasks import TASKS
-    from qwen_quant.profile.evaluate import DEFAULT_PPL_WINDOWS, DTYPES
+    from qwen_quant.accuracy.tasks import TASKS
+    from qwen_quant.accuracy.evaluate import DEFAULT_PPL_WINDOWS, DTYPES
 
     p = argparse.ArgumentParser(
         prog="qwen-eval",
@@ -79,7 +79,7 @@ def main(argv=None):
         raise UserError("--seqlen must be at least 2 tokens")
     if args.batch < 1:
         raise UserError("--batch must be at least 1")
-    from qwen_quant.profile.evaluate import default_out_dir, evaluate
+    from qwen_quant.accuracy.evaluate import default_out_dir, evaluate
 
     out = args.out or default_out_dir(args.models[0])
     report = evaluate(args.models, args.tasks, limit=args.limit, seqlen=args.seqlen, batch=args.batch, out=out,
@@ -87,7 +87,7 @@ def main(argv=None):
                       backend=args.backend, trust_remote_code=args.trust_remote_code, ppl_windows=args.ppl_windows,
                       dtype=args.dtype,
                       argv=["qwen-eval", *(sys.argv[1:] if argv is None else argv)])
-    from qwen_quant.profile.report import accuracy_table
+    from qwen_quant.accuracy.tables import accuracy_table
 
     print(accuracy_table(report), end="")
     print(f"results: {os.path.join(out, 'results.md')} (json, csv beside it)")

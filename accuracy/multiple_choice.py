@@ -13,7 +13,7 @@ import re
 from typing import Callable, Iterable, Sequence
 
 from qwen_quant.errors import UserError
-from qwen_quant.profile.accuracy.scoring import CachedEncoder, Score, encode_pair, loglikelihoods
+from qwen_quant.accuracy.scoring import CachedEncoder, Score, encode_pair, loglikelihoods
 
 LETTERS = "ABCDEFGHIJ"
 

@@ -75,7 +75,7 @@ def parse_tasks(text: str | list[str]) -> list[TaskRequest]:
 
 
 def _datasets():
-    from qwen_quant.profile.accuracy import datasets
+    from qwen_quant.accuracy import datasets
 
     return datasets
 

@@ -4,8 +4,7 @@ From a model instance the engine borrows its modules as they are (nn.Linear, Qua
 chosen backend, nn.Embedding): no copy, no extra memory, no trust_remote_code at run time (a Qwen v1
 model already loaded is only read by name). A bf16 nn.Linear on the CPU is called through
 model.Bf16Gemv (the same weight, a faster one-row product). From a state dict it wraps each tensor in a module.
-The block paths come from the layout table (quantize/layouts.py); the names inside a block from
-BLOCK_NAMES below.
+The block paths and the names inside a block come from the layout table (models/layouts.py).
 """
 
 from __future__ import annotations
@@ -14,22 +13,9 @@ import torch
 import torch.nn as nn
 
 from qwen_quant.errors import UserError
-from qwen_quant.profile.fast.model import (Attention, Block, FeedForward, ModelArgs, RMSNorm, Transformer,
+from qwen_quant.engine.model import (Attention, Block, FeedForward, ModelArgs, RMSNorm, Transformer,
                                            for_decode)
-from qwen_quant.quantize.layouts import LAYOUTS, Layout, layout_for
-
-_LLAMA_STYLE = dict(attn_norm="input_layernorm", mlp_norm="post_attention_layernorm",
-                    q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
-                    gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj")
-
-# Names inside one decoder block, per layout. Qwen v1's MLP is w1(x) * silu(w2(x)): w2 is the gate.
-BLOCK_NAMES: dict[str, dict[str, str]] = {
-    "qwen": dict(attn_norm="ln_1", mlp_norm="ln_2", qkv="attn.c_attn", o="attn.c_proj",
-                 gate="mlp.w2", up="mlp.w1", down="mlp.c_proj"),
-    "qwen2": _LLAMA_STYLE,
-    "qwen3": dict(_LLAMA_STYLE, q_norm="self_attn.q_norm", k_norm="self_attn.k_norm"),
-    "llama": _LLAMA_STYLE,
-}
+from qwen_quant.models.layouts import LAYOUTS, Layout, layout_for
 
 _UNSUPPORTED_ROPE = ("dynamic", "longrope")
 
@@ -89,7 +75,7 @@ def _rope_from_model(model: nn.Module, config, args: ModelArgs) -> tuple[torch.T
 
 
 def _assemble(args: ModelArgs, layout: Layout, take_linear, norm_weight, embed, lm_head, inv_freq, scaling):
-    names = BLOCK_NAMES[args.layout]
+    names = layout.names
 
     def linear(name):
         return for_decode(take_linear(name))
@@ -115,8 +101,8 @@ def _assemble(args: ModelArgs, layout: Layout, take_linear, norm_weight, embed, 
 
 def _layout_of(model: nn.Module) -> Layout:
     layout = layout_for(model)
-    if layout.name not in BLOCK_NAMES:
-        raise UserError(f"the fast engine knows the layouts {', '.join(BLOCK_NAMES)}, not {layout.name!r}; "
+    if not layout.names:
+        raise UserError(f"the fast engine knows the layouts {', '.join(lay.name for lay in LAYOUTS)}, not {layout.name!r}; "
                         f"use --engine hf")
     return layout
 
@@ -145,7 +131,7 @@ def from_state_dict(state_dict: dict[str, torch.Tensor], config) -> Transformer:
     """A compact Transformer over a state dict (HF names); GPTQ tensors (qweight...) become QuantLinear."""
     model_type = str(getattr(config, "model_type", "")).lower()
     layout = next((lay for lay in LAYOUTS if model_type in lay.model_types), None)
-    if layout is None or layout.name not in BLOCK_NAMES:
+    if layout is None or not layout.names:
         raise UserError(f"the fast engine has no layout for model type {model_type!r}")
     args = model_args(config, layout.name)
     quant = getattr(config, "quantization_config", None)

@@ -1,5 +1,5 @@
-"""Accuracy tables from qwen-eval results, and the release report that joins them with qwen-profile's
-speed and memory tables and qwen-quantize's quant_report.
+"""Accuracy tables from qwen-eval results: one row per model, one column per task, deltas against the first
+model with their paired standard errors; the same as Markdown and CSV.
 
 Every table is rendered from stored JSON. A cell that was not measured says "not measured", an
 out-of-memory cell says "OOM", a metric that could not be computed says why: never a zero.
@@ -8,17 +8,9 @@ out-of-memory cell says "OOM", a metric that could not be computed says why: nev
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import math
-import os
-import re
-import shutil
-from pathlib import Path
-
-from qwen_quant.errors import UserError
-from qwen_quant.files import write_text_atomic
 
 NOT_MEASURED = "not measured"
 
@@ -73,9 +65,9 @@ def format_value(row: dict | None) -> str:
 def paired_stderr(row: dict | None, ref: dict | None) -> float | None:
     """The standard error of row - ref over the same items (questions, or perplexity windows), when both
     stored their per-item results."""
-    from qwen_quant.profile.accuracy.multiple_choice import paired_delta
+    from qwen_quant.accuracy.multiple_choice import paired_delta
 
-    from qwen_quant.profile.accuracy.paired import perplexity_difference
+    from qwen_quant.accuracy.paired import perplexity_difference
 
     if row is None or ref is None:
         return None
@@ -122,7 +114,7 @@ def primary_metric(task: str) -> str:
 
 
 def _title(task: str) -> str:
-    from qwen_quant.profile.accuracy.tasks import TASKS
+    from qwen_quant.accuracy.tasks import TASKS
 
     t = TASKS.get(task)
     return t.title if t else task
@@ -281,175 +273,3 @@ def accuracy_csv(report: dict) -> str:
     return buf.getvalue()
 
 
-# ---------------------------------------------------------------- qwen-report: the release README
-
-SEED_ACCURACY = """| model | MMLU | C-Eval (val) | GSM8K | HumanEval |
-|---|---|---|---|---|
-| Qwen-7B-Chat BF16 | 53.9 | 54.2 | 41.1 | 24.4 |
-| Qwen-7B-Chat Int4 | 52.6 | 52.9 | 38.1 | 23.8 |
-| Qwen-14B-Chat BF16 | 64.6 | 69.8 | 61.0 | 43.9 |
-| Qwen-14B-Chat Int4 | 63.3 | 69.0 | 59.8 | 45.7 |
-"""
-
-THROUGHPUT_MEANING = ("- **tokens/s** (speed tables): new tokens / total `generate` time from a 1-token context "
-                      "(the seed's definition: prefill included), median over repeats; decode-only tokens/s "
-                      "counts the later tokens over their own time.\n"
-                      "- **GiB**: 2^30 bytes. GPU: peak allocated by the PyTorch allocator, reset per cell "
-                      "(reserved and NVML beside it in the details); CPU: peak RSS of the cell's process. "
-                      "The seed printed GiB values labelled 'GB'.\n")
-
-
-@dataclasses.dataclass
-class Inputs:
-    """The JSON files a report is built from, found by file name."""
-    evals: list[tuple[Path, dict]] = dataclasses.field(default_factory=list)
-    profiles: list[tuple[Path, dict]] = dataclasses.field(default_factory=list)
-    quants: list[tuple[Path, dict]] = dataclasses.field(default_factory=list)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path} ({type(e).__name__}): give results.json / quant_report.json "
-                        f"files written by qwen-eval, qwen-profile or qwen-quantize") from None
-
-
-def find_inputs(paths: list[str | Path]) -> Inputs:
-    """results.json (qwen-eval: `results` rows; qwen-profile: `cells`) and quant_report.json, in the
-    given folders (searched recursively) or given directly."""
-    found = Inputs()
-    for p in map(Path, paths):
-        if not p.exists():
-            raise UserError(f"{p} not found: give folders or files written by qwen-eval, qwen-profile or qwen-quantize")
-        files = [p] if p.is_file() else sorted(list(p.rglob("results.json")) + list(p.rglob("quant_report.json")))
-        for f in files:
-            data = _read_json(f)
-            if f.name == "quant_report.json" or "quantization_config" in data:
-                found.quants.append((f, data))
-            elif "cells" in data:
-                found.profiles.append((f, data))
-            elif isinstance(data.get("results"), list):
-                found.evals.append((f, data))
-            elif p.is_file():
-                raise UserError(f"{f} is neither an eval, a profile nor a quant report JSON")
-    if not (found.evals or found.profiles or found.quants):
-        raise UserError(f"no results.json or quant_report.json under {', '.join(map(str, paths))}: "
-                        f"run qwen-eval / qwen-profile / qwen-quantize first")
-    return found
-
-
-def report_model_name(inputs: Inputs) -> str:
-    for _, q in inputs.quants:
-        model = q.get("model") or {}
-        name = model.get("base_model") or model.get("source")
-        if name:
-            return Path(str(name).rstrip("/")).name
-    for _, e in inputs.evals:
-        if e.get("models"):
-            return e["models"][0]["label"]
-    for _, p in inputs.profiles:
-        cells = p.get("cells") or []
-        if cells and cells[0].get("model"):
-            return Path(str(cells[0]["model"]).rstrip("/")).name
-    return "model"
-
-
-def _demote(markdown: str) -> str:
-    """A sub-report without its title, its other headings one level down (they nest under ours)."""
-    markdown = re.sub(r"\A# [^\n]*\n+", "", markdown)
-    return re.sub(r"^(#+) ", lambda m: "#" + m.group(1) + " ", markdown, flags=re.M)
-
-
-def _relative(target: Path, start: Path) -> str:
-    try:
-        return os.path.relpath(target, start)
-    except ValueError:
-        return str(target)
-
-
-def accuracy_section(inputs: Inputs) -> list[str]:
-    out = ["## Accuracy\n"]
-    if not inputs.evals:
-        return out + [f"{NOT_MEASURED}: no qwen-eval results.json was given.\n"]
-    for path, e in inputs.evals:
-        out += [f"From `{path}` (models: " + ", ".join(f"`{m['label']}`" for m in e.get("models", [])) +
-                "; the first is the reference for Δ):\n", accuracy_table(e)]
-        for extra in (long_context_table(e),):
-            if extra:
-                out.append(extra)
-        out += ["<details><summary>All metrics, data slices</summary>\n", all_metrics_table(e),
-                "\n".join(provenance_lines(e)) + "\n", "</details>\n"]
-    names = " ".join(m["label"].lower() for _, e in inputs.evals for m in e.get("models", []))
-    if re.search(r"qwen-(7|14)b", names):
-        out += ["For reference, **the seed's published figures** (Qwen's 2023 Int4 release; A100, AutoGPTQ, "
-                "not measured by us):\n", SEED_ACCURACY]
-    return out
-
-
-def speed_memory_sections(inputs: Inputs, out_dir: Path) -> list[str]:
-    from qwen_quant.profile import tables
-
-    if not inputs.profiles:
-        return ["## Speed\n", f"{NOT_MEASURED}: no qwen-profile results.json was given.\n",
-                "## Memory\n", f"{NOT_MEASURED}: no qwen-profile results.json was given.\n"]
-    speed, memory = ["## Speed\n"], ["## Memory\n"]
-    for path, p in inputs.profiles:
-        speed.append(_demote(tables.speed_markdown(p)))
-        memory.append(_demote(tables.memory_markdown(p)))
-        for png in sorted(path.parent.glob("*.png")):
-            shutil.copyfile(png, out_dir / png.name)  # the report folder stands on its own
-            (memory if "mem" in png.stem else speed).append(f"![{png.stem}]({png.name})\n")
-    return speed + memory
-
-
-def _short(value, digits: int) -> str:
-    return f"{value:.{digits}f}" if _is_num(value) else NOT_MEASURED
-
-
-def quantization_section(inputs: Inputs) -> list[str]:
-    if not inputs.quants:
-        return []
-    out = ["## Quantization\n"]
-    for path, q in inputs.quants:
-        qc = q.get("quantization_config") or {}
-        calib = q.get("calibration") or {}
-        totals = q.get("totals") or {}
-        out.append(f"- `{path.parent.name}`: {qc.get('quant_method', 'gptq')} bits {qc.get('bits')}, group size "
-                   f"{qc.get('group_size')}, sym {qc.get('sym')}, desc_act {qc.get('desc_act')}, damp "
-                   f"{qc.get('damp_percent')}; method {(q.get('settings') or {}).get('method')}; calibration "
-                   f"{calib.get('nsamples')} x {calib.get('seqlen')} tokens from `{calib.get('source')}`; mean "
-                   f"relative layer error {_short(totals.get('mean_rel_error'), 4)}; "
-                   f"{_short(totals.get('seconds'), 1)} s; "
-                   f"command `{q.get('command')}`")
-    return out + [""]
-
-
-def provenance_section(inputs: Inputs) -> list[str]:
-    out = ["## Environment and commands\n"]
-    for kind, items in (("qwen-eval", inputs.evals), ("qwen-profile", inputs.profiles)):
-        for path, data in items:
-            out += [f"**{kind}** (`{path}`)\n", env_lines(data.get("env") or {})]
-    return out
-
-
-def render_report(inputs: Inputs, out_dir: Path) -> str:
-    name = report_model_name(inputs)
-    parts = [f"# {name}: accuracy, speed and memory\n",
-             "Written by `qwen-report` from the JSON files listed below; every number comes from them. "
-             "Cells that ran out of memory show **OOM**, cells never measured **not measured** — never 0.\n"]
-    parts += accuracy_section(inputs) + speed_memory_sections(inputs, out_dir) + quantization_section(inputs)
-    metrics = meanings({"results": [r for _, e in inputs.evals for r in e.get("results", [])]})
-    parts += ["## What the numbers mean\n", "\n".join(metrics) + "\n" + THROUGHPUT_MEANING]
-    parts += provenance_section(inputs)
-    return "\n".join(p.rstrip("\n") + "\n" for p in parts)
-
-
-def write_report(paths: list[str | Path], out_dir: str | Path | None = None) -> Path:
-    """qwen-report's API: find the JSONs, write <out_dir>/README.md (default reports/<model>/)."""
-    inputs = find_inputs(paths)
-    out = Path(out_dir) if out_dir else Path("reports") / report_model_name(inputs)
-    out.mkdir(parents=True, exist_ok=True)
-    readme = out / "README.md"
-    write_text_atomic(readme, render_report(inputs, out))
-    return readme

@@ -1,6 +1,6 @@
 """The fast engine's own compact decoder: plain modules over weights borrowed from another model.
 
-One definition covers the layouts of quantize/layouts.py (Qwen v1, Qwen2/2.5, Qwen3, llama): they
+One definition covers the layouts of models/layouts.py (Qwen v1, Qwen2/2.5, Qwen3, llama): they
 differ only in a fused or split q/k/v projection, q/k bias (carried by the linears themselves),
 Qwen3's per-head q/k RMSNorm, partial rotary (Qwen v1's rotary_pct) and Qwen v1's log-n query
 scaling. The linears are whatever modules the source model holds (nn.Linear or QuantLinear), so
@@ -237,7 +237,7 @@ class Transformer(nn.Module):
 
     def setup_caches(self, batch_size: int, max_seq_len: int, kv_cache: str = "auto") -> None:
         """Preallocate the KV cache and the rope tables for `max_seq_len` positions."""
-        from qwen_quant.profile.fast.kv_cache import make_kv_cache
+        from qwen_quant.engine.kv_cache import make_kv_cache
 
         a = self.args
         for block in self.blocks:

@@ -13,17 +13,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
 from qwen_quant.errors import UserError
-from qwen_quant.profile.accuracy import generation, multiple_choice as mc, perplexity as ppl
-from qwen_quant.profile.accuracy.scoring import CachedEncoder
-from qwen_quant.profile.accuracy.store import ItemStore, model_fingerprint
-from qwen_quant.profile.accuracy.tasks import TaskRequest, load_items, parse_tasks
+from qwen_quant.accuracy import generation, multiple_choice as mc, perplexity as ppl
+from qwen_quant.accuracy.scoring import CachedEncoder
+from qwen_quant.accuracy.store import ItemStore, model_fingerprint
+from qwen_quant.accuracy.tasks import TaskRequest, load_items, parse_tasks
 
 DEFAULT_SEQLEN = 2048
 # Perplexity windows scored by default: enough for a standard error of a few percent of the value,
@@ -74,73 +73,27 @@ class EvalModel:
         return hashlib.sha256(repr((len(self.tokenizer), self.encode(probe))).encode()).hexdigest()[:16]
 
 
-def _config(path: Path) -> dict:
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return {}
-    try:
-        return json.loads(cfg.read_text())
-    except ValueError:
-        raise UserError(f"{cfg} is not valid JSON: is this a model folder?") from None
-
-
-def _quantization_config(path: Path) -> dict | None:
-    return _config(path).get("quantization_config")
-
-
 def refuse_synthetic(spec: str):
-    """The parsed spec; a synthetic model (or a checkpoint quantized from one) is a one-line error."""
-    from qwen_quant.quantize.sources import parse_model_spec
+    """The resolved model (models.specs.ModelRef); a synthetic model, or a checkpoint quantized from one, is a
+    one-line error: accuracy of random weights means nothing."""
+    from qwen_quant.models.specs import resolve
 
-    parsed = parse_model_spec(spec)
-    synthetic = parsed.synthetic
-    if parsed.kind == "dir":
-        config = _config(Path(parsed.path))
-        meta = (config.get("quantization_config") or {}).get("meta") or {}
-        synthetic = bool(config.get("synthetic") or meta.get("synthetic"))
-    if synthetic:
+    ref = resolve(spec)
+    if ref.synthetic:
         raise UserError(f"{spec} is a synthetic model (random weights): accuracy means nothing; "
                         f"evaluate a real model (an HF id, a folder, a checkpoint or 'demo')")
-    return parsed
+    return ref
 
 
-def _local_files(spec: str) -> str | None:
-    """The folder or file a model spec reads from this machine (None for a hub id)."""
-    from qwen_quant.quantize.sources import demo_model_dir, parse_model_spec
-
-    parsed = parse_model_spec(spec)
-    if parsed.kind == "dir":
-        return parsed.path
-    if parsed.kind == "gguf":
-        return os.path.join(parsed.path, parsed.gguf_file)
-    return str(demo_model_dir()) if parsed.kind == "demo" else None
-
-
-def load_for_eval(spec: str, device: str = "cpu", backend: str = "auto", dtype=None,
+def load_for_eval(spec, device: str = "cpu", backend: str = "auto", dtype=None,
                   trust_remote_code: bool = False) -> EvalModel:
-    """Any model source -> EvalModel. Quantized checkpoints load through load_quantized; synthetic
-    models are refused (accuracy of random weights means nothing)."""
-    from qwen_quant.quantize.sources import load_model
+    """Any real model (a MODEL argument or its ModelRef: fp or a quantized checkpoint, models.load) -> EvalModel."""
+    from qwen_quant.models.load import load
 
-    parsed = refuse_synthetic(spec)
-    if parsed.kind == "dir" and _quantization_config(Path(parsed.path)) is not None:
-        from transformers import AutoTokenizer
-
-        from qwen_quant.kernels.loader import load_quantized
-
-        path = Path(parsed.path)
-        qcfg = _quantization_config(path)
-        model = load_quantized(str(path), backend=backend, device=device, dtype=dtype,
-                               trust_remote_code=trust_remote_code)
-        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-        desc = {"source": str(path), "quantized": True, "synthetic": False,
-                "quantization": {k: qcfg.get(k) for k in ("quant_method", "bits", "group_size", "sym",
-                                                          "desc_act", "damp_percent", "checkpoint_format")},
-                "backend": backend}
-        model.eval()
-        return EvalModel(path.name, model, tok, desc, device)
-    loaded = load_model(parsed, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    return EvalModel(parsed.label, loaded.model, loaded.tokenizer, dict(loaded.description), device)
+    ref = refuse_synthetic(spec) if isinstance(spec, str) else spec
+    loaded = load(ref, dtype=dtype, device=device, backend=backend, trust_remote_code=trust_remote_code)
+    loaded.model.eval()
+    return EvalModel(ref.label, loaded.model, loaded.tokenizer, dict(loaded.description), device)
 
 
 # ---------------------------------------------------------------- task runners
@@ -274,7 +227,7 @@ def _graded_resumable(model: EvalModel, request: TaskRequest, questions: list[mc
     from tqdm.auto import tqdm
 
     from qwen_quant.cli_util import is_quiet
-    from qwen_quant.profile.accuracy.scoring import Score
+    from qwen_quant.accuracy.scoring import Score
 
     name = request.task.name
     keys = [f"{i}:{q.id}" for i, q in enumerate(questions)]  # the order is fixed: --limit takes a prefix
@@ -369,7 +322,7 @@ def run_gsm8k(model: EvalModel, items: list, description: dict, store: ItemStore
 
 
 def run_humaneval(model: EvalModel, items: list, description: dict, store: ItemStore) -> list[dict]:
-    from qwen_quant.profile.accuracy.sandbox import network_isolated
+    from qwen_quant.accuracy.sandbox import network_isolated
 
     def solve(it):
         prompt = str(mc.field(it, "prompt"))
@@ -390,7 +343,7 @@ def run_humaneval(model: EvalModel, items: list, description: dict, store: ItemS
 # ---------------------------------------------------------------- the API
 
 def _corpus_for(request: TaskRequest, ppl_text: str | None):
-    from qwen_quant.quantize import corpora
+    from qwen_quant import corpora
 
     if request.task.corpus:
         return corpora.corpus_by_name(request.task.corpus, "eval")
@@ -437,25 +390,24 @@ def evaluate(models: list[str], tasks: str | list[str], limit: int | None = None
         raise UserError(f"unknown --dtype {dtype!r}: use auto or one of {', '.join(DTYPES)}")
     windows = ppl_windows
     requests = parse_tasks(tasks)
-    for spec in models:  # refuse synthetic models before spending minutes on data or other models
-        refuse_synthetic(spec)
+    refs = [refuse_synthetic(spec) for spec in models]  # before spending minutes on data or other models
     seqlen = seqlen or DEFAULT_SEQLEN
     lengths = sorted(set(ppl_lengths or []))
     if ppl_text and not any(r.task.name == "ppl" for r in requests):
         requests.append(parse_tasks("ppl")[0])
     data = _prepare(requests, limit, ppl_text)
-    from qwen_quant.profile.env import collect_env
+    from qwen_quant.provenance import collect_env
 
     env = collect_env(argv)  # at the start: the commit and date of the code that produced these numbers
     results, model_info, ppl_cache, questions_cache = [], [], {}, {}
-    for spec in models:
+    for spec, ref in zip(models, refs):
         started = time.perf_counter()
-        em = load_for_eval(spec, device=device, backend=backend, trust_remote_code=trust_remote_code,
+        em = load_for_eval(ref, device=device, backend=backend, trust_remote_code=trust_remote_code,
                            dtype=DTYPES.get(dtype))
         if any(m["label"] == em.label for m in model_info):
             em.label = f"{em.label}#{len(model_info) + 1}"
         encoder = CachedEncoder(em.encode)
-        identity = {"model": model_fingerprint(spec, _local_files(spec)), "dtype": dtype,
+        identity = {"model": model_fingerprint(spec, ref.local_path), "dtype": dtype,
                     "backend": backend, "device": torch.device(device).type}
         store = ItemStore(Path(out) if out is not None else None, em.label, identity)
         for r in requests:
@@ -489,7 +441,7 @@ def evaluate(models: list[str], tasks: str | list[str], limit: int | None = None
 def write_results(report: dict, out: Path) -> list[Path]:
     """results.json (atomic), results.md and results.csv in `out`."""
     from qwen_quant.files import write_text_atomic
-    from qwen_quant.profile.report import accuracy_csv, accuracy_markdown
+    from qwen_quant.accuracy.tables import accuracy_csv, accuracy_markdown
 
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "results.json", out / "results.md", out / "results.csv"]
@@ -501,7 +453,7 @@ def write_results(report: dict, out: Path) -> list[Path]:
 
 def default_out_dir(first_model: str) -> str:
     import datetime as _dt
-    from qwen_quant.quantize.sources import parse_model_spec
+    from qwen_quant.models.specs import parse_model_spec
 
     try:
         label = parse_model_spec(first_model).label

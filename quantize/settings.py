@@ -1,0 +1,148 @@
+"""Every setting of a quantization run in one place: its default and the evidence for it, its check, and its
+command-line option. `QuantSettings` validates itself when made (one-line UserErrors, before anything is
+loaded); qwen-quantize's options are built from its fields (`add_arguments` / `from_args`), so a new
+setting is one field here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from qwen_quant.errors import UserError
+from qwen_quant.kernels.format import SUPPORTED_BITS
+
+METHODS = ("gptq", "rtn")
+FORWARD_DTYPES = ("auto", "bf16", "model")
+
+
+def _opt(default, help: str, group: str = "quantization", flag: str | None = None, **argparse_kw):
+    """A field with its CLI option: `flag` (default --field-name), `help`, and any add_argument keywords."""
+    return dataclasses.field(default=default, metadata={"help": help, "group": group, "flag": flag, **argparse_kw})
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSettings:
+    bits: int = _opt(4, "bits per weight: 2, 3, 4 or 8 (default 4)")
+    group_size: int = _opt(128, "weights per scale along the input: 128 (default; 4.16 bits per weight with the fp16 "
+                                "scales and packed zeros), 64 or 32 (4.31 / 4.63 bits; smaller groups lose less "
+                                "accuracy, reports/demo-accuracy/levers/levers.md), or -1 for one group per row")
+    method: str = _opt("gptq", "gptq (default) or rtn (round-to-nearest baseline)")
+    # act-order with static groups: columns quantized by decreasing Hessian diagonal, group params fixed up
+    # front, so g_idx stays i // group_size and kernels need no permutation
+    desc_act: bool = _opt(True, "act-order: quantize input columns by decreasing Hessian diagonal (default on; it is "
+                                "the largest accuracy gain on the demo model, reports/quantize-demo-cpu.md)")
+    static_groups: bool = _opt(True, "fix each group's scales before the act-order pass (default on): g_idx stays in "
+                                     "order, so kernels run without a permutation; --no-static-groups gives classic "
+                                     "act-order (a permuted g_idx)")
+    sym: bool = _opt(True, "asymmetric zero points (default symmetric, as Qwen's Int4 release)", flag="--asym",
+                     inverse=True)
+    damp: float = _opt(0.01, "dampening as a fraction of the mean Hessian diagonal, in (0, 1) (default 0.01)")
+    mse: bool = _opt(True, "search shrunken ranges per group for the lowest error (default on: on the demo model it "
+                           "cut GPTQ's perplexity loss from 0.997x to 0.880x of RTN's; --no-mse is ~2x faster)")
+    # asymmetric calibration (GPTAQ): 0 = classic GPTQ (each layer matches its own weights on the quantized
+    # model's inputs); alpha > 0 aims each layer at the fp model's outputs instead, alpha scaling the
+    # correction (1 = exact). Costs an fp copy of the block being quantized and a second activation stream.
+    gptaq_alpha: float = _opt(0.0, "asymmetric calibration (GPTAQ, a.k.a. GPTQ v2): fit each layer to the "
+                                   "full-precision model's outputs instead of its own output on the already-quantized "
+                                   "model's inputs; ALPHA in [0, 1] scales the correction (0 = plain GPTQ, the "
+                                   "default; 1 = exact; the GPTAQ authors' code uses 0.25). Costs one fp copy of a "
+                                   "block and a second activation stream (+47%% time on Qwen2.5-Coder-1.5B on a CPU)",
+                              flag="--gptaq", metavar="ALPHA")
+    # after GPTQ picks the codes, move each group's scale to the least-squares optimum of the layer's output
+    # error (codes and zero points fixed): `gptq.refit_scales`. GPTQ-only; the format is unchanged.
+    refit_scales: bool = _opt(False, "after GPTQ fixes the codes, refit every group's scale by least squares to the "
+                                     "layer's output error on the calibration data (the objective GPTQ minimizes; "
+                                     "same format, ~10%% more time). Never raises a layer's error; most help where "
+                                     "inputs have outliers")
+    # dtype of the calibration forwards (not of the checkpoint): "auto" runs an fp32 model's block forwards
+    # under bfloat16 autocast (2-3x faster on CPUs with AMX/AVX512-BF16 and on GPUs; GPTQ itself and the
+    # Hessians stay float32), a 16-bit model in its own dtype; "model" never autocasts.
+    forward_dtype: str = _opt("auto", "dtype of the calibration forwards (not of the checkpoint): auto (default) runs "
+                                      "an fp32 model's forwards under bf16 autocast, 2-3x faster, GPTQ itself stays "
+                                      "fp32; model: the model's own dtype", choices=FORWARD_DTYPES)
+    nsamples: int = _opt(128, "calibration samples (default 128)", group="calibration")
+    seqlen: int | None = _opt(None, "tokens per sample (default 2048, capped at the model's context)",
+                              group="calibration")
+    calib: str = _opt("default", "default (English+Chinese mix), a package corpus (wiki, peoples-daily, code, chat, "
+                                 "wiki-fr) or a '+'-joined mix of them (wiki+code+chat), a .txt/.jsonl FILE, or "
+                                 "hf:<dataset id>[:config][:split]", group="calibration")
+    seed: int = _opt(0, "seed for choosing calibration samples (default 0)", group="calibration")
+
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
+            raise UserError(f"unsupported --bits {self.bits}: use {', '.join(map(str, SUPPORTED_BITS))}")
+        g = self.group_size
+        if isinstance(g, bool) or not isinstance(g, int) or (g != -1 and g <= 0):
+            raise UserError(f"--group-size {g} is invalid: use -1 (one group per row) or a positive integer such as 128")
+        if self.method not in METHODS:
+            raise UserError(f"unknown --method {self.method!r}: use gptq or rtn")
+        if isinstance(self.nsamples, bool) or not isinstance(self.nsamples, int) or self.nsamples <= 0:
+            raise UserError(f"--nsamples must be a positive integer, got {self.nsamples}")
+        if self.seqlen is not None and (isinstance(self.seqlen, bool) or not isinstance(self.seqlen, int)
+                                        or self.seqlen <= 0):
+            raise UserError(f"--seqlen must be a positive integer, got {self.seqlen}")
+        if not (0 < float(self.damp) < 1):
+            raise UserError(f"--damp {self.damp} is outside (0, 1): use a small fraction of the mean diagonal, e.g. 0.01")
+        if self.forward_dtype not in FORWARD_DTYPES:
+            raise UserError(f"unknown --forward-dtype {self.forward_dtype!r}: use {', '.join(FORWARD_DTYPES)}")
+        if not (0 <= float(self.gptaq_alpha) <= 1):
+            raise UserError(f"--gptaq {self.gptaq_alpha} is outside [0, 1]: 0 is plain GPTQ, 1 the full asymmetric "
+                            f"correction, e.g. 0.25")
+        if self.method == "rtn" and float(self.gptaq_alpha) > 0:
+            raise UserError("--gptaq changes how GPTQ calibrates; round-to-nearest has no calibration: drop --gptaq "
+                            "or use --method gptq")
+        if self.method == "rtn" and self.refit_scales:
+            raise UserError("--refit-scales refits the scales to GPTQ's calibration objective; round-to-nearest has "
+                            "none: drop it or use --method gptq")
+        if self.method == "rtn":  # act-order and static groups are GPTQ's: an RTN checkpoint must not claim them
+            object.__setattr__(self, "desc_act", False)
+            object.__setattr__(self, "static_groups", False)
+        for name, kind in (("damp", float), ("gptaq_alpha", float), ("desc_act", bool), ("static_groups", bool),
+                           ("sym", bool), ("mse", bool), ("refit_scales", bool)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
+
+    def quantization_config(self) -> dict:
+        """The `quantization_config` keys of FORMAT.md (meta is added by the writer)."""
+        return {"quant_method": "gptq", "bits": self.bits, "group_size": self.group_size,
+                "desc_act": self.desc_act, "sym": self.sym, "damp_percent": self.damp,
+                "static_groups": self.static_groups, "true_sequential": True,
+                "checkpoint_format": "gptq", "lm_head": False}
+
+    def run_settings(self) -> dict:
+        """How the run calibrated, beyond the format's keys (quant_report.json, meta, resume identity).
+        gptaq_alpha and refit_scales only appear when on: loaders need nothing new, the checkpoint format is
+        unchanged, and a classic run's records stay as they were."""
+        out = {"method": self.method, "mse": self.mse, "forward_dtype": self.forward_dtype}
+        return out | {k: getattr(self, k) for k, off in OPT_IN_RUN_SETTINGS.items() if getattr(self, k) != off}
+
+    # ---------------------------------------------------------------- the command line
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One option per field, in argument groups named by the fields' `group`."""
+        groups: dict[str, argparse._ArgumentGroup] = {}
+        for f in dataclasses.fields(cls):
+            meta = dict(f.metadata)
+            group = groups.setdefault(meta.pop("group"), parser.add_argument_group(f.metadata["group"]))
+            flag = meta.pop("flag") or "--" + f.name.replace("_", "-")
+            inverse = meta.pop("inverse", False)
+            if f.type in ("bool", bool):
+                if inverse:
+                    group.add_argument(flag, dest=f.name, action="store_false", **meta)
+                elif f.default:
+                    group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=True, **meta)
+                else:
+                    group.add_argument(flag, dest=f.name, action="store_true", **meta)
+                continue
+            kind = {"int": int, "float": float, "str": str, "int | None": int}[str(f.type)]
+            group.add_argument(flag, dest=f.name, type=kind, default=f.default, **meta)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "QuantSettings":
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+# The run settings a record names only when on (QuantSettings.run_settings), with the value that means off:
+# what a reader of older records fills in (they predate the setting, which was off then).
+OPT_IN_RUN_SETTINGS = {k: QuantSettings.__dataclass_fields__[k].default for k in ("gptaq_alpha", "refit_scales")}
