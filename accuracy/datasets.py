@@ -400,25 +400,3 @@ def load_hub_mc(spec: str, limit: int | None = None):
             "configs": len(configs), "split": split or "val/validation/test (first present)", "items": len(taken),
             "total_items": len(items), "fewshot": "the config's dev split", "order": "round robin over configs"}
     return taken, desc
-
-
-# ---------------------------------------------------------------- by task name
-
-TASK_READERS = {
-    "mmlu": mmlu,
-    "arc-easy": lambda limit=None: arc(False, limit),
-    "arc-challenge": lambda limit=None: arc(True, limit),
-    "hellaswag": hellaswag,
-    "winogrande": winogrande,
-    "piqa": piqa,
-    "gsm8k": gsm8k,
-    "humaneval": humaneval,
-}
-
-
-def load_task(name: str, limit: int | None = None):
-    """(items, description) of a packaged task by its qwen-eval name."""
-    reader = TASK_READERS.get(name)
-    if reader is None:
-        raise UserError(f"unknown task {name!r}; packaged tasks: {', '.join(TASK_READERS)}")
-    return reader(limit=limit)

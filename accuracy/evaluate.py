@@ -23,6 +23,7 @@ from qwen_quant.accuracy import generation, multiple_choice as mc, perplexity as
 from qwen_quant.accuracy.scoring import CachedEncoder
 from qwen_quant.accuracy.store import ItemStore, model_fingerprint
 from qwen_quant.accuracy.tasks import TaskRequest, load_items, parse_tasks
+from qwen_quant.accuracy.tasks import questions as task_questions
 
 DEFAULT_SEQLEN = 2048
 # Perplexity windows scored by default: enough for a standard error of a few percent of the value,
@@ -191,30 +192,6 @@ def _window_nlls_resumable(model: EvalModel, name: str, windows: torch.Tensor, b
         bar.update(len(chunk))
     bar.close()
     return [done[k]["nll"] for k in keys]
-
-
-def _questions(request: TaskRequest, items: list) -> list[mc.Question]:
-    name = request.task.name
-    if name in ("mmlu", "ceval", "cmmlu"):
-        out = []
-        for it in items:
-            shots = list(mc.field(it, "fewshot", "shots", default=[]) or [])[:request.task.shots]
-            subject = mc.field(it, "subject")
-            out.append(mc.lettered_question(it, _lettered_header(name, subject), shots))
-        return out
-    if name == "hellaswag":
-        return [mc.hellaswag_question(it) for it in items]
-    if name == "winogrande":
-        return [mc.winogrande_question(it) for it in items]
-    return [mc.qa_question(it) for it in items]
-
-
-def _lettered_header(name: str, subject: str | None) -> str:
-    if name == "ceval":
-        return f"以下是中国关于{subject or '综合'}考试的单项选择题，请选出其中的正确答案。\n\n"
-    if name == "cmmlu":
-        return f"以下是关于{subject or '综合'}的单项选择题，请直接给出正确答案的选项。\n\n"
-    return mc.mmlu_header(subject)
 
 
 # Questions scored between two writes to the item store: small enough to lose little to a kill.
@@ -418,7 +395,7 @@ def evaluate(models: list[str], tasks: str | list[str], limit: int | None = None
             items, desc = data[name]
             if r.task.kind == "choice":
                 if name not in questions_cache:  # the prompts are built once, for every model
-                    questions_cache[name] = _questions(r, items)
+                    questions_cache[name] = task_questions(r, items)
                 questions = questions_cache[name]
                 results += run_choice(em, r, questions, desc, batch, encoder, store)
             elif r.task.kind == "gsm8k":

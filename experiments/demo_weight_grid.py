@@ -7,7 +7,7 @@ A zero error means the weights are exactly Q4_1 values (the demo ships as a Q4_1
 Int4 quantization of the demo measures re-quantizing one 4-bit grid onto another. The GPTQ format cannot hold
 that grid exactly even at group size 32: its zero point is an integer code, Q4_1's offset is any float.
 
-    .venv/bin/python scripts/demo_weight_grid.py [--blocks 0,15,29]
+    .venv/bin/python experiments/demo_weight_grid.py [--blocks 0,15,29]
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ checkpoint:
   shown with the paired standard error of GPTQ - fp (the same items for every model).
 Writes OUT/results.{json,md,csv} (qwen-eval's) and OUT/goals.{json,md} (the verdicts, from the JSON).
 
-    .venv/bin/python scripts/demo_accuracy_goals.py --gptq out/demo/gptq-int4 --rtn out/demo/rtn-int4
-    .venv/bin/python scripts/demo_accuracy_goals.py --gptq A --gptq B ...   # several GPTQ checkpoints
-    .venv/bin/python scripts/demo_accuracy_goals.py --render                 # tables again from the JSON
+    .venv/bin/python experiments/demo_accuracy_goals.py --gptq out/demo/gptq-int4 --rtn out/demo/rtn-int4
+    .venv/bin/python experiments/demo_accuracy_goals.py --gptq A --gptq B ...   # several GPTQ checkpoints
+    .venv/bin/python experiments/demo_accuracy_goals.py --render                 # tables again from the JSON
 Paths inside the repository are recorded relative to it (the run works from the repository root), so
 the published JSON names no one's checkout.
 """
@@ -22,7 +22,8 @@ import json
 import os
 from pathlib import Path
 
-from qwen_quant.quantize.pipeline import OPT_IN_RUN_SETTINGS
+from qwen_quant.accuracy.paired import interval95, interval_vs_goal
+from qwen_quant.quantize.settings import OPT_IN_RUN_SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 PPL_AIM = 0.7
@@ -82,23 +83,6 @@ def checkpoint_settings(path: str) -> dict:
             # recorded only when on (earlier checkpoints predate them, off then)
             **{k: report["settings"].get(k, off) for k, off in OPT_IN_RUN_SETTINGS.items()},
             "calibration": f"{calib.get('nsamples')} x {calib.get('seqlen')} tokens ({calib.get('source')})"}
-
-
-def interval95(delta: float, stderr: float | None) -> list[float] | None:
-    """The normal-approximation 95% interval of a paired difference."""
-    return None if stderr is None else [delta - 1.96 * stderr, delta + 1.96 * stderr]
-
-
-def interval_vs_goal(interval: list[float] | None) -> str:
-    """Whether these items can tell the goal apart: the whole interval inside +-POINTS, outside it, or across."""
-    if interval is None:
-        return "n/a"
-    lo, hi = interval
-    if -POINTS <= lo and hi <= POINTS:
-        return "inside"
-    if hi < -POINTS or lo > POINTS:
-        return "outside"
-    return "across (more items needed)"
 
 
 def _pm(err) -> str:
@@ -214,7 +198,7 @@ def main() -> None:
     os.environ.setdefault("QWEN_QUANT_QUIET", "1")
     from qwen_quant.accuracy.evaluate import evaluate
 
-    argv = ["scripts/demo_accuracy_goals.py", *(a for x in gptq_paths for a in ("--gptq", x)), "--rtn", rtn_path,
+    argv = ["experiments/demo_accuracy_goals.py", *(a for x in gptq_paths for a in ("--gptq", x)), "--rtn", rtn_path,
             "--tasks", args.tasks, "--limit", str(args.limit), "--ppl-windows", str(args.ppl_windows),
             "--seqlen", str(args.seqlen)]
     report = evaluate(["demo", *gptq_paths, rtn_path], args.tasks, limit=args.limit, seqlen=args.seqlen,
