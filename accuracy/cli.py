@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from qwen_quant.cli_util import run_cli
+from qwen_quant.cli_util import Parser, run_cli
 from qwen_quant.errors import UserError
 
 
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     from qwen_quant.accuracy.tasks import TASKS
     from qwen_quant.accuracy.evaluate import DEFAULT_PPL_WINDOWS, DTYPES
 
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="qwen-eval",
         description="Evaluate models on perplexity and benchmarks; several models get exactly the same items.")
     p.add_argument("models", nargs="+", metavar="MODEL",

@@ -172,26 +172,13 @@ def run_perplexity(model: EvalModel, name: str, corpus, seqlen: int, limit: int 
 def _window_nlls_resumable(model: EvalModel, name: str, windows: torch.Tensor, batch: int,
                            store: ItemStore) -> list[float]:
     """Each window's mean NLL; windows an earlier run stored are read back, the rest scored and stored."""
-    from tqdm.auto import tqdm
-
-    from qwen_quant.cli_util import is_quiet
-
     # a window is known by its position and its tokens: more windows later reuse the ones scored now
     keys = [f"{i}:{hashlib.sha256(w.numpy().tobytes()).hexdigest()[:12]}" for i, w in enumerate(windows)]
-    task_key = {"task": name}
-    done = store.load(task_key)
-    missing = [i for i, k in enumerate(keys) if k not in done]
-    bar = tqdm(total=len(keys), initial=len(keys) - len(missing), desc=f"{model.label} {name}", unit="win",
-               disable=is_quiet(), leave=False)
-    for start in range(0, len(missing), batch):
-        chunk = missing[start:start + batch]
-        nlls = ppl.window_nlls(model.model, windows[chunk], len(chunk), model.device, desc=None)
-        scored = {keys[i]: {"nll": v} for i, v in zip(chunk, nlls)}
-        store.add(task_key, scored)
-        done.update(scored)
-        bar.update(len(chunk))
-    bar.close()
-    return [done[k]["nll"] for k in keys]
+
+    def score(picked):
+        return [{"nll": v} for v in ppl.window_nlls(model.model, windows[picked], len(picked), model.device, desc=None)]
+
+    return [r["nll"] for r in store.results({"task": name}, keys, score, batch, f"{model.label} {name}")]
 
 
 # Questions scored between two writes to the item store: small enough to lose little to a kill.
@@ -201,29 +188,18 @@ STORE_CHUNK = 32
 def _graded_resumable(model: EvalModel, request: TaskRequest, questions: list[mc.Question], batch: int,
                       encoder: CachedEncoder, store: ItemStore) -> list[mc.Graded]:
     """Every question's choice scores; questions an earlier run stored are read back, the rest scored and stored."""
-    from tqdm.auto import tqdm
-
-    from qwen_quant.cli_util import is_quiet
     from qwen_quant.accuracy.scoring import Score
 
-    name = request.task.name
     keys = [f"{i}:{q.id}" for i, q in enumerate(questions)]  # the order is fixed: --limit takes a prefix
-    task_key = {"task": name, "shots": request.task.shots, "source": request.source}
-    done = store.load(task_key)
-    missing = [i for i, k in enumerate(keys) if k not in done]
-    bar = tqdm(total=len(keys), initial=len(keys) - len(missing), desc=f"{model.label} {name}", unit="q",
-               disable=is_quiet(), leave=False)
-    for start in range(0, len(missing), STORE_CHUNK):
-        chunk = missing[start:start + STORE_CHUNK]
-        graded = mc.score_questions(model.model, [questions[i] for i in chunk], encoder, model.prefix_token, batch,
+
+    def score(picked):
+        graded = mc.score_questions(model.model, [questions[i] for i in picked], encoder, model.prefix_token, batch,
                                     min(model.max_length, 4096), model.pad_id, model.device, desc=None)
-        scored = {keys[i]: {"scores": [[sc.logprob, sc.greedy, sc.tokens] for sc in g.scores]}
-                  for i, g in zip(chunk, graded)}
-        store.add(task_key, scored)
-        done.update(scored)
-        bar.update(len(chunk))
-    bar.close()
-    return [mc.Graded(q, [Score(*sc) for sc in done[k]["scores"]]) for q, k in zip(questions, keys)]
+        return [{"scores": [[sc.logprob, sc.greedy, sc.tokens] for sc in g.scores]} for g in graded]
+
+    task_key = {"task": request.task.name, "shots": request.task.shots, "source": request.source}
+    stored = store.results(task_key, keys, score, STORE_CHUNK, f"{model.label} {request.task.name}")
+    return [mc.Graded(q, [Score(*sc) for sc in r["scores"]]) for q, r in zip(questions, stored)]
 
 
 def run_choice(model: EvalModel, request: TaskRequest, questions: list[mc.Question], description: dict,
@@ -267,21 +243,16 @@ def _gsm8k_prompt(item) -> str:
 
 def _generated_resumable(model: EvalModel, name: str, items: list, store: ItemStore, solve) -> list[float]:
     """1.0/0.0 per generation item; items an earlier run stored are read back, the rest solved and stored."""
-    from tqdm.auto import tqdm
-
-    from qwen_quant.cli_util import is_quiet
-
     keys = [f"{i}:{mc.field(it, 'id', 'task_id', default='')}" for i, it in enumerate(items)]
-    task_key = {"task": name}
-    done = store.load(task_key)
-    missing = [i for i, k in enumerate(keys) if k not in done]
-    for i in tqdm(missing, initial=len(keys) - len(missing), total=len(keys), desc=f"{model.label} {name}",
-                  disable=is_quiet(), leave=False):
-        correct, completion = solve(items[i])
-        scored = {keys[i]: {"correct": float(correct), "completion": completion}}
-        store.add(task_key, scored)
-        done.update(scored)
-    return [done[k]["correct"] for k in keys]
+
+    def score(picked):
+        out = []
+        for i in picked:
+            correct, completion = solve(items[i])
+            out.append({"correct": float(correct), "completion": completion})
+        return out
+
+    return [r["correct"] for r in store.results({"task": name}, keys, score, 1, f"{model.label} {name}")]
 
 
 def run_gsm8k(model: EvalModel, items: list, description: dict, store: ItemStore) -> list[dict]:

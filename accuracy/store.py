@@ -15,6 +15,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Callable, Sequence
 
 # Weight files are identified by name, size and a hash of their first bytes: enough to tell two
 # checkpoints apart without reading gigabytes each run.
@@ -85,3 +86,23 @@ class ItemStore:
                 f.write(json.dumps({"item": item, "result": result}, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+    def results(self, task_key: dict, keys: Sequence[str], score: Callable[[list[int]], list[dict]], chunk: int,
+                desc: str) -> list[dict]:
+        """Every item's result, in `keys` order: stored ones read back, the rest scored `chunk` items at a time
+        by `score(indices) -> results` and stored as soon as each chunk is done (one progress bar over all)."""
+        from tqdm.auto import tqdm
+
+        from qwen_quant.cli_util import is_quiet
+
+        done = self.load(task_key)
+        missing = [i for i, k in enumerate(keys) if k not in done]
+        bar = tqdm(total=len(keys), initial=len(keys) - len(missing), desc=desc, disable=is_quiet(), leave=False)
+        for start in range(0, len(missing), chunk):
+            picked = missing[start:start + chunk]
+            scored = {keys[i]: result for i, result in zip(picked, score(picked))}
+            self.add(task_key, scored)
+            done.update(scored)
+            bar.update(len(picked))
+        bar.close()
+        return [done[k] for k in keys]

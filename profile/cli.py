@@ -13,7 +13,7 @@ import datetime as dt
 import sys
 from pathlib import Path
 
-from qwen_quant.cli_util import is_quiet, run_cli
+from qwen_quant.cli_util import Parser, is_quiet, run_cli
 from qwen_quant.errors import UserError
 
 GPU_DEFAULT_MODEL = "synthetic:qwen-7b"
@@ -21,7 +21,7 @@ CPU_DEFAULT_MODEL = "demo"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="qwen-profile",
         description="Speed (tokens/s) and peak memory of Qwen models in BF16/FP16/Int4, each cell in a fresh "
                     "process, written as results.json + the seed's speed and memory tables + plots.")

@@ -6,8 +6,7 @@ import argparse
 import shlex
 import sys
 
-from qwen_quant.cli_util import is_quiet, run_cli
-from qwen_quant.errors import UserError
+from qwen_quant.cli_util import Parser, is_quiet, run_cli
 from qwen_quant.quantize.settings import QuantSettings
 
 EXAMPLES = """\
@@ -27,14 +26,9 @@ calibration inputs) and a README.md model card. Interrupted? Run the same comman
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (through run_cli), instead of usage + message
-        raise UserError(f"{message}; see qwen-quantize --help")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="qwen-quantize", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = Parser(
+        prog="qwen-quantize", epilog=EXAMPLES,
         description="Quantize a Qwen (or llama-style) model to Int4 with GPTQ and write a standard GPTQ checkpoint.")
     p.add_argument("model", help="Hugging Face id (org/name), local folder, GGUF file, 'demo', or 'synthetic:<shape>'")
     QuantSettings.add_arguments(p)  # the quantization and calibration options: one per settings field

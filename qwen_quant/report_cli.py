@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from qwen_quant.cli_util import run_cli
+from qwen_quant.cli_util import Parser, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="qwen-report",
         description="Join qwen-eval, qwen-profile and qwen-quantize JSON results into reports/<model>/README.md, "
                     "or write a checkpoint's model card (README.md with Hugging Face front matter).")
