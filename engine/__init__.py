@@ -2,7 +2,7 @@
 
 Both are constructed as `Engine(model, max_seq_len, device, kv_cache=..., batch_size=...)` and offer
 `timed_generate(input_ids[B, T], new_tokens) -> {"prefill_s", "token_s", "tokens"}` with exact lengths
-(EOS ignored) and greedy decoding (docs/CONTRACTS.md):
+(EOS ignored) and greedy decoding (docs/ARCHITECTURE.md):
 - "hf": transformers `generate` with its default cache (the seed's method), engine/hf.py;
 - "fast": our compact model, static KV cache and CUDA graphs (engine/generate.py), engine/fast.py.
 """

@@ -1,4 +1,5 @@
-"""GPTQ pipeline: model sources, layouts, calibration, the algorithm, checkpoint writer, CLI.
+"""GPTQ: the quantization settings, calibration sets, the algorithm (GPTQ, RTN, GPTAQ, scale refit), the block
+pipeline with resume, the checkpoint writer, and qwen-quantize.
 
 `qwen_quant.quantize` is both this subpackage and the public function `qwen_quant.quantize(...)`:
 importing a submodule rebinds the package attribute to this module, so the module itself is callable

@@ -1,7 +1,7 @@
 """qwen-quant: GPTQ Int4 for Qwen models, fast Int4 kernels, and honest speed/memory/accuracy numbers.
 
 Public API (imported lazily so `import qwen_quant` stays cheap):
-    quantize(model, out, bits=4, group_size=128, ...) -> Path
+    quantize(model, out, QuantSettings or its fields as keywords: bits=4, nsamples=128 ...) -> Path
     load_quantized(path_or_id, backend="auto", device="cpu") -> transformers model
     generate(model, prompt, max_new_tokens, ...) -> tokens / text
 """
