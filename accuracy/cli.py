@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from qwen_quant.cli_util import Parser, run_cli
+from qwen_quant.cli_util import Parser, quiet_hf_libraries, run_cli
 from qwen_quant.errors import UserError
 
 
@@ -75,6 +75,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.quiet:
         os.environ["QWEN_QUANT_QUIET"] = "1"
+    quiet_hf_libraries()
     if args.seqlen is not None and args.seqlen < 2:
         raise UserError("--seqlen must be at least 2 tokens")
     if args.batch < 1:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 
-from qwen_quant.cli_util import Parser, is_quiet, run_cli
+from qwen_quant.cli_util import Parser, is_quiet, quiet_hf_libraries, run_cli
 from qwen_quant.quantize.settings import QuantSettings
 
 EXAMPLES = """\
@@ -47,11 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
 @run_cli
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from transformers.utils import logging as hf_logging
-
     from qwen_quant.quantize.api import quantize
 
-    hf_logging.set_verbosity_error()  # library deprecation chatter is not for CLI users; errors still show
+    if args.quiet:
+        os.environ["QWEN_QUANT_QUIET"] = "1"
+    quiet_hf_libraries()
 
     argv_used = sys.argv[1:] if argv is None else list(argv)
     quantize(args.model, args.out, QuantSettings.from_args(args), device=args.device,
