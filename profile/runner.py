@@ -3,6 +3,9 @@
 The parent never touches CUDA: each cell (and the one bandwidth probe) runs in a new Python
 process, so one cell's allocator cache, fragmentation or OOM cannot leak into the next. After
 each cell results.json is rewritten atomically, so Ctrl-C (or a crash) keeps what finished.
+A results.json already in the output folder is added to: cells it holds (measured, OOM or failed)
+are not run again, so a stopped run resumes, and several runs (in the order the most valuable cells
+should land) build one table. Each run's environment and command are kept under "runs".
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 
 from qwen_quant.profile.cells import CELL_FIELDS, Cell, empty_result
 from qwen_quant.profile.roofline import roofline
+from qwen_quant.errors import UserError
 from qwen_quant.files import write_text_atomic
 
 # Test hook: QWEN_QUANT_PROFILE_INJECT="oom@<text>" (or "error@<text>") makes every cell whose name
@@ -50,21 +54,31 @@ def run_profile(cells: list[Cell], out_dir: Path, options: RunOptions, env: dict
     out_dir = Path(out_dir).resolve()  # workers run with the job folder as cwd: paths must be absolute
     work = out_dir / "cells"
     work.mkdir(parents=True, exist_ok=True)
-    results = {"env": env, "bandwidth": None, "cells": [], "details": [],
-               "plan": [c.to_dict() for c in cells], "interrupted": False}
     path = out_dir / "results.json"
+    results = _earlier_results(path, env) or {"env": env, "bandwidth": None, "cells": [], "details": [],
+                                               "plan": [], "interrupted": False, "runs": []}
+    results.setdefault("runs", []).append({k: env.get(k) for k in ("date", "command", "commit")})
+    done = {_cell_key(c) for c in results["cells"]}
+    results["plan"] += [c.to_dict() for c in cells if _cell_key(c.to_dict()) not in
+                        {_cell_key(p) for p in results["plan"]}]
+    skipped = [c for c in cells if _cell_key(c.to_dict()) in done]
+    cells = [c for c in cells if _cell_key(c.to_dict()) not in done]
+    if skipped:  # said even with --quiet: a run that measures less than asked must say why
+        print(f"{len(skipped)} cell(s) already in {path}: not run again", file=sys.stderr)
 
     def save():
         write_text_atomic(path, json.dumps(results, indent=1, allow_nan=False))
 
     try:
-        results["bandwidth"] = measure_bandwidth(options, work)
-        env.update((results["bandwidth"] or {}).pop("env", {}) or {})
+        if results["bandwidth"] is None:  # once per folder: every roofline of one table shares it
+            results["bandwidth"] = measure_bandwidth(options, work)
+            results["env"].update((results["bandwidth"] or {}).pop("env", {}) or {})
+        results["interrupted"] = False
         save()
         bar = tqdm(cells, desc="profile", unit="cell", disable=options.quiet, dynamic_ncols=True)
-        for i, cell in enumerate(bar):
+        for cell in bar:
             bar.set_postfix_str(cell.name)
-            row, details = run_cell(cell, options, work / f"{i:02d}-{cell.name}")
+            row, details = run_cell(cell, options, work / f"{len(results['cells']):02d}-{cell.name}")
             bw = (results["bandwidth"] or {}).get("bandwidth_gbps")
             details.update(roofline(details.get("bytes_per_token"), row["decode_tokens_per_s"], bw))
             row["roofline_pct"] = details.pop("roofline_pct")
@@ -78,6 +92,27 @@ def run_profile(cells: list[Cell], out_dir: Path, options: RunOptions, env: dict
         save()
         raise
     return results
+
+
+def _cell_key(c: dict) -> tuple:
+    """What makes a cell the same cell: a planned Cell (its label) and a result row (model = that label) alike."""
+    return (c.get("label") or c.get("model"),) + tuple(c.get(k) for k in (
+        "precision", "engine", "backend", "scenario", "context_tokens", "new_tokens")) + (c.get("batch") or 1,)
+
+
+def _earlier_results(path: Path, env: dict) -> dict | None:
+    """The results.json a run adds to, when the folder holds one from the same device; else None."""
+    if not path.is_file():
+        return None
+    try:
+        earlier = json.loads(path.read_text())
+    except ValueError:
+        raise UserError(f"{path} is damaged (not JSON): move it away or choose another --out") from None
+    device = lambda e: (e.get("gpu"), e.get("gpu_count")) if e.get("gpu") else (e.get("cpu"), e.get("cpu_count"))  # noqa: E731
+    if device(earlier.get("env", {})) != device(env):
+        raise UserError(f"{path} was measured on {device(earlier.get('env', {}))[0]}, this run is on "
+                        f"{device(env)[0]}: one table is one machine, choose another --out")
+    return earlier
 
 
 def measure_bandwidth(options: RunOptions, work: Path) -> dict | None:

@@ -142,19 +142,80 @@ def _row_keys(rows):
 
 # ------------------------------------------------------------------ the tables
 
+def prefix_speed(results: dict, key: tuple, n: int) -> float | None:
+    """Tokens/s of the first n new tokens of a longer generate run of the same row (seed-shaped), from that
+    run's own timeline: n / (prefill + the first n - 1 token latencies). None without such a run."""
+    details = results.get("details", [])
+    for i, c in enumerate(results.get("cells", [])):
+        if row_key(c) != key or c.get("status") != "ok" or c["scenario"] != "generate" or not _seed_shaped(c) \
+                or c["new_tokens"] <= n or c.get("batch", 1) not in (None, 1):
+            continue
+        d = details[i] if i < len(details) else {}
+        lat, prefill = d.get("token_latency_s") or [], c.get("prefill_s")
+        if len(lat) >= n - 1 and prefill:
+            return n / (prefill + sum(lat[:n - 1]))
+    return None
+
+
+def _speed_cell(results: dict, rows: list[dict], key: tuple, n: int) -> tuple[str, float | None]:
+    """(text, tokens/s): the cell measured at n, else the first n tokens of a longer run marked †."""
+    c = _find(rows, key, "generate", n)
+    if c is not None and c.get("status") is not None:
+        return _speed_text(c), c.get("tokens_per_s") if c.get("status") == "ok" else None
+    derived = prefix_speed(results, key, n)
+    if derived is not None:
+        return f"{derived:.2f} †", derived
+    return _speed_text(c), None
+
+
+def _ratio_rows(keys, values: dict, columns: int, label: str, digits: int = 2) -> list[list[str]]:
+    """One 'Int4 / BF16' row per (model, engine) with both precisions: the ratio of each column's values."""
+    out = []
+    for model, engine in dict.fromkeys((k[0], k[2]) for k in keys):
+        lo, hi = values.get((model, "int4", engine)), values.get((model, "bf16", engine))
+        if lo is None or hi is None:
+            continue
+        cells = [f"{x / y:.{digits}f}x" if x and y else "—" for x, y in zip(lo, hi)]
+        out.append([f"{model} Int4 / BF16{'' if engine == 'hf' else f' ({engine} engine)'} ({label})"]
+                   + cells + ["—"] * (columns - len(cells)))
+    return out
+
+
 def speed_table(results: dict) -> str:
     rows = _planned(results)
     _, gens = _columns(rows)
     keys = _row_keys(rows)
+    if any(g > 2048 for g in gens) and 2048 not in gens and any(prefix_speed(results, k, 2048) for k in keys):
+        gens = sorted(gens + [2048])  # the seed's 2048 column, read off the longer runs' timelines
     seed_cols = [g for g in gens if g in (2048, 8192)
                  and any(SEED_SPEED.get((seed_model_size(k[0]), k[1])) for k in keys)]
     header = ["Model"] + [f"Speed ({g} tokens)" for g in gens] + [f"{SEED_LABEL}, {g} tokens" for g in seed_cols]
-    body = []
+    body, values = [], {}
     for key in keys:
         seed = SEED_SPEED.get((seed_model_size(key[0]), key[1]), {}) if key[2] == "hf" else {}
-        body.append([row_label(key)] + [_speed_text(_find(rows, key, "generate", g)) for g in gens]
-                    + [f"{seed[g]:.2f}" if g in seed else "—" for g in seed_cols])
+        cells = [_speed_cell(results, rows, key, g) for g in gens]
+        values[key] = [v for _, v in cells]
+        body.append([row_label(key)] + [t for t, _ in cells] + [f"{seed[g]:.2f}" if g in seed else "—" for g in seed_cols])
+    body += _ratio_rows(keys, values, len(gens) + len(seed_cols), "speed-up")
     return _markdown(header, body)
+
+
+def timeline_check(results: dict) -> str | None:
+    """Where a row has both a separate N-token cell and a longer run: the two figures for N side by side."""
+    rows = _planned(results)
+    _, gens = _columns(rows)
+    lines = []
+    for key in _row_keys(rows):
+        for n in gens:
+            c = _find(rows, key, "generate", n)
+            derived = prefix_speed(results, key, n)
+            if c is not None and c.get("status") == "ok" and derived is not None:
+                diff = 100 * (derived - c["tokens_per_s"]) / c["tokens_per_s"]
+                lines.append(f"| {row_label(key)} | {n} | {c['tokens_per_s']:.2f} | {derived:.2f} | {diff:+.1f} % |")
+    if not lines:
+        return None
+    return ("| Model | N | separate N-token run | first N tokens of the longer run | difference |\n"
+            "|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
 
 
 def memory_table(results: dict) -> str:
@@ -168,11 +229,14 @@ def memory_table(results: dict) -> str:
         return f"Peak Usage for {'Encoding' if col[0] == 'encode' else 'Generating'} {col[1]} Tokens"
 
     header = ["Model"] + [title(c) for c in cols] + [f"{SEED_LABEL}, {title(c)[15:].lower()}" for c in seed_cols]
-    body = []
+    body, values = [], {}
     for key in keys:
         seed = SEED_MEMORY.get((seed_model_size(key[0]), key[1]), {}) if key[2] == "hf" else {}
-        body.append([row_label(key)] + [_memory_text(_find(rows, key, *c)) for c in cols]
+        found = [_find(rows, key, *c) for c in cols]
+        values[key] = [_peak_gib(c)[0] if c is not None and c.get("status") == "ok" else None for c in found]
+        body.append([row_label(key)] + [_memory_text(c) for c in found]
                     + [f"{seed[c]:.2f} GiB" if c in seed else "—" for c in seed_cols])
+    body += _ratio_rows(keys, values, len(cols) + len(seed_cols), "memory")
     return _markdown(header, body)
 
 
@@ -235,9 +299,14 @@ def _env_line(results: dict) -> str:
 
 
 def speed_markdown(results: dict) -> str:
+    check = timeline_check(results)
+    check = ("\n## Columns measured two ways\n\nA separate N-token run against the first N tokens of a longer "
+             f"run of the same row (what fills a † cell):\n\n{check}") if check else ""
     return (f"# Speed\n\nTokens/s generating N new tokens from a 1-token context: new tokens / total "
-            f"`generate` time (the seed's definition), median over repeats (min–max in brackets). "
-            f"{_env_line(results)}\n\n{speed_table(results)}\n## Per cell\n\nEncode rows: prompt tokens "
+            f"`generate` time (the seed's definition), median over repeats (min–max in brackets). † = the "
+            f"first N tokens of a longer run of the same row (prefill + the first N − 1 token latencies of its "
+            f"own timeline), where no separate N-token run was made. Int4 / BF16 rows: the speed-up (above 1: "
+            f"Int4 is faster). {_env_line(results)}\n\n{speed_table(results)}{check}\n## Per cell\n\nEncode rows: prompt tokens "
             f"per second of prefill. Decode-only = later tokens / their time. % of roofline = achieved "
             f"GB/s (weights at stored precision + KV cache read per token) / copy bandwidth.\n\n"
             f"{decode_detail_table(results)}")
@@ -245,7 +314,8 @@ def speed_markdown(results: dict) -> str:
 
 def memory_markdown(results: dict) -> str:
     return (f"# Peak memory\n\nGiB (2^30 bytes). On a GPU: peak allocated by the PyTorch allocator, reset per "
-            f"cell; on the CPU: peak resident set (RSS) of the cell's process. The seed printed its GiB "
+            f"cell; on the CPU: peak resident set (RSS) of the cell's process. Int4 / BF16 rows: the memory "
+            f"ratio (below 1: Int4 needs less). The seed printed its GiB "
             f"values labelled 'GB'. {_env_line(results)}\n\n{memory_table(results)}\n## Per cell\n\n"
             f"{memory_detail_table(results)}")
 
@@ -289,3 +359,92 @@ def format_summary(results) -> str:
     """The terminal summary: the two seed-shaped tables."""
     results = load_results(results)
     return f"Speed (tokens/s)\n{speed_table(results)}\nPeak memory\n{memory_table(results)}"
+
+
+# ------------------------------------------------------------------ the seed's two tables, across runs
+
+SEED_SIZES = ("7b", "14b")
+
+
+def seed_rows(runs: list[tuple[str, dict]]) -> list[dict]:
+    """One row per (model size, precision, engine, device, run) of several results.json [(source, results)]:
+    the seed's speed columns (2048, 8192; † where read off a longer run's timeline) and memory columns
+    (encode 2048, generate 8192). Only Qwen-7B/14B shapes; cells never measured stay None."""
+    out = []
+    for source, results in runs:
+        env = results.get("env", {})
+        device = env.get("gpu") or env.get("cpu") or "unknown"
+        rows = _planned(results)
+        for key in _row_keys(rows):
+            size = seed_model_size(key[0])
+            if size is None:
+                continue
+            speed, derived = {}, {}
+            for n in (2048, 8192):
+                c = _find(rows, key, "generate", n)
+                if c is not None and c.get("status") == "ok":
+                    speed[n] = c["tokens_per_s"]
+                elif prefix_speed(results, key, n) is not None:
+                    speed[n], derived[n] = prefix_speed(results, key, n), True
+                elif c is not None and c.get("status") in STATUS_TEXT:
+                    speed[n] = STATUS_TEXT[c["status"]]
+            memory = {}
+            for col in (("encode", 2048), ("generate", 8192)):
+                c = _find(rows, key, *col)
+                if c is not None and c.get("status") == "ok":
+                    memory[f"{col[0]} {col[1]}"] = _peak_gib(c)[0]
+                elif c is not None and c.get("status") in STATUS_TEXT:
+                    memory[f"{col[0]} {col[1]}"] = STATUS_TEXT[c["status"]]
+            if not speed and not memory:  # none of the seed's columns measured on this row
+                continue
+            out.append({"size": size, "model": key[0], "precision": key[1], "engine": key[2], "device": device,
+                        "date": (env.get("date") or "")[:10], "source": source, "speed": speed,
+                        "speed_from_longer_run": derived, "memory_gib": memory})
+    return out
+
+
+def _seed_cell(value, derived: bool = False, unit: str = "") -> str:
+    if value is None:
+        return NOT_MEASURED
+    if isinstance(value, str):
+        return value
+    return f"{value:.2f}{unit}{' †' if derived else ''}"
+
+
+def seed_tables_markdown(rows: list[dict]) -> str:
+    """The seed's speed and memory tables for Qwen-7B and Qwen-14B: its A100 rows, then every row we measured
+    (engine, device and date named), and 'not measured' where nothing was."""
+    speed = ["| Model | Precision | Engine | Device | Date | 2048 tokens (tok/s) | 8192 tokens (tok/s) |",
+             "|---|---|---|---|---|---|---|"]
+    memory = ["| Model | Precision | Engine | Device | Date | Encoding 2048 tokens | Generating 8192 tokens |",
+              "|---|---|---|---|---|---|---|"]
+    for size in SEED_SIZES:
+        name = f"Qwen-{size.upper()}"
+        for precision in ("bf16", "int4"):
+            s_seed, m_seed = SEED_SPEED[(size, precision)], SEED_MEMORY[(size, precision)]
+            label = PRECISION_NAMES[precision]
+            speed.append(f"| {name} | {label} | HF generate (AutoGPTQ) | A100 (the seed) | — | {s_seed[2048]:.2f} | "
+                         f"{s_seed[8192]:.2f} |")
+            memory.append(f"| {name} | {label} | HF generate (AutoGPTQ) | A100 (the seed) | — | "
+                          f"{m_seed[('encode', 2048)]:.2f} GiB | {m_seed[('generate', 8192)]:.2f} GiB |")
+            ours = [r for r in rows if r["size"] == size and r["precision"] == precision]
+            if not ours:
+                speed.append(f"| {name} | {label} | ours | — | — | {NOT_MEASURED} | {NOT_MEASURED} |")
+                memory.append(f"| {name} | {label} | ours | — | — | {NOT_MEASURED} | {NOT_MEASURED} |")
+            for r in ours:
+                engine = "HF generate" if r["engine"] == "hf" else f"{r['engine']} engine"
+                head = f"| {name} | {label} | {engine} (qwen-quant) | {r['device']} | {r['date']} |"
+                speed.append(head + " " + " | ".join(
+                    _seed_cell(r["speed"].get(n) or r["speed"].get(str(n)),
+                               (r["speed_from_longer_run"].get(n) or r["speed_from_longer_run"].get(str(n))))
+                    for n in (2048, 8192)) + " |")
+                memory.append(head + " " + " | ".join(
+                    _seed_cell(r["memory_gib"].get(c), unit=" GiB") for c in ("encode 2048", "generate 8192")) + " |")
+    return ("# The seed's tables: Qwen-7B and Qwen-14B, BF16 against Int4\n\n"
+            "Speed: tokens/s generating N new tokens from a 1-token context, new tokens / total generate time (the "
+            "seed's definition), batch 1, greedy, exact lengths. † = the first N tokens of a longer run of the same "
+            "row, read off its per-token timeline. Memory: peak GiB allocated by the PyTorch allocator (the seed "
+            "printed GiB labelled 'GB'). Our Qwen-7B/14B rows are synthetic models at the real shapes (random "
+            "weights: speed and memory do not depend on the values). Every row names its engine, device and date; "
+            "the JSON beside this page (seed-tables.json) holds the rows and the results.json each came from.\n\n"
+            "## Speed\n\n" + "\n".join(speed) + "\n\n## Peak memory\n\n" + "\n".join(memory) + "\n")

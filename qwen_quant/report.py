@@ -316,3 +316,24 @@ def write_model_card(checkpoint: str | Path, result_paths: list[str | Path] = ()
     readme = checkpoint / "README.md"
     write_text_atomic(readme, model_card_text(checkpoint, inputs))
     return readme
+
+
+def write_seed_tables(paths: list[str | Path], out: str | Path | None = None) -> Path:
+    """reports/profile/seed-tables.md (+ .json): the seed's two tables from several qwen-profile results."""
+    import json
+
+    from qwen_quant.profile.tables import seed_rows, seed_tables_markdown
+
+    files = []
+    for p in map(Path, paths):
+        found = sorted(p.rglob("results.json")) if p.is_dir() else [p]
+        files += [f for f in found if f.is_file() and "cells" in _read_json(f)]
+    if not files:
+        raise UserError("no qwen-profile results.json found in the given folders: pass the seed runs' folders")
+    out = Path(out) if out else Path("reports/profile/seed-tables.md")
+    if out.suffix != ".md":
+        out = out / "seed-tables.md"
+    rows = seed_rows([(os.path.relpath(f, out.parent), _read_json(f)) for f in files])
+    write_text_atomic(out.with_suffix(".json"), json.dumps({"rows": rows}, indent=1) + "\n")
+    write_text_atomic(out, seed_tables_markdown(rows))
+    return out

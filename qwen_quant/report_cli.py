@@ -17,6 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="report folder (default reports/<model>)")
     p.add_argument("--model-card", metavar="CHECKPOINT", default=None,
                    help="write CHECKPOINT/README.md: its quantization card plus the tables from DIR...")
+    p.add_argument("--seed-tables", action="store_true",
+                   help="write the seed's speed and memory tables for Qwen-7B/14B from the qwen-profile results in "
+                        "DIR... (default reports/profile/seed-tables.md, or --out) with the seed's A100 rows beside")
     return p
 
 
@@ -30,6 +33,11 @@ def main(argv=None):
 
         path = write_model_card(args.model_card, args.paths)
         print(f"model card: {path}")
+        return 0
+    if args.seed_tables:
+        from qwen_quant.report import write_seed_tables
+
+        print(f"seed tables: {write_seed_tables(args.paths, args.out)}")
         return 0
     if not args.paths:
         raise UserError("give one or more folders with results.json / quant_report.json (or --model-card CHECKPOINT)")

@@ -3,6 +3,7 @@
 import copy
 import csv
 import io
+import json
 
 import pytest
 import torch
@@ -210,6 +211,51 @@ def test_tables_follow_other_lengths_and_skip_seed_for_other_models():
     assert tables.seed_model_size("synthetic-qwen-14b") == "14b"
     assert tables.seed_model_size("Qwen-7B-Chat-Int4") == "7b"
     assert tables.seed_model_size("Qwen2.5-7B") is None
+
+
+def _timeline_results():
+    """BF16 and Int4 rows (HF engine) with an 8192 run each; BF16 also a separate 2048 run."""
+    made = [_cell("synthetic-qwen-7b", "bf16", "generate", 8192, 25.0, mem=22.0),
+            _cell("synthetic-qwen-7b", "bf16", "generate", 2048, 30.0),
+            _cell("synthetic-qwen-7b", "int4", "generate", 8192, 50.0, mem=11.0)]
+    details = [{"cell": c.name, "token_latency_s": [0.03] * (r["new_tokens"] - 1)} for c, r in made]
+    details[2]["token_latency_s"] = [0.01] * 8191
+    return {"env": {"gpu": "H200", "date": "2026-12-05T00:00:00"}, "cells": [r for _, r in made],
+            "details": details, "plan": [c.to_dict() for c, _ in made]}
+
+
+def test_a_column_is_read_off_a_longer_runs_timeline_and_checked_against_a_separate_run():
+    results = _timeline_results()
+    # Int4 has no 2048 run: its first 2048 tokens took prefill 0.05 s + 2047 x 0.01 s
+    assert tables.prefix_speed(results, ("synthetic-qwen-7b", "int4", "hf"), 2048) == pytest.approx(
+        2048 / (0.05 + 2047 * 0.01))
+    speed = tables.speed_table(results)
+    int4 = next(line for line in speed.splitlines() if line.startswith("| synthetic-qwen-7b Int4 |"))
+    assert f"{2048 / (0.05 + 20.47):.2f} †" in int4 and "50.00" in int4
+    ratio = next(line for line in speed.splitlines() if "Int4 / BF16" in line)
+    assert f"{2048 / (0.05 + 20.47) / 30.0:.2f}x" in ratio and "2.00x" in ratio  # 2048: vs the separate run
+    check = tables.timeline_check(results)
+    bf16_prefix = 2048 / (0.05 + 2047 * 0.03)
+    assert f"| 30.00 | {bf16_prefix:.2f} | {100 * (bf16_prefix - 30) / 30:+.1f} % |" in check
+    memory = tables.memory_table(results)
+    assert "0.50x" in next(line for line in memory.splitlines() if "Int4 / BF16" in line)  # 11 / 22 GiB
+
+
+def test_seed_tables_page_names_every_row_and_says_not_measured(tmp_path):
+    from qwen_quant.report import write_seed_tables
+
+    run = tmp_path / "h200-seed-7b"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps(_timeline_results()))
+    page = write_seed_tables([tmp_path], tmp_path / "seed-tables.md").read_text()
+    rows = {line.split("|")[2].strip() + line.split("|")[3].strip(): line for line in page.splitlines()
+            if line.startswith("| Qwen-7B") and "qwen-quant" in line}
+    assert "30.00" in page and "25.00" in page and "† |" in page  # measured, and the Int4 2048 from its timeline
+    assert page.count("| Qwen-14B | BF16 | ours | — | — | not measured | not measured |") == 2  # speed, memory
+    assert "H200 | 2026-12-05" in page and "17.66 GiB" in page  # our date and GPU; the seed's figures beside
+    saved = json.loads((tmp_path / "seed-tables.json").read_text())["rows"]
+    assert {r["precision"] for r in saved} == {"bf16", "int4"} and saved[0]["source"].endswith("results.json")
+    assert rows
 
 
 def test_plots_from_stored_json(tmp_path):

@@ -108,3 +108,22 @@ def test_bad_input_one_line_exit_2(tmp_path, args, words):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_a_second_run_adds_to_the_folder_and_skips_what_it_holds(tmp_path):
+    out = tmp_path / "prof"
+    base = ["synthetic:tiny", "--precision", "bf16", "--encode", "none", "--out", str(out), "--repeat", "1",
+            "--warmup", "0", "--threads", "1", "--quiet"]
+    assert run_profile(base + ["--gen", "8"], tmp_path).returncode == 0
+    first = json.loads((out / "results.json").read_text())
+    proc = run_profile(base + ["--gen", "4,8"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "1 cell(s) already in" in proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert [c["new_tokens"] for c in results["cells"]] == [8, 4]  # the 8-token cell kept, not run again
+    assert results["cells"][0] == first["cells"][0] and len(results["runs"]) == 2
+    assert len(results["plan"]) == 2 and "Speed (4 tokens)" in (out / "speed.md").read_text()
+    results["env"]["cpu"] = "another machine"
+    (out / "results.json").write_text(json.dumps(results))
+    proc = run_profile(base + ["--gen", "16"], tmp_path)
+    assert proc.returncode == 2 and "one table is one machine" in proc.stderr
