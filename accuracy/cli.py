@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--backend", default="auto", help="Int4 kernel backend for quantized checkpoints")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom modelling code (Qwen v1)")
+    p.add_argument("--allow-synthetic", action="store_true",
+                   help="score synthetic models too (random weights), to check the evaluation path and its cost on a "
+                        "machine: the results are marked so and are not an accuracy")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -86,7 +89,7 @@ def main(argv=None):
     report = evaluate(args.models, args.tasks, limit=args.limit, seqlen=args.seqlen, batch=args.batch, out=out,
                       ppl_text=args.ppl_text, ppl_lengths=args.ppl_lengths, device=args.device,
                       backend=args.backend, trust_remote_code=args.trust_remote_code, ppl_windows=args.ppl_windows,
-                      dtype=args.dtype,
+                      dtype=args.dtype, allow_synthetic=args.allow_synthetic,
                       argv=["qwen-eval", *(sys.argv[1:] if argv is None else argv)])
     from qwen_quant.accuracy.tables import accuracy_table
 

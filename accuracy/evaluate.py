@@ -45,7 +45,9 @@ class EvalModel:
     device: str = "cpu"
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        from qwen_quant.models.tokenizers import encode_text
+
+        return encode_text(self.tokenizer, text)
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -71,16 +73,17 @@ class EvalModel:
     def fingerprint(self) -> str:
         """Same tokenizer <=> same fingerprint (tokenizations are shared between fp and Int4 copies)."""
         probe = "The quick brown fox, 1998年1月 人民日报 -- def f(x): return x**2\n"
-        return hashlib.sha256(repr((len(self.tokenizer), self.encode(probe))).encode()).hexdigest()[:16]
+        size = len(self.tokenizer) if hasattr(self.tokenizer, "__len__") else getattr(self.tokenizer, "name_or_path", "")
+        return hashlib.sha256(repr((size, self.encode(probe))).encode()).hexdigest()[:16]
 
 
-def refuse_synthetic(spec: str):
+def refuse_synthetic(spec: str, allow: bool = False):
     """The resolved model (models.specs.ModelRef); a synthetic model, or a checkpoint quantized from one, is a
-    one-line error: accuracy of random weights means nothing."""
+    one-line error (accuracy of random weights means nothing) unless `allow` (a path check)."""
     from qwen_quant.models.specs import resolve
 
     ref = resolve(spec)
-    if ref.synthetic:
+    if ref.synthetic and not allow:
         raise UserError(f"{spec} is a synthetic model (random weights): accuracy means nothing; "
                         f"evaluate a real model (an HF id, a folder, a checkpoint or 'demo')")
     return ref
@@ -320,14 +323,16 @@ def evaluate(models: list[str], tasks: str | list[str], limit: int | None = None
              batch: int = 8, out: str | Path | None = None, ppl_text: str | None = None,
              ppl_lengths: list[int] | None = None, device: str = "cpu", backend: str = "auto",
              trust_remote_code: bool = False, ppl_windows: int | None = DEFAULT_PPL_WINDOWS,
-             dtype: str = "auto", argv: list[str] | None = None) -> dict:
+             dtype: str = "auto", allow_synthetic: bool = False, argv: list[str] | None = None) -> dict:
     """Evaluate `models` on `tasks`; the first model is the reference for deltas.
 
     `limit`: the first N items of each benchmark; `ppl_windows`: the first N perplexity windows (None:
     the whole held-out split); `dtype`: "auto" (each model's own: an fp model's config dtype, Int4
     checkpoints fp32 on the CPU and fp16 on a GPU) or one of DTYPES for every model alike.
     With `out`, every scored item is stored under out/items as it is scored: the same call again
-    resumes where a stopped one ended, and a larger --limit / --ppl-windows scores only the new items."""
+    resumes where a stopped one ended, and a larger --limit / --ppl-windows scores only the new items.
+    `allow_synthetic` scores synthetic models too, to check the evaluation path and time it on a machine: their
+    rows say "synthetic" (models[].description), and no number of theirs is an accuracy."""
     if not models:
         raise UserError("no model given: pass one or more models (the first is the reference)")
     if limit is not None and limit < 1:
@@ -338,7 +343,7 @@ def evaluate(models: list[str], tasks: str | list[str], limit: int | None = None
         raise UserError(f"unknown --dtype {dtype!r}: use auto or one of {', '.join(DTYPES)}")
     windows = ppl_windows
     requests = parse_tasks(tasks)
-    refs = [refuse_synthetic(spec) for spec in models]  # before spending minutes on data or other models
+    refs = [refuse_synthetic(spec, allow_synthetic) for spec in models]  # before minutes on data or models
     seqlen = seqlen or DEFAULT_SEQLEN
     lengths = sorted(set(ppl_lengths or []))
     if ppl_text and not any(r.task.name == "ppl" for r in requests):
@@ -379,7 +384,8 @@ def evaluate(models: list[str], tasks: str | list[str], limit: int | None = None
     report = {"kind": "eval", "env": env, "models": model_info,
               "tasks": [r.task.name for r in requests],
               "settings": {"limit": limit, "ppl_windows": windows, "seqlen": seqlen, "batch": batch, "ppl_lengths": lengths,
-                           "device": device, "backend": backend, "dtype": dtype},
+                           "device": device, "backend": backend, "dtype": dtype,
+                           **({"path_check": "synthetic models allowed: not an accuracy"} if allow_synthetic else {})},
               "results": results}
     if out is not None:
         write_results(report, Path(out))

@@ -235,9 +235,13 @@ def meanings(report: dict) -> list[str]:
 
 def accuracy_markdown(report: dict) -> str:
     models = report.get("models", [])
+    synthetic = [m["label"] for m in models if (m.get("description") or {}).get("synthetic")]
     parts = ["# Accuracy\n", f"Models ({len(models)}), the first is the reference for Δ: " +
-             ", ".join(f"`{m['label']}` ({m.get('spec')})" for m in models) + "\n",
-             accuracy_table(report), "\n## All metrics\n", all_metrics_table(report)]
+             ", ".join(f"`{m['label']}` ({m.get('spec')})" for m in models) + "\n"]
+    if synthetic:
+        parts.append(f"**A path check, not an accuracy:** {', '.join(f'`{s}`' for s in synthetic)} "
+                     f"{'has' if len(synthetic) == 1 else 'have'} random weights (qwen-eval --allow-synthetic).\n")
+    parts += [accuracy_table(report), "\n## All metrics\n", all_metrics_table(report)]
     for extra in (long_context_table(report), subjects_table(report)):
         if extra:
             parts += ["\n", extra]

@@ -324,6 +324,10 @@ def _parse(argv):
     p.add_argument("--impls", nargs="*", choices=IMPLS, help="implementations to time (default all available)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds; cells after it are recorded as skipped")
     p.add_argument("--out-dir", default="reports/kernels", help="where <gpu>-<date>.{json,md,png} go")
+    p.add_argument("--check", action="store_true",
+                   help="check the kernels instead of timing them: every backend against a float64 reference on "
+                        "odd shapes, CUDA-graph capture, the CUDA library's variants (kernels/check.py); writes "
+                        "OUT_DIR/kernel_check.json, exit 1 on a failure (--time-budget: default 120 s)")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
@@ -331,10 +335,22 @@ def _parse(argv):
 @run_cli
 def main(argv=None):
     args = _parse(argv)
+    command = ["qwen-bench-kernels", *(argv if argv is not None else sys.argv[1:])]
+    if args.check:
+        from qwen_quant.kernels.check import run_check
+
+        report = run_check(args.device, Path(args.out_dir), args.time_budget or 120.0, command)
+        layers = report["layers"] if isinstance(report["layers"], list) else []
+        lib = report["cuda_library"]
+        print(f"kernel check on {report['device']}: layers {sum(r['status'] == 'ok' for r in layers)} ok, "
+              f"{sum(r['status'] == 'FAIL' for r in layers)} FAIL, {sum(r['status'] == 'skipped' for r in layers)} "
+              f"skipped; CUDA library ({lib.get('mode', 'error')}) {lib.get('checked', 0)} checked, "
+              f"{lib.get('n_failures', 'error')} failures -> {Path(args.out_dir) / 'kernel_check.json'}")
+        return 0 if report["passed"] else 1
     if args.batches is not None and any(b <= 0 for b in args.batches):
         raise UserError("--batches must be positive integers")
-    result = run_benchmark(args.device, args.models, args.batches, args.impls, args.time_budget,
-                           argv=["qwen-bench-kernels", *(argv if argv is not None else sys.argv[1:])], quiet=args.quiet)
+    result = run_benchmark(args.device, args.models, args.batches, args.impls, args.time_budget, argv=command,
+                           quiet=args.quiet)
     paths = write_outputs(result, Path(args.out_dir))
     if not args.quiet:
         print(f"wrote {paths['md']} ({paths['json'].name}, {paths['png'].name})")

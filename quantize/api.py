@@ -197,6 +197,17 @@ def _versions() -> dict:
     return {k: env[k] for k in ("qwen_quant", "torch", "transformers", "safetensors", "python")}
 
 
+def _resources(device) -> dict:
+    """Peak memory of the run: the GPU allocator's peaks (None on the CPU) and the process's peak host RSS."""
+    import resource
+
+    on_gpu = torch.device(device).type == "cuda"
+    gib = 2 ** 30
+    return {"peak_gpu_allocated_gib": round(torch.cuda.max_memory_allocated(device) / gib, 2) if on_gpu else None,
+            "peak_gpu_reserved_gib": round(torch.cuda.max_memory_reserved(device) / gib, 2) if on_gpu else None,
+            "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)}
+
+
 def _downstream(stats) -> dict:
     return {"needs_k_divisible_by_group_size": DIVISIBILITY_KERNELS}
 
@@ -223,6 +234,7 @@ def build_report(settings, qconfig, opened, calib, stats, device, command, secon
         "downstream": {"partial_group_layers": partial, "note": note,
                        "needs_k_divisible_by_group_size": DIVISIBILITY_KERNELS},
         "device": str(device),
+        "resources": _resources(device),
         "versions": _versions(),
         "command": command,
         "git_commit": commit,

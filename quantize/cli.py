@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 
@@ -50,9 +49,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     from qwen_quant.quantize.api import quantize
 
-    if args.quiet:
-        os.environ["QWEN_QUANT_QUIET"] = "1"
-    quiet_hf_libraries()
+    quiet_hf_libraries(args.quiet)
 
     argv_used = sys.argv[1:] if argv is None else list(argv)
     quantize(args.model, args.out, QuantSettings.from_args(args), device=args.device,

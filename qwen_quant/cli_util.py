@@ -44,7 +44,7 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{message}; see {self.prog} --help")
 
 
-def quiet_hf_libraries() -> None:
+def quiet_hf_libraries(quiet: bool = False) -> None:
     """What transformers prints on its own (deprecation chatter, its model-loading progress bars) is not for our
     CLIs' users: errors still show, and a Hugging Face download keeps its progress bar unless --quiet."""
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
@@ -52,4 +52,4 @@ def quiet_hf_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # transformers' bars, and the hub's with them ...
-    (disable_progress_bars if is_quiet() else enable_progress_bars)()  # ... whose download bars come back
+    (disable_progress_bars if quiet or is_quiet() else enable_progress_bars)()  # ... download bars come back

@@ -1,46 +1,45 @@
 #!/usr/bin/env bash
-# The whole GPU session in one call: every GPU-only check and benchmark, each under its own time
-# budget, so one part that fails or runs long never costs the others. Results land in one tarball.
-#   bash scripts/gpu_check.sh [OUTDIR] [PARTS]      (PARTS: comma list, default all)
-#   DRY_RUN=1 bash scripts/gpu_check.sh /tmp/gpu_dry  (CPU rehearsal with tiny shapes)
+# The whole GPU session in one call: the parts a GPU session owes, in the order DEVELOPERS.md gives them, each
+# under its own time budget so one part that fails or runs long never costs the others.
+#   bash scripts/gpu_check.sh OUT PARTS        PARTS: comma list of seed7b, userpath, kernels, seed14b
+#   DRY_RUN=1 bash scripts/gpu_check.sh OUT PARTS    the CPU rehearsal with tiny shapes
+# A session has 15 minutes of device time, the machine's start included: seed7b alone fills one (budget 600 s);
+# userpath ~9 minutes; kernels ~3; seed14b one session of its own. Budgets: SEED_BUDGET, USER_BUDGET,
+# KERNELS_BUDGET (seconds). Results land in OUT (and OUT/gpu_results.tgz when $OUT is set by the device tool).
 set -u
-OUTDIR=${1:-/tmp/gpu_out}
-PARTS=${2:-cuda,kernels,fast,profile,quantize,quantize-gptaq}
-mkdir -p "$OUTDIR"
+OUTDIR=${1:?usage: gpu_check.sh OUT PARTS}
+PARTS=${2:?usage: gpu_check.sh OUT PARTS (seed7b,userpath,kernels,seed14b)}
+mkdir -p "$OUTDIR"; OUTDIR=$(cd "$OUTDIR" && pwd)
+cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-DRY=()
-if [ "${DRY_RUN:-0}" = "1" ]; then DRY=(--dry-run); export TRITON_INTERPRET=1; fi
+[ "${DRY_RUN:-0}" = "1" ] && export TRITON_INTERPRET=1  # Triton on the CPU, as the tests run it
 
-if [ "${DRY_RUN:-0}" != "1" ]; then
+if [ "${DRY_RUN:-0}" != "1" ]; then  # the GPU machine: install the project (no network there, no build isolation)
   $PY -m pip install -q --no-deps --no-build-isolation -e . > "$OUTDIR/install.log" 2>&1 || echo "install failed" | tee -a "$OUTDIR/summary.txt"
   nvidia-smi > "$OUTDIR/nvidia-smi.txt" 2>&1
-  $PY - > "$OUTDIR/versions.txt" 2>&1 <<'PYEOF'
-import torch, transformers, triton, platform
-print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__,
-      "triton", triton.__version__, "python", platform.python_version())
-print(torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0))
-PYEOF
+  export BIN=$(dirname "$(command -v qwen-profile || echo "$(dirname "$PY")/qwen-profile")")
 fi
 git rev-parse HEAD > "$OUTDIR/commit.txt" 2>/dev/null || true
 date -u +%FT%TZ > "$OUTDIR/date.txt"
 
-run() {  # run NAME BUDGET_S CMD...
+run() {  # run NAME BUDGET_S CMD...: one part, if asked for, killed past its budget (+ 30 s to write its files)
   local name=$1 budget=$2; shift 2
   case ",$PARTS," in *",$name,"*) ;; *) return 0 ;; esac
   local start=$(date +%s)
-  timeout --signal=INT --kill-after=10 "$budget" "$@" > "$OUTDIR/$name.log" 2>&1
+  timeout --signal=INT --kill-after=20 $(( budget + 30 )) "$@" > "$OUTDIR/$name.log" 2>&1
   local rc=$?
   echo "$name rc=$rc $(( $(date +%s) - start ))s (budget ${budget}s)" | tee -a "$OUTDIR/summary.txt"
-  tail -n 25 "$OUTDIR/$name.log"
+  tail -n 15 "$OUTDIR/$name.log"
 }
 
-run cuda     45  $PY scripts/gpu_cuda_check.py "$OUTDIR/cuda" "${DRY[@]}"
-run kernels  "${KERNELS_BUDGET:-130}" $PY scripts/gpu_kernels.py "$OUTDIR/kernels" --budget "$(( ${KERNELS_BUDGET:-130} - 10 ))" "${DRY[@]}"
-run fast     "${FAST_BUDGET:-110}" $PY scripts/gpu_fast_engine.py "$OUTDIR/fast" --budget-s "$(( ${FAST_BUDGET:-110} - 12 ))" ${FAST_ARGS:-} "${DRY[@]}"
-run profile  210 bash scripts/gpu_profile.sh "${DRY[@]}" "$OUTDIR/profile"
-run quantize 70  $PY scripts/gpu_quantize_timing.py "$OUTDIR/quantize" "${DRY[@]}"
-run quantize-gptaq 70 $PY scripts/gpu_quantize_timing.py "$OUTDIR/quantize-gptaq" --gptaq 0.25 "${DRY[@]}"
+run seed7b   "${SEED_BUDGET:-600}"    bash scripts/gpu_seed.sh 7b "$OUTDIR/seed-7b" "${SEED_BUDGET:-600}"
+run userpath "${USER_BUDGET:-540}"    bash scripts/gpu_user_path.sh "$OUTDIR/userpath" "${USER_BUDGET:-540}"
+run kernels  "${KERNELS_BUDGET:-150}" bash -c "cd /tmp && ${BIN:-$PWD/.venv/bin}/qwen-bench-kernels --check \
+    --out-dir '$OUTDIR/kernels' --time-budget 60 $([ "${DRY_RUN:-0}" = 1 ] && echo --device cpu) && \
+    ${BIN:-$PWD/.venv/bin}/qwen-bench-kernels --out-dir '$OUTDIR/kernels' --time-budget $(( ${KERNELS_BUDGET:-150} - 70 )) \
+    $([ "${DRY_RUN:-0}" = 1 ] && echo '--device cpu --models cpu-small --batches 1 --impls bf16 torch') --quiet"
+run seed14b  "${SEED_BUDGET:-600}"    bash scripts/gpu_seed.sh 14b "$OUTDIR/seed-14b" "${SEED_BUDGET:-600}"
 
-if [ -n "${OUT:-}" ]; then tar czf "$OUT/gpu_results.tgz" -C "$OUTDIR" . && cp "$OUTDIR/summary.txt" "$OUT/" 2>/dev/null; fi
+if [ -n "${OUT:-}" ] && [ "$OUT" != "$OUTDIR" ]; then tar czf "$OUT/gpu_results.tgz" -C "$OUTDIR" . && cp "$OUTDIR/summary.txt" "$OUT/" 2>/dev/null; fi
 cat "$OUTDIR/summary.txt"

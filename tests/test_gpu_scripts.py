@@ -14,17 +14,32 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_every_part_of_the_gpu_session_runs_in_a_dry_run(tmp_path):
-    env = dict(os.environ, DRY_RUN="1", PY=sys.executable, OMP_NUM_THREADS="1")
-    proc = subprocess.run(["bash", "scripts/gpu_check.sh", str(tmp_path)], cwd=ROOT,
+    # a small budget for the seed part: the probe and the first steps run, the rest are skipped and said so
+    env = dict(os.environ, DRY_RUN="1", PY=sys.executable, OMP_NUM_THREADS="1", SEED_BUDGET="45",
+               BIN=str(Path(sys.executable).parent))
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", str(tmp_path), "seed7b,userpath,kernels"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=900)
     summary = (tmp_path / "summary.txt").read_text().splitlines()
-    parts = ["cuda", "kernels", "fast", "profile", "quantize", "quantize-gptaq"]
-    assert [line.split()[0] for line in summary] == parts, proc.stdout[-2000:]
+    assert [line.split()[0] for line in summary] == ["seed7b", "userpath", "kernels"], proc.stdout[-2000:]
     failed = [line for line in summary if " rc=0 " not in line]
     assert not failed, f"{failed}\n{proc.stdout[-3000:]}"
-    plain = json.loads((tmp_path / "quantize" / "gpu_quantize_timing.json").read_text())
-    gptaq = json.loads((tmp_path / "quantize-gptaq" / "gpu_quantize_timing.json").read_text())
-    # the settings recorded are the ones that ran (qwen-quantize's defaults, + GPTAQ in the second part)
-    assert plain["settings"]["desc_act"] is True and plain["settings"]["gptaq_alpha"] == 0.0
-    assert gptaq["settings"]["gptaq_alpha"] == 0.25 and "GPTAQ" in gptaq["what"]
-    assert len(plain["block_seconds"]) == len(gptaq["block_seconds"]) == 2
+
+    seed = tmp_path / "seed-7b"
+    steps = (seed / "steps.txt").read_text()
+    assert "probe: HF BF16" in steps and "skipped" in steps
+    cells = json.loads((seed / "results.json").read_text())["cells"]
+    assert cells and all(c["status"] == "ok" for c in cells) and (seed / "speed.md").is_file()
+    assert (seed / "seed-tables.md").is_file()
+
+    user = tmp_path / "userpath"
+    assert (user / "gptq" / "quant_report.json").is_file() and (user / "rtn" / "quant_report.json").is_file()
+    backends = json.loads((user / "backends.json").read_text())["backends"]
+    assert backends["torch"]["status"] == "ok" and backends["auto"]["tokens_agree_with_torch"] is True
+    assert "path_check" in json.loads((user / "eval" / "results.json").read_text())["settings"]
+    report = tmp_path / "report.md"
+    subprocess.run([sys.executable, "scripts/gpu_user_path.py", "render", str(user), "--report", str(report)],
+                   cwd=ROOT, check=True, capture_output=True)
+    assert "## load_quantized on every backend" in report.read_text()
+
+    check = json.loads((tmp_path / "kernels" / "kernel_check.json").read_text())
+    assert check["passed"] and check["cuda_library"]["checked"] > 0

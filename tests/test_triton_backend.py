@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from qwen_quant.kernels import format as fmt  # noqa: E402
 from qwen_quant.kernels import triton_backend  # noqa: E402
-from qwen_quant.kernels.quant_linear import QuantLinear  # noqa: E402
+from qwen_quant.kernels.check import random_layer  # noqa: E402
 
 EPS = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -40,18 +40,6 @@ def reference_and_tolerance(layer, x):
     return y, 2 * eps * y.abs().max().item() + 4 * eps * products
 
 
-def build(k, n, bits, group_size, act_order, bias, fmt_name, gen):
-    groups = fmt.num_groups(k, group_size)
-    codes = torch.randint(0, 2**bits, (k, n), generator=gen)
-    zeros = torch.randint(0 if fmt_name == "gptq_v2" else 1, 2**bits, (groups, n), generator=gen)
-    scales = (torch.rand(groups, n, generator=gen) * 0.02 + 0.002).half()
-    g_idx = fmt.default_g_idx(k, group_size)
-    if act_order:
-        g_idx = g_idx[torch.randperm(k, generator=gen)]
-    b = torch.randn(n, generator=gen) * 0.1 if bias else None
-    return QuantLinear.from_quant(codes, scales, zeros, g_idx, b, bits, group_size, checkpoint_format=fmt_name)
-
-
 CASES = [  # (K, N, bits, group_size, act_order, bias, format) - small: the interpreter is slow
     (576, 72, 4, 128, False, True, "gptq"),     # partial last group
     (256, 40, 4, 32, True, False, "gptq"),      # act-order, groups smaller than a tile
@@ -66,7 +54,7 @@ CASES = [  # (K, N, bits, group_size, act_order, bias, format) - small: the inte
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "K{}-N{}-b{}-g{}-act{}-bias{}-{}".format(*c))
 def test_fused_backend_matches_float64_reference(backend, case):
     gen = torch.Generator().manual_seed(sum(case[:4]))
-    layer = build(*case, gen).to(DEVICE)
+    layer = random_layer(*case, gen).to(DEVICE)
     mod = __import__(f"qwen_quant.kernels.{backend}_backend", fromlist=["supports"])
     if not mod.supports(case[0], case[1], case[2], case[3], case[4]):
         pytest.skip(f"{backend} does not claim this shape (auto routes it elsewhere; tested in test_backends)")
@@ -84,12 +72,12 @@ def test_fused_backend_matches_float64_reference(backend, case):
 
 def test_act_order_is_permuted_once_at_load():
     gen = torch.Generator().manual_seed(5)
-    layer = build(256, 32, 4, 64, True, False, "gptq", gen).set_backend("triton")
+    layer = random_layer(256, 32, 4, 64, True, False, "gptq", gen).set_backend("triton")
     (_, name, _, state), = layer._plan
     assert name == "triton" and state["perm"] is not None
     assert bool((state["g_idx"][1:] >= state["g_idx"][:-1]).all())  # groups now contiguous
     assert state["one_group_per_tile"] is False  # 64-row groups are smaller than the 128-row tile
-    plain = build(576, 32, 4, 128, False, False, "gptq", gen).set_backend("triton")
+    plain = random_layer(576, 32, 4, 128, False, False, "gptq", gen).set_backend("triton")
     assert plain._plan[0][3]["perm"] is None and plain._plan[0][3]["one_group_per_tile"]
     assert plain._plan[0][3]["qweight"] is plain.qweight  # the checkpoint buffer is read in place
 
