@@ -3,7 +3,8 @@
 From a model instance the engine borrows its modules as they are (nn.Linear, QuantLinear with its
 chosen backend, nn.Embedding): no copy, no extra memory, no trust_remote_code at run time (a Qwen v1
 model already loaded is only read by name). A bf16 nn.Linear on the CPU is called through
-model.Bf16Gemv (the same weight, a faster one-row product). From a state dict it wraps each tensor in a module.
+model.PackedLinear (a packed copy: a faster one-row product; q/k/v and gate/up in one product each). From a
+state dict it wraps each tensor in a module.
 The block paths and the names inside a block come from the layout table (models/layouts.py).
 """
 
@@ -14,7 +15,7 @@ import torch.nn as nn
 
 from qwen_quant.errors import UserError
 from qwen_quant.engine.model import (Attention, Block, FeedForward, ModelArgs, RMSNorm, Transformer,
-                                           for_decode)
+                                   for_decode, packable)
 from qwen_quant.models.layouts import LAYOUTS, Layout, layout_for
 
 _UNSUPPORTED_ROPE = ("dynamic", "longrope")
@@ -76,23 +77,28 @@ def _rope_from_model(model: nn.Module, config, args: ModelArgs) -> tuple[torch.T
 
 def _assemble(args: ModelArgs, layout: Layout, take_linear, norm_weight, embed, lm_head, inv_freq, scaling):
     names = layout.names
-
-    def linear(name):
-        return for_decode(take_linear(name))
-
     blocks = []
     for i in range(args.n_layers):
         pre = f"{layout.blocks}.{i}."
+
+        def linear(key):
+            return take_linear(pre + names[key])
+
         if "qkv" in names:
-            proj = dict(qkv=linear(pre + names["qkv"]))
+            proj = dict(qkv=for_decode(linear("qkv")))
+        elif packable(linear("q"), linear("k"), linear("v")):  # one packed product for the three
+            proj = dict(qkv=for_decode(linear("q"), linear("k"), linear("v")))
         else:
-            proj = dict(q=linear(pre + names["q"]), k=linear(pre + names["k"]), v=linear(pre + names["v"]))
+            proj = dict(q=linear("q"), k=linear("k"), v=linear("v"))
         qk_norms = {}
         if args.qk_norm:
             qk_norms = dict(q_norm=RMSNorm(norm_weight(pre + names["q_norm"]), args.norm_eps),
                             k_norm=RMSNorm(norm_weight(pre + names["k_norm"]), args.norm_eps))
-        attn = Attention(args, o=linear(pre + names["o"]), **proj, **qk_norms)
-        mlp = FeedForward(linear(pre + names["gate"]), linear(pre + names["up"]), linear(pre + names["down"]))
+        attn = Attention(args, o=for_decode(linear("o")), **proj, **qk_norms)
+        if packable(linear("gate"), linear("up")):
+            mlp = FeedForward(None, None, for_decode(linear("down")), gate_up=for_decode(linear("gate"), linear("up")))
+        else:
+            mlp = FeedForward(linear("gate"), linear("up"), for_decode(linear("down")))
         blocks.append(Block(RMSNorm(norm_weight(pre + names["attn_norm"]), args.norm_eps), attn,
                             RMSNorm(norm_weight(pre + names["mlp_norm"]), args.norm_eps), mlp))
     norm = RMSNorm(norm_weight(layout.final_norm), args.norm_eps)

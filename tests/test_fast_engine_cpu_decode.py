@@ -1,5 +1,5 @@
 """The fast engine's CPU decode step: host-int positions (no mask), the vectorized greedy argmax and the
-bf16 GEMV path, each against the plain computation it replaces."""
+packed bf16 products, each against the plain computation it replaces."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qwen_quant.engine.generate import Generator, Sampling, greedy
-from qwen_quant.engine.model import Bf16Gemv, for_decode
+from qwen_quant.engine.model import PackedLinear, for_decode, packable
 from qwen_quant.engine.weights import from_hf_model
 from tiny_models import random_ids, tiny_causal_lm
 
@@ -60,29 +60,40 @@ def test_a_prompt_in_chunks_gives_the_logits_of_one_pass():
         fast(x, 0, kv_len=16)
 
 
-def test_half_gemv_wraps_only_plain_16_bit_cpu_linears():
-    lin = nn.Linear(64, 40, bias=True).to(torch.bfloat16)
-    assert isinstance(for_decode(lin), Bf16Gemv)
-    for dtype in (torch.float32, torch.float16):  # fp32: as fast and transformers' bits; fp16: mv is slower
+needs_bf16 = pytest.mark.skipif(not packable(nn.Linear(8, 8).to(torch.bfloat16)),
+                                reason="this CPU's oneDNN has no native bf16: plain linears are used")
+
+
+@needs_bf16
+def test_packed_linears_are_only_plain_bf16_cpu_linears_and_compute_their_products():
+    lins = [nn.Linear(64, n, bias=b).to(torch.bfloat16) for n, b in ((40, True), (24, False), (24, True))]
+    packed = for_decode(*lins)
+    assert isinstance(packed, PackedLinear) and packed.out_features == 88
+    for dtype in (torch.float32, torch.float16):  # fp32 and fp16 stay the modules they are
         other = nn.Linear(64, 40).to(dtype)
-        assert for_decode(other) is other
+        assert for_decode(other) is other and not packable(other)
     hooked = nn.Linear(64, 40).to(torch.bfloat16)
     hooked.register_forward_hook(lambda *a: None)
     assert for_decode(hooked) is hooked  # hooks must run: the module is called as it is
-    gemv = for_decode(lin)
-    for shape in [(1, 1, 64), (1, 3, 64), (2, 1, 64)]:  # one row: torch.mv; more rows: the module
+    with pytest.raises(ValueError, match="packed together"):
+        for_decode(lins[0], hooked)
+    for shape in [(1, 1, 64), (1, 3, 64), (2, 5, 64)]:  # a decode row, a prefill, a batch
         x = torch.randn(shape).to(torch.bfloat16)
-        want = F.linear(x.float(), lin.weight.float(), lin.bias.float())
-        got = gemv(x)
+        want = torch.cat([F.linear(x.float(), lin.weight.float(), None if lin.bias is None else lin.bias.float())
+                          for lin in lins], dim=-1)
+        got = packed(x)
         assert got.shape == want.shape and got.dtype == torch.bfloat16
-        assert (got.float() - want).abs().max().item() < 0.05 * want.abs().max().item()
+        assert (got.float() - want).abs().max().item() < 0.02 * want.abs().max().item()
 
 
 def test_bf16_model_on_the_cpu_decodes_like_transformers():
     model = tiny_qwen2(torch.bfloat16)
     x = ids(9)
     gen = Generator(model, 9 + 12)
-    assert isinstance(gen.model.lm_head, Bf16Gemv) and isinstance(gen.model.blocks[0].attn.q_proj, Bf16Gemv)
+    block = gen.model.blocks[0]
+    if packable(model.lm_head):  # where oneDNN has native bf16: packed products, q/k/v and gate/up fused
+        assert isinstance(gen.model.lm_head, PackedLinear) and isinstance(block.attn.qkv, PackedLinear)
+        assert isinstance(block.mlp.gate_up, PackedLinear) and block.attn.q_proj is None
     out = gen.generate_ids(x, 12, return_logits=True)
     ref = model.generate(x, max_new_tokens=12, min_new_tokens=12, do_sample=False, output_logits=True,
                          return_dict_in_generate=True, pad_token_id=0)
