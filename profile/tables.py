@@ -298,7 +298,30 @@ def _env_line(results: dict) -> str:
     return text
 
 
+def engines_table(results: dict) -> str | None:
+    """Decode-only tokens/s of the fast engine against HF generate, per (model, precision, scenario) where
+    both ran: the fast engine's speed-up in the same run."""
+    cells = [c for c in results.get("cells", []) if c.get("status") == "ok" and c.get("decode_tokens_per_s")]
+    lines = []
+    for c in cells:
+        if c["engine"] != "fast":
+            continue
+        hf = next((h for h in cells if h["engine"] == "hf" and all(h[k] == c[k] for k in (
+            "model", "precision", "scenario", "context_tokens", "new_tokens"))), None)
+        if hf:
+            lines.append(f"| {c['model']} {PRECISION_NAMES.get(c['precision'], c['precision'])} | {scenario_label(c)} | "
+                         f"{hf['decode_tokens_per_s']:.2f} | {c['decode_tokens_per_s']:.2f} | "
+                         f"{c['decode_tokens_per_s'] / hf['decode_tokens_per_s']:.2f}x |")
+    if not lines:
+        return None
+    return ("| Model | Scenario | HF generate decode tok/s | fast engine decode tok/s | fast / HF |\n"
+            "|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
+
+
 def speed_markdown(results: dict) -> str:
+    engines = engines_table(results)
+    engines = ("\n## The two engines side by side\n\nDecode-only tokens/s (later tokens over their own time) in the "
+               f"same run:\n\n{engines}") if engines else ""
     check = timeline_check(results)
     check = ("\n## Columns measured two ways\n\nA separate N-token run against the first N tokens of a longer "
              f"run of the same row (what fills a † cell):\n\n{check}") if check else ""
@@ -306,7 +329,7 @@ def speed_markdown(results: dict) -> str:
             f"`generate` time (the seed's definition), median over repeats (min–max in brackets). † = the "
             f"first N tokens of a longer run of the same row (prefill + the first N − 1 token latencies of its "
             f"own timeline), where no separate N-token run was made. Int4 / BF16 rows: the speed-up (above 1: "
-            f"Int4 is faster). {_env_line(results)}\n\n{speed_table(results)}{check}\n## Per cell\n\nEncode rows: prompt tokens "
+            f"Int4 is faster). {_env_line(results)}\n\n{speed_table(results)}{engines}{check}\n## Per cell\n\nEncode rows: prompt tokens "
             f"per second of prefill. Decode-only = later tokens / their time. % of roofline = achieved "
             f"GB/s (weights at stored precision + KV cache read per token) / copy bandwidth.\n\n"
             f"{decode_detail_table(results)}")
