@@ -277,3 +277,66 @@ def accuracy_csv(report: dict) -> str:
     return buf.getvalue()
 
 
+
+
+# ---------------------------------------------------------------- a comparison across qwen-eval runs
+
+def join_results(reports: list[dict]) -> dict:
+    """Several qwen-eval results (one model each, or more) as one report: models in the given order, every
+    row kept; the first model is the reference. Paired errors need the same items: qwen-eval's readers are
+    deterministic, and rows whose per-item lists differ in length are shown without a paired error."""
+    models, results = [], []
+    for rep in reports:
+        for m in rep.get("models", []):
+            label = m["label"]
+            if any(x["label"] == label for x in models):
+                raise ValueError(f"two results are labelled {label!r}: give the runs distinct folder names")
+            models.append(m)
+        results += rep.get("results", [])
+    return {"kind": "eval", "env": reports[0].get("env", {}) if reports else {}, "models": models,
+            "results": results, "runs": [{"models": [m["label"] for m in r.get("models", [])],
+                                          "env": {k: r.get("env", {}).get(k) for k in ("commit", "date", "command")}}
+                                         for r in reports]}
+
+
+def loss_ratio_table(report: dict, baseline: str) -> str | None:
+    """Per perplexity task: (ppl - ppl_ref) / (ppl_baseline - ppl_ref) ± its paired error, per model, the first
+    model being the reference (fp) and `baseline` (e.g. RTN) the quantizer to beat (below 1: loses less)."""
+    from qwen_quant.accuracy.paired import loss_ratio
+
+    idx, models = _index(report.get("results", [])), _models(report)
+    tasks = [t for t, m in _task_metrics(report.get("results", [])) if m == "perplexity"]
+    if baseline not in models or not tasks:
+        return None
+    ref = models[0]
+    body = []
+    for model in models:
+        if model in (ref, baseline):
+            continue
+        cells = []
+        for t in tasks:
+            rows = [idx.get((m, t, "perplexity")) for m in (ref, baseline, model)]
+            nlls = [(r or {}).get("details", {}).get("per_window_nll") for r in rows]
+            got = loss_ratio(*nlls) if all(nlls) and len({len(x) for x in nlls}) == 1 else None
+            cells.append("—" if got is None else f"{got[0]:.2f} ± {got[1]:.2f}")
+        body.append([model] + cells)
+    header = ["model"] + [f"{_title(t)}: loss / {baseline}'s" for t in tasks]
+    return _md_table(header, body)
+
+
+def comparison_markdown(report: dict, baseline: str | None = None, title: str = "Comparison") -> str:
+    """The accuracy table (every model against the first, paired errors), and with a baseline the loss ratios."""
+    models = _models(report)
+    parts = [f"# {title}\n", f"Reference (Δ against it): `{models[0]}`. Models: "
+             + ", ".join(f"`{m}`" for m in models) + ".\n", accuracy_table(report)]
+    ratios = loss_ratio_table(report, baseline) if baseline else None
+    if ratios:
+        parts += [f"\n## Perplexity loss against `{baseline}`'s\n",
+                  f"(ppl − ppl of `{models[0]}`) / (ppl of `{baseline}` − ppl of `{models[0]}`) on the same windows, "
+                  "± the paired standard error (delta method over windows). Below 1: the model loses less than "
+                  f"`{baseline}`.\n", ratios]
+    parts += ["\n## All metrics\n", all_metrics_table(report), "\n## Data\n", "\n".join(provenance_lines(report)) + "\n",
+              "\n## What the numbers mean\n", "\n".join(meanings(report)) + "\n", "\n## Runs\n",
+              "\n".join(f"- {', '.join(r['models'])}: commit {r['env'].get('commit')}, {r['env'].get('date')}, "
+                        f"`{r['env'].get('command')}`" for r in report.get("runs", [])) + "\n"]
+    return "\n".join(p.rstrip("\n") + "\n" for p in parts)

@@ -59,6 +59,9 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("ppl-fiction", "perplexity", "LAMBADA fiction ppl", corpus="fiction"),
     Task("ppl", "perplexity", "text ppl", needs_file=True),
     Task("mmlu", "choice", "MMLU", chance=25.0, shots=5, reader=ds.mmlu, question=_lettered(mc.mmlu_header)),
+    # zero-shot: a fifth of the tokens per question (a CPU can score hundreds), the seed's own MMLU is 5-shot
+    Task("mmlu-0shot", "choice", "MMLU (0-shot)", chance=25.0, shots=0, reader=ds.mmlu,
+         question=_lettered(mc.mmlu_header)),
     Task("arc-easy", "choice", "ARC-Easy", with_norm=True, chance=25.0,
          reader=lambda limit=None: ds.arc(False, limit), question=_plain(mc.qa_question)),
     Task("arc-challenge", "choice", "ARC-Challenge", with_norm=True, chance=25.0,

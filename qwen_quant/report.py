@@ -337,3 +337,29 @@ def write_seed_tables(paths: list[str | Path], out: str | Path | None = None) ->
     write_text_atomic(out.with_suffix(".json"), json.dumps({"rows": rows}, indent=1) + "\n")
     write_text_atomic(out, seed_tables_markdown(rows))
     return out
+
+
+def write_comparison(paths: list[str | Path], out: str | Path, baseline: str | None = None,
+                     title: str = "Comparison") -> Path:
+    """OUT/README.md (+ comparison.json): several qwen-eval results (in the given order, the first model the
+    reference) as one table with paired errors; with `baseline`, every model's perplexity loss against it."""
+    import json
+
+    from qwen_quant.accuracy.tables import comparison_markdown, join_results
+
+    files = []
+    for p in map(Path, paths):
+        f = p / "results.json" if p.is_dir() else p
+        if not f.is_file():
+            raise UserError(f"{p}: no results.json (give qwen-eval output folders)")
+        files.append(f)
+    try:
+        joined = join_results([_read_json(f) for f in files])
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if baseline and baseline not in [m["label"] for m in joined["models"]]:
+        raise UserError(f"--baseline {baseline!r} is none of the models: {', '.join(m['label'] for m in joined['models'])}")
+    out = Path(out)
+    write_text_atomic(out / "comparison.json", json.dumps(joined, indent=1, ensure_ascii=False, default=str) + "\n")
+    write_text_atomic(out / "README.md", comparison_markdown(joined, baseline, title))
+    return out / "README.md"

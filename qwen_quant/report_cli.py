@@ -17,6 +17,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="report folder (default reports/<model>)")
     p.add_argument("--model-card", metavar="CHECKPOINT", default=None,
                    help="write CHECKPOINT/README.md: its quantization card plus the tables from DIR...")
+    p.add_argument("--compare", action="store_true",
+                   help="one table from several qwen-eval results (DIR... in order, the first model the reference), "
+                        "written to --out/README.md with paired errors on the shared items")
+    p.add_argument("--baseline", default=None, metavar="LABEL",
+                   help="with --compare: every model's perplexity loss as a fraction of this model's (e.g. rtn)")
+    p.add_argument("--title", default="Comparison", help="with --compare: the page's title")
     p.add_argument("--seed-tables", action="store_true",
                    help="write the seed's speed and memory tables for Qwen-7B/14B from the qwen-profile results in "
                         "DIR... (default reports/profile/seed-tables.md, or --out) with the seed's A100 rows beside")
@@ -33,6 +39,13 @@ def main(argv=None):
 
         path = write_model_card(args.model_card, args.paths)
         print(f"model card: {path}")
+        return 0
+    if args.compare:
+        from qwen_quant.report import write_comparison
+
+        if not args.paths or not args.out:
+            raise UserError("--compare needs qwen-eval output folders (DIR...) and --out")
+        print(f"comparison: {write_comparison(args.paths, args.out, args.baseline, args.title)}")
         return 0
     if args.seed_tables:
         from qwen_quant.report import write_seed_tables

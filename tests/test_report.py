@@ -6,6 +6,7 @@ import pytest
 
 from qwen_quant.profile.cells import CELL_FIELDS
 from qwen_quant.accuracy.tables import accuracy_csv, accuracy_markdown, accuracy_table
+from qwen_quant.errors import UserError
 from qwen_quant.report import write_report
 
 
@@ -146,3 +147,34 @@ def test_model_card_carries_front_matter_and_tables(tmp_path):
     assert "gptq" in front and "int4" in front
     assert "group size 128" in text and "32 samples x 512 tokens" in text
     assert "20.750 ± 0.500 (Δ +0.750)" in text and "OOM" in text
+
+
+def _ppl_row(model, task, nlls):
+    import math
+
+    mean = sum(nlls) / len(nlls)
+    return {"model": model, "task": task, "metric": "perplexity", "value": math.exp(mean), "stderr": 0.1,
+            "n": len(nlls), "details": {"per_window_nll": nlls, "seqlen": 512}}
+
+
+def test_comparison_joins_runs_and_gives_loss_ratios_against_a_baseline(tmp_path):
+    from qwen_quant.accuracy.paired import loss_ratio
+    from qwen_quant.report import write_comparison
+
+    fp, rtn, q = [2.0, 2.2, 1.9, 2.1], [2.3, 2.45, 2.2, 2.4], [2.1, 2.3, 2.0, 2.2]
+    runs = {"fp": fp, "rtn": rtn, "gptq": q}
+    for name, nlls in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({
+            "env": {"commit": "c", "date": "d", "command": f"qwen-eval {name}"}, "models": [{"label": name}],
+            "results": [_ppl_row(name, "ppl-wiki", nlls),
+                        {"model": name, "task": "arc-easy", "metric": "accuracy", "value": 50.0, "stderr": 5.0,
+                         "n": 4, "details": {"per_item": "1100" if name == "fp" else "1000"}}]}))
+    page = write_comparison([tmp_path / n for n in runs], tmp_path / "out", baseline="rtn").read_text()
+    ratio, se = loss_ratio(fp, rtn, q)
+    assert f"{ratio:.2f} ± {se:.2f}" in page and "loss / rtn's" in page
+    assert "(Δ +0.0 ± 25.0)" in page  # paired over the same 4 items: differences 0,-1,0,0
+    joined = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert [m["label"] for m in joined["models"]] == ["fp", "rtn", "gptq"] and len(joined["runs"]) == 3
+    with pytest.raises(UserError, match="none of the models"):
+        write_comparison([tmp_path / "fp", tmp_path / "gptq"], tmp_path / "o2", baseline="rtn")
