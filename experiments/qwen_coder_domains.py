@@ -14,7 +14,7 @@ skipped, a stopped one continues with --resume, qwen-eval's item store keeps eve
 
     python experiments/qwen_coder_domains.py quantize defaults-16x512 plain-16x512   # one thread each
     python experiments/qwen_coder_domains.py eval fp rtn defaults-16x512
-    python experiments/qwen_coder_domains.py render      # reports/qwen2.5-coder-1.5b-domains/README.md
+    python experiments/qwen_coder_domains.py render      # reports/qwen2.5-coder-1.5b-domains/ (qwen-report --compare)
 Checkpoints and evaluation outputs go to $QWEN_QUANT_WORK (default ~/.cache/qwen_quant/qwen-coder-study);
 the rendered table and the JSON it was made from go to reports/.
 """
@@ -111,61 +111,29 @@ def _run(name: str, step: str, cmd: list[str]) -> None:
 
 # ---------------------------------------------------------------- the table
 
-def _nlls(results: dict) -> dict[str, list[float]]:
-    return {r["task"]: r["details"]["per_window_nll"] for r in results["results"]
-            if r["metric"] == "perplexity" and r.get("value") is not None}
+def render() -> Path:
+    """qwen-report --compare over every evaluated row (fp first, RTN the baseline), and the rows' legend."""
+    from qwen_quant.files import write_text_atomic
 
-
-def collect() -> dict:
-    """Every row's per-window NLLs and provenance, from the evaluation outputs and checkpoints."""
-    rows = {}
-    for name, (what, args) in ROWS.items():
-        res_file = work_dir() / "eval" / name / "results.json"
-        if not res_file.is_file():
-            continue
-        results = json.loads(res_file.read_text())
-        row = {"what": what, "qwen_quantize_args": args, "nlls": _nlls(results),
-               "eval": {"commit": results["env"].get("commit"), "date": results["env"].get("date"),
-                        "seconds": results["models"][0]["seconds"], "dtype": results["settings"].get("dtype")}}
-        report = work_dir() / "ckpt" / name / "quant_report.json"
-        if report.is_file():
-            q = json.loads(report.read_text())
-            row["quantize"] = {"settings": q.get("settings"), "calibration": q.get("calibration"),
-                               "seconds": q.get("seconds"), "commit": q.get("commit"),
-                               "mean_rel_error": (q.get("totals") or {}).get("mean_rel_error")}
-        rows[name] = row
-    return rows
-
-
-def render(rows: dict) -> str:
-    from qwen_quant.accuracy.paired import loss_ratio
-    from qwen_quant.accuracy.perplexity import summarize
-
-    fp, rtn = rows["fp"]["nlls"], rows["rtn"]["nlls"]
-    lines = ["# Qwen2.5-Coder-1.5B-Instruct Int4 g128: which GPTQ settings hold up out of domain", "",
-             "Perplexity (32 windows of 512 tokens per domain, bf16) and, per quantized row, its loss ratio "
-             "(ppl − ppl_fp) / (ppl_RTN − ppl_fp) ± the paired standard error over the same windows. Below 1: "
-             "the row loses less than round-to-nearest; the goal is ≤ 0.7 on every domain.", ""]
-    header = "| row | " + " | ".join(DOMAINS) + " | worst ratio |"
-    lines += [header, "|---|" + "---|" * (len(DOMAINS) + 1)]
-    for name, row in rows.items():
-        cells, worst = [], None
-        for d in DOMAINS:
-            nlls = row["nlls"].get(d)
-            if nlls is None or d not in fp or d not in rtn:
-                cells.append("not measured")
-                continue
-            ppl = summarize(nlls, 512)["value"]
-            if name in ("fp", "rtn"):
-                cells.append(f"{ppl:.3f}")
-                continue
-            ratio, se = loss_ratio(fp[d], rtn[d], nlls)
-            worst = ratio if worst is None else max(worst, ratio)
-            cells.append(f"{ppl:.3f} ({ratio:.2f} ± {se:.2f})")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'' if worst is None else f'{worst:.2f}'} |")
-    lines += ["", "Rows:", ""] + [f"- **{n}**: {r['what']}" + (f" (`qwen-quantize MODEL {' '.join(r['qwen_quantize_args'])}`)"
-                                                              if r["qwen_quantize_args"] else "") for n, r in rows.items()]
-    return "\n".join(lines) + "\n"
+    present = [n for n in ROWS if (work_dir() / "eval" / n / "results.json").is_file()]
+    subprocess.run([_bin("qwen-report"), "--compare", *[str(work_dir() / "eval" / n) for n in present],
+                    "--baseline", "rtn", "--out", str(REPORT), "--title",
+                    "Qwen2.5-Coder-1.5B-Instruct Int4 g128: which GPTQ settings hold up out of domain"], check=True)
+    legend = ["# The rows of the domain study", "", "Each row is a `qwen-quantize` run of the offline Qwen's fp32 folder "
+              "(experiments/qwen_coder_domains.py); its checkpoint's quant_report.json (under the study's work folder) "
+              "records everything it did. fp is labelled by its folder name, `fp32`.", ""]
+    legend += [f"- `{n}`: {what}" + (f" — `qwen-quantize MODEL {' '.join(args)}`" if args else "")
+               for n, (what, args) in ROWS.items() if n in present]
+    log = work_dir() / "log.jsonl"
+    if log.is_file():
+        legend += ["", "Seconds of each step on this 2-core machine, one torch thread per step (load: the 1-minute "
+                   "load average before and after; other steps ran beside it):", ""]
+        for line in log.read_text().splitlines():
+            r = json.loads(line)
+            legend.append(f"- {r['row']} {r['step']}: {r['seconds']} s, load {r['load_before']} -> {r['load_after']}, "
+                          f"{r['date']}")
+    write_text_atomic(REPORT / "ROWS.md", "\n".join(legend) + "\n")
+    return REPORT / "README.md"
 
 
 def main(argv=None) -> int:
@@ -181,13 +149,7 @@ def main(argv=None) -> int:
     elif args.step == "eval":
         evaluate(args.rows)
     else:
-        rows = collect()
-        from qwen_quant.files import write_text_atomic
-
-        REPORT.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(REPORT / "study.json", json.dumps(rows, indent=1) + "\n")
-        write_text_atomic(REPORT / "README.md", render(rows))
-        print(f"wrote {REPORT / 'README.md'}")
+        print(f"wrote {render()}")
     return 0
 
 

@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""The accuracy table of a real Qwen on the CPU (issue 15): Qwen2.5-Coder-1.5B-Instruct, fp against Int4.
+
+Rows: fp (the GGUF's Q4_K_M weights dequantized: the only copy that ships offline), RTN, our GPTQ at
+qwen-quantize's defaults, GPTQModel 7.6.0 at identical settings on identical calibration tokens (in its own
+environment, .venv-peer), and any extra recipe named with --extra. Columns: perplexity on the five held-out
+domains (32 windows of 512 tokens each), MMLU 0-shot (round robin over the 57 subjects), ARC-Challenge, and
+HumanEval pass@1 where its measured per-problem cost fits (--humaneval N problems).
+
+Every step only calls our CLIs (qwen-quantize, qwen-eval, qwen-report) or the peer's script, and resumes:
+checkpoints that exist are kept, qwen-eval's item store keeps every scored item, so the same command after a
+stop (or with a larger --limit) scores only what is missing and the table grows across sessions.
+
+    python experiments/qwen_coder_accuracy.py quantize                # our default checkpoint, RTN, the peer's
+    python experiments/qwen_coder_accuracy.py eval fp rtn gptq        # one row after the other (one thread each)
+    python experiments/qwen_coder_accuracy.py render                  # reports/qwen2.5-coder-1.5b-accuracy/
+Calibration for every quantized row: CALIB (what a CPU user can afford), the same tokens for ours and the peer's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORT = ROOT / "reports" / "qwen2.5-coder-1.5b-accuracy"
+DOMAINS = "ppl-wiki,ppl-zh,ppl-code,ppl-fr,ppl-fiction"
+CALIB = ["--nsamples", "16", "--seqlen", "512"]
+ROWS = ("fp", "rtn", "gptq", "gptqmodel")
+
+
+def work() -> Path:
+    return Path(os.environ.get("QWEN_QUANT_WORK", Path.home() / ".cache" / "qwen_quant" / "qwen-coder-study"))
+
+
+def fp_folder() -> Path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from offline_qwen import fp_folder as folder
+
+    return folder()
+
+
+def bin_(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def run(cmd: list[str], **kw) -> None:
+    env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    print("+", " ".join(cmd), flush=True)
+    if subprocess.run(cmd, env=env, **kw).returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+
+
+def checkpoint(row: str) -> Path:
+    return fp_folder() if row == "fp" else work() / "accuracy-ckpt" / row
+
+
+def quantize(extra: dict[str, list[str]]) -> None:
+    fp = fp_folder()
+    ours = {"rtn": ["--method", "rtn", "--no-mse"], "gptq": []} | extra
+    for row, args in ours.items():
+        if not (checkpoint(row) / "quant_report.json").is_file():
+            run([bin_("qwen-quantize"), str(fp), "--out", str(checkpoint(row)), "--quiet", *CALIB, *args])
+    peer_out = checkpoint("gptqmodel")
+    if not (peer_out / "peer_quantize.json").is_file():
+        # identical settings: read them from our default checkpoint's own record, the tokens from its calibration
+        q = json.loads((checkpoint("gptq") / "quant_report.json").read_text())
+        qc, settings = q["quantization_config"], q["settings"]
+        peer = {"bits": qc["bits"], "group_size": qc["group_size"], "sym": qc["sym"], "desc_act": qc["desc_act"],
+                "static_groups": qc["static_groups"], "damp_percent": qc["damp_percent"],
+                "mse": 2.4 if settings.get("mse") else 0.0}
+        calib = work() / "accuracy-ckpt" / "calibration.pt"
+        c = q["calibration"]
+        run([sys.executable, str(ROOT / "experiments" / "gptqmodel_peer.py"), "export", str(fp), str(calib),
+             "--calib", c["source"], "--nsamples", str(c["nsamples"]), "--seqlen", str(c["seqlen"]),
+             "--seed", str(c["seed"])])
+        run([str(ROOT / ".venv-peer" / "bin" / "python"), str(ROOT / "experiments" / "gptqmodel_peer.py"), "quantize",
+             str(fp), str(calib), str(peer_out), json.dumps(peer)], cwd="/tmp")
+
+
+def evaluate(rows: list[str], limit: int, humaneval: int) -> None:
+    tasks = f"{DOMAINS},mmlu-0shot,arc-challenge" + (",humaneval" if humaneval else "")
+    for row in rows:
+        run([bin_("qwen-eval"), str(checkpoint(row)), "--tasks", tasks, "--limit", str(limit), "--ppl-windows", "32",
+             "--seqlen", "512", "--dtype", "bf16", "--batch", "8", "--out", str(work() / "accuracy" / row), "--quiet"])
+
+
+def render(rows: list[str]) -> None:
+    present = [r for r in rows if (work() / "accuracy" / r / "results.json").is_file()]
+    run([bin_("qwen-report"), "--compare", *[str(work() / "accuracy" / r) for r in present],
+         "--baseline", "rtn", "--out", str(REPORT),
+         "--title", "Qwen2.5-Coder-1.5B-Instruct: fp against Int4 g128 (RTN, our GPTQ, GPTQModel 7.6.0)"])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("step", choices=["quantize", "eval", "render"])
+    p.add_argument("rows", nargs="*", default=list(ROWS))
+    p.add_argument("--limit", type=int, default=600, help="items per benchmark (MMLU, ARC-Challenge)")
+    p.add_argument("--humaneval", type=int, default=0, help="also HumanEval pass@1 (all 164 problems) when > 0")
+    p.add_argument("--extra", action="append", default=[], metavar="NAME=ARGS",
+                   help="another quantized row: NAME='qwen-quantize arguments' (e.g. best='--damp 0.1')")
+    args = p.parse_args(argv)
+    extra = {k: v.split() for k, v in (e.split("=", 1) for e in args.extra)}
+    if args.step == "quantize":
+        quantize(extra)
+    elif args.step == "eval":
+        evaluate(args.rows, args.limit, args.humaneval)
+    else:
+        render(args.rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
