@@ -9,7 +9,7 @@
 #    seconds (its log), peak GPU memory (quant_report's allocator peaks; NVML sampled by nvidia-smi alongside)
 #    and host RSS. Stopped at 45 % of the budget if not done: the finished blocks' seconds are extrapolated and
 #    labelled so, and the rest of the path uses a round-to-nearest checkpoint of the whole model instead.
-#    Then --method rtn on the whole model (its cost).
+#    Then --method rtn on the whole model (its cost; 4 x 64 calibration tokens feed only its error report).
 # 2. The checkpoint through load_quantized with each backend (auto, cuda, triton, torch): greedy tokens agree
 #    across backends, logits against the torch backend within tolerance (scripts/gpu_user_path.py backends).
 # 3. qwen-profile on that checkpoint: fast engine, generate 2048, one cell.
@@ -47,8 +47,9 @@ t0=$(date +%s)
     --device $DEVICE "${CALIB[@]}" --out "$OUT/gptq" --overwrite) > "$OUT/quantize-gptq.log" 2>&1
 note "quantize gptq rc=$? $(( $(date +%s) - t0 ))s"
 t0=$(date +%s)
-(cd /tmp && timeout --signal=INT 120 "$BIN/qwen-quantize" "$MODEL" --method rtn --device $DEVICE "${CALIB[@]}" \
-    --out "$OUT/rtn" --overwrite) > "$OUT/quantize-rtn.log" 2>&1
+# RTN's weights need no calibration; its samples only feed the per-layer error report: a few are enough
+(cd /tmp && timeout --signal=INT 120 "$BIN/qwen-quantize" "$MODEL" --method rtn --device $DEVICE --nsamples 4 \
+    --seqlen 64 --out "$OUT/rtn" --overwrite) > "$OUT/quantize-rtn.log" 2>&1
 note "quantize rtn rc=$? $(( $(date +%s) - t0 ))s"
 CKPT=$OUT/gptq; [ -f "$CKPT/quant_report.json" ] || CKPT=$OUT/rtn
 note "path continues with $CKPT"
