@@ -158,3 +158,38 @@ def _materialize_rest(model, device: str, seed: int) -> None:
                         real[i:i + rows].copy_(torch.randn(real[i:i + rows].shape, generator=gen, device=device) * 0.02)
                 table[name] = torch.nn.Parameter(real, requires_grad=False) if kind == "param" else real
     reset_rotary(model)
+
+
+class SyntheticTensors:
+    """A synthetic model's tensors by name, made when read (the interface of quantize.writer.SafetensorsFolder):
+    the same values for the same name and seed on every read, drawn like build_synthetic's (matrices N(0, 0.02),
+    norms 1, biases 0). Lets the quantizer stream a synthetic model block by block, as it streams a safetensors
+    folder: host RAM holds one block, never the model."""
+
+    def __init__(self, shape: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+        from transformers import AutoModelForCausalLM
+
+        self.shape, self.dtype, self.seed = shape, dtype, seed
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(synthetic_config(shape), dtype=dtype)
+        self._shapes = {name: (tuple(t.shape), t.dtype) for name, t in skeleton.state_dict().items()}
+
+    def names(self) -> list[str]:
+        return list(self._shapes)
+
+    def shape_dtype(self, name: str) -> tuple[tuple, torch.dtype]:
+        if name not in self._shapes:
+            raise UserError(f"tensor {name} is not part of synthetic:{self.shape}")
+        return self._shapes[name]
+
+    def float_dtype(self) -> torch.dtype:
+        return self.dtype
+
+    def read(self, name: str) -> torch.Tensor:
+        shape, dtype = self.shape_dtype(name)
+        if len(shape) <= 1:
+            return (torch.ones if "norm" in name else torch.zeros)(shape, dtype=dtype)
+        import zlib
+
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+        return (torch.randn(shape, generator=gen) * 0.02).to(dtype)

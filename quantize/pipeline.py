@@ -117,23 +117,26 @@ class InMemoryModel:
 
 
 class StreamingModel:
-    """A safetensors folder read block by block: skeleton on the meta device, one block's tensors in RAM.
+    """A model read block by block: skeleton on the meta device, one block's tensors in RAM.
 
-    Parameters are read with plain file reads (no mmap), so pages of the shards never count towards
-    this process's resident memory.
+    The tensors come from a safetensors folder (read with plain file reads, no mmap, so pages of the shards
+    never count towards this process's resident memory) or, for a synthetic model, are made when read
+    (models.synthetic.SyntheticTensors): either way host RAM holds one block, not the model.
     """
 
-    def __init__(self, folder: Path, trust_remote_code: bool = False):
+    def __init__(self, folder: Path, trust_remote_code: bool = False, tensors=None, config=None):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from qwen_quant.models.layouts import layout_for
         from qwen_quant.quantize.writer import SafetensorsFolder
 
-        self.folder = Path(folder)
-        self.files = SafetensorsFolder(self.folder)
+        self.folder = Path(folder) if folder is not None else None
+        self.files = tensors if tensors is not None else SafetensorsFolder(self.folder)
         self.dtype = self.files.float_dtype()
-        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        if config is None:
+            config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        self.config = config
         # buffers (rotary inv_freq) are real, parameters are meta: nothing big is allocated
         with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
@@ -181,7 +184,16 @@ class StreamingModel:
             out.append((name, (lambda n=name: self.files.read(n)), shape, dtype))
         return out
 
+    @classmethod
+    def synthetic(cls, shape: str, seed: int = 0) -> "StreamingModel":
+        """synthetic:<shape> streamed: its random tensors are made block by block, as they are needed."""
+        from qwen_quant.models.synthetic import SyntheticTensors, synthetic_config
+
+        return cls(None, tensors=SyntheticTensors(shape, seed=seed), config=synthetic_config(shape))
+
     def config_dict(self) -> dict:
+        if self.folder is None:
+            return self.config.to_dict()
         return json.loads((self.folder / "config.json").read_text())
 
 

@@ -177,3 +177,26 @@ def test_a_good_run_uses_the_default_out_and_says_where(capsys, tmp_path, monkey
     assert cfg["quantization_config"]["meta"]["synthetic"] is True and cfg["dtype"] == "bfloat16"
     # FFN 320 with groups of 64 divides; the report lists no partial groups
     assert report["downstream"]["partial_group_layers"] == []
+
+
+def test_a_synthetic_model_is_streamed_from_tensors_made_when_read():
+    """qwen-quantize synthetic:<shape> holds one block at a time: its tensors are made per name, the same on
+    every read, for exactly the names (and shapes) of the real model at that shape."""
+    import torch
+
+    from qwen_quant.models.synthetic import SyntheticTensors, build_synthetic
+    from qwen_quant.quantize.pipeline import StreamingModel
+
+    tensors = SyntheticTensors("tiny")
+    model = build_synthetic("tiny")
+    assert {n: tuple(t.shape) for n, t in model.state_dict().items()} == \
+        {n: tensors.shape_dtype(n)[0] for n in tensors.names()}
+    w = "model.layers.1.mlp.down_proj.weight"
+    assert torch.equal(tensors.read(w), tensors.read(w)) and 0.015 < tensors.read(w).float().std() < 0.025
+    assert not torch.equal(tensors.read(w), SyntheticTensors("tiny", seed=1).read(w))
+    assert torch.equal(tensors.read("model.norm.weight"), torch.ones(128, dtype=torch.bfloat16))
+    source = StreamingModel.synthetic("tiny")
+    block = source.load_block(0, "cpu")
+    assert torch.equal(block.mlp.down_proj.weight, tensors.read("model.layers.0.mlp.down_proj.weight"))
+    source.release_block(0, block)
+    assert block.mlp.down_proj.weight.device.type == "meta" and source.config_dict()["synthetic"] is True
