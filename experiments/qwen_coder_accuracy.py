@@ -27,21 +27,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # offline_qwen, beside this script
+from offline_qwen import fp_folder, study_dir  # noqa: E402
 REPORT = ROOT / "reports" / "qwen2.5-coder-1.5b-accuracy"
 DOMAINS = "ppl-wiki,ppl-zh,ppl-code,ppl-fr,ppl-fiction"
 CALIB = ["--nsamples", "16", "--seqlen", "512"]
 ROWS = ("fp", "rtn", "gptq", "gptqmodel")
-
-
-def work() -> Path:
-    return Path(os.environ.get("QWEN_QUANT_WORK", Path.home() / ".cache" / "qwen_quant" / "qwen-coder-study"))
-
-
-def fp_folder() -> Path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from offline_qwen import fp_folder as folder
-
-    return folder()
 
 
 def bin_(name: str) -> str:
@@ -56,7 +47,7 @@ def run(cmd: list[str], **kw) -> None:
 
 
 def checkpoint(row: str) -> Path:
-    return fp_folder() if row == "fp" else work() / "accuracy-ckpt" / row
+    return fp_folder() if row == "fp" else study_dir() / "accuracy-ckpt" / row
 
 
 def quantize(extra: dict[str, list[str]]) -> None:
@@ -73,7 +64,7 @@ def quantize(extra: dict[str, list[str]]) -> None:
         peer = {"bits": qc["bits"], "group_size": qc["group_size"], "sym": qc["sym"], "desc_act": qc["desc_act"],
                 "static_groups": qc["static_groups"], "damp_percent": qc["damp_percent"],
                 "mse": 2.4 if settings.get("mse") else 0.0}
-        calib = work() / "accuracy-ckpt" / "calibration.pt"
+        calib = study_dir() / "accuracy-ckpt" / "calibration.pt"
         c = q["calibration"]
         run([sys.executable, str(ROOT / "experiments" / "gptqmodel_peer.py"), "export", str(fp), str(calib),
              "--calib", c["source"], "--nsamples", str(c["nsamples"]), "--seqlen", str(c["seqlen"]),
@@ -86,12 +77,12 @@ def evaluate(rows: list[str], limit: int, humaneval: int) -> None:
     tasks = f"{DOMAINS},mmlu-0shot,arc-challenge" + (",humaneval" if humaneval else "")
     for row in rows:
         run([bin_("qwen-eval"), str(checkpoint(row)), "--tasks", tasks, "--limit", str(limit), "--ppl-windows", "32",
-             "--seqlen", "512", "--dtype", "bf16", "--batch", "8", "--out", str(work() / "accuracy" / row), "--quiet"])
+             "--seqlen", "512", "--dtype", "bf16", "--batch", "8", "--out", str(study_dir() / "accuracy" / row), "--quiet"])
 
 
 def render(rows: list[str]) -> None:
-    present = [r for r in rows if (work() / "accuracy" / r / "results.json").is_file()]
-    run([bin_("qwen-report"), "--compare", *[str(work() / "accuracy" / r) for r in present],
+    present = [r for r in rows if (study_dir() / "accuracy" / r / "results.json").is_file()]
+    run([bin_("qwen-report"), "--compare", *[str(study_dir() / "accuracy" / r) for r in present],
          "--baseline", "rtn", "--out", str(REPORT),
          "--title", "Qwen2.5-Coder-1.5B-Instruct: fp against Int4 g128 (RTN, our GPTQ, GPTQModel 7.6.0)"])
 

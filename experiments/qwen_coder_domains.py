@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # offline_qwen, beside this script
+from offline_qwen import fp_folder, study_dir  # noqa: E402
 REPORT = ROOT / "reports" / "qwen2.5-coder-1.5b-domains"
 DOMAINS = ("ppl-wiki", "ppl-zh", "ppl-code", "ppl-fr", "ppl-fiction")
 EVAL_ARGS = ["--seqlen", "512", "--dtype", "bf16", "--batch", "8", "--quiet"]
@@ -57,18 +59,6 @@ ROWS = {
 }
 
 
-def work_dir() -> Path:
-    return Path(os.environ.get("QWEN_QUANT_WORK", Path.home() / ".cache" / "qwen_quant" / "qwen-coder-study"))
-
-
-def fp_folder() -> Path:
-    """The fp32 folder of the offline Qwen (assembled from its 22 registry packages once)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from offline_qwen import fp_folder as folder
-
-    return folder()
-
-
 def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
@@ -80,7 +70,7 @@ def _one_thread() -> dict:
 def quantize(names: list[str]) -> None:
     fp = fp_folder()
     for name in names:
-        out = work_dir() / "ckpt" / name
+        out = study_dir() / "ckpt" / name
         if (out / "quant_report.json").is_file():
             print(f"{name}: done already")
             continue
@@ -92,14 +82,14 @@ def quantize(names: list[str]) -> None:
 
 def evaluate(names: list[str], windows: int = WINDOWS) -> None:
     for name in names:
-        model = str(fp_folder()) if name == "fp" else str(work_dir() / "ckpt" / name)
+        model = str(fp_folder()) if name == "fp" else str(study_dir() / "ckpt" / name)
         _run(name, "eval", [_bin("qwen-eval"), model, "--tasks", ",".join(DOMAINS), *EVAL_ARGS,
-                            "--ppl-windows", str(windows), "--out", str(work_dir() / "eval" / name)])
+                            "--ppl-windows", str(windows), "--out", str(study_dir() / "eval" / name)])
 
 
 def _run(name: str, step: str, cmd: list[str]) -> None:
     """Run one step in its own process; its seconds and the machine's load go to the work folder's log."""
-    log = work_dir() / "log.jsonl"
+    log = study_dir() / "log.jsonl"
     log.parent.mkdir(parents=True, exist_ok=True)
     load, t0 = os.getloadavg()[0], time.time()
     rc = subprocess.run(cmd, env=_one_thread()).returncode
@@ -118,8 +108,8 @@ def render() -> Path:
     """qwen-report --compare over every evaluated row (fp first, RTN the baseline), and the rows' legend."""
     from qwen_quant.files import write_text_atomic
 
-    present = [n for n in ROWS if (work_dir() / "eval" / n / "results.json").is_file()]
-    subprocess.run([_bin("qwen-report"), "--compare", *[str(work_dir() / "eval" / n) for n in present],
+    present = [n for n in ROWS if (study_dir() / "eval" / n / "results.json").is_file()]
+    subprocess.run([_bin("qwen-report"), "--compare", *[str(study_dir() / "eval" / n) for n in present],
                     "--baseline", "rtn", "--out", str(REPORT), "--title",
                     "Qwen2.5-Coder-1.5B-Instruct Int4 g128: which GPTQ settings hold up out of domain"], check=True)
     legend = ["# The rows of the domain study", "", "Each row is a `qwen-quantize` run of the offline Qwen's fp32 folder "
@@ -127,7 +117,7 @@ def render() -> Path:
               "records everything it did. fp is labelled by its folder name, `fp32`.", ""]
     legend += [f"- `{n}`: {what}" + (f" — `qwen-quantize MODEL {' '.join(args)}`" if args else "")
                for n, (what, args) in ROWS.items() if n in present]
-    log = work_dir() / "log.jsonl"
+    log = study_dir() / "log.jsonl"
     if log.is_file():
         legend += ["", "Seconds of each step on this 2-core machine, one torch thread per step (load: the 1-minute "
                    "load average before and after; other steps ran beside it):", ""]

@@ -211,11 +211,9 @@ def timeline_check(results: dict) -> str | None:
             derived = prefix_speed(results, key, n)
             if c is not None and c.get("status") == "ok" and derived is not None:
                 diff = 100 * (derived - c["tokens_per_s"]) / c["tokens_per_s"]
-                lines.append(f"| {row_label(key)} | {n} | {c['tokens_per_s']:.2f} | {derived:.2f} | {diff:+.1f} % |")
-    if not lines:
-        return None
-    return ("| Model | N | separate N-token run | first N tokens of the longer run | difference |\n"
-            "|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
+                lines.append([row_label(key), str(n), f"{c['tokens_per_s']:.2f}", f"{derived:.2f}", f"{diff:+.1f} %"])
+    return _markdown(["Model", "N", "separate N-token run", "first N tokens of the longer run", "difference"],
+                     lines) if lines else None
 
 
 def memory_table(results: dict) -> str:
@@ -309,13 +307,11 @@ def engines_table(results: dict) -> str | None:
         hf = next((h for h in cells if h["engine"] == "hf" and all(h[k] == c[k] for k in (
             "model", "precision", "scenario", "context_tokens", "new_tokens"))), None)
         if hf:
-            lines.append(f"| {c['model']} {PRECISION_NAMES.get(c['precision'], c['precision'])} | {scenario_label(c)} | "
-                         f"{hf['decode_tokens_per_s']:.2f} | {c['decode_tokens_per_s']:.2f} | "
-                         f"{c['decode_tokens_per_s'] / hf['decode_tokens_per_s']:.2f}x |")
-    if not lines:
-        return None
-    return ("| Model | Scenario | HF generate decode tok/s | fast engine decode tok/s | fast / HF |\n"
-            "|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
+            lines.append([f"{c['model']} {PRECISION_NAMES.get(c['precision'], c['precision'])}", scenario_label(c),
+                          f"{hf['decode_tokens_per_s']:.2f}", f"{c['decode_tokens_per_s']:.2f}",
+                          f"{c['decode_tokens_per_s'] / hf['decode_tokens_per_s']:.2f}x"])
+    return _markdown(["Model", "Scenario", "HF generate decode tok/s", "fast engine decode tok/s", "fast / HF"],
+                     lines) if lines else None
 
 
 def speed_markdown(results: dict) -> str:

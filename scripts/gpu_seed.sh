@@ -21,11 +21,7 @@ set -u
 SIZE=${1:?usage: gpu_seed.sh 7b|14b OUT_DIR [BUDGET_S]}
 OUT=${2:?usage: gpu_seed.sh 7b|14b OUT_DIR [BUDGET_S]}
 BUDGET=${3:-600}
-mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
-cd "$(dirname "$0")/.."
-REPO=$PWD
-BIN=${BIN:-$([ -x .venv/bin/qwen-profile ] && echo "$REPO/.venv/bin" || dirname "$(command -v qwen-profile)")}
-export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+source "$(dirname "$0")/gpu_env.sh"
 
 if [ "${DRY_RUN:-0}" = "1" ]; then
   MODEL=synthetic:tiny; L2048=32; L8192=64; DEVICE=(--device cpu --threads 1); TIMEOUT=120

@@ -19,11 +19,7 @@
 set -u
 OUT=${1:?usage: gpu_user_path.sh OUT_DIR [BUDGET_S]}
 BUDGET=${2:-600}
-mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
-cd "$(dirname "$0")/.."
-REPO=$PWD
-BIN=${BIN:-$([ -x .venv/bin/qwen-quantize ] && echo "$REPO/.venv/bin" || dirname "$(command -v qwen-quantize)")}
-export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+source "$(dirname "$0")/gpu_env.sh"
 
 if [ "${DRY_RUN:-0}" = "1" ]; then
   MODEL=synthetic:tiny; DEVICE=cpu; CALIB=(--nsamples 4 --seqlen 64); GEN=32; WINDOWS=2; SEQ=64; ITEMS=4
