@@ -23,8 +23,9 @@ HEAD_BYTES = 1 << 22
 
 
 def model_fingerprint(spec: str, folder: str | None) -> str:
-    """A hash of a model folder's config and weight files (or of the spec when it is not a folder)."""
-    h = hashlib.sha256(spec.encode())
+    """A hash of a model folder's config and weight files, wherever the folder is (a checkpoint moved or linked
+    elsewhere keeps its stored results); of the spec itself when it names nothing on this machine (a hub id)."""
+    h = hashlib.sha256(b"" if folder and Path(folder).exists() else spec.encode())
     if folder and Path(folder).is_dir():
         root = Path(folder)
         for p in sorted(root.iterdir()):

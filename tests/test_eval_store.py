@@ -163,3 +163,18 @@ def test_perplexity_difference_is_paired():
     with pytest.raises(ValueError, match="same windows"):
         perplexity_difference(fp, q[:-1])
     assert loss_ratio(fp, fp, q) is None  # a baseline that loses nothing: no ratio
+
+
+def test_a_model_is_known_by_its_files_not_its_path(tmp_path):
+    from qwen_quant.accuracy.store import model_fingerprint
+
+    a = tmp_path / "a" / "ckpt"
+    a.mkdir(parents=True)
+    (a / "config.json").write_text('{"x": 1}')
+    (a / "model.safetensors").write_bytes(b"\0" * 64)
+    (tmp_path / "link").symlink_to(a)
+    before = model_fingerprint(str(a), str(a))
+    assert before == model_fingerprint("link", str(tmp_path / "link"))
+    (a / "model.safetensors").write_bytes(b"\1" * 64)  # other weights: another model
+    assert model_fingerprint(str(a), str(a)) != before
+    assert model_fingerprint("Org/model", None) != model_fingerprint("Org/other", None)
