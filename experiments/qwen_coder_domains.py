@@ -56,6 +56,8 @@ ROWS = {
     "broad-16x512": ("defaults, broad calibration mix", SMALL + BROAD),
     "broad-damp0.1-16x512": ("defaults, broad mix, damp 0.1", SMALL + BROAD + ["--damp", "0.1"]),
     "broad-plain-damp0.1-16x512": ("plain GPTQ, broad mix, damp 0.1", SMALL + BROAD + PLAIN + ["--damp", "0.1"]),
+    "broad-auto-16x512": ("defaults with damping raised where calibration is thin (--damp-auto 0.5), broad mix",
+                          SMALL + BROAD + ["--damp-auto", "0.5"]),
 }
 
 

@@ -320,7 +320,7 @@ def collect_hessian(block: nn.Module, inputs: BlockInputs, linears: dict[str, nn
     """The Hessian shared by a step's linears (they see the same input, by the layout's definition).
 
     Only the step's first linear is hooked, and the forward stops right there: nothing after it is needed.
-    Returns (H, D): D as `gptq.AsymmetricAccumulator` defines it when `fp_block` (the block's unquantized
+    Returns (H, D, tokens): D as `gptq.AsymmetricAccumulator` defines it when `fp_block` (the block's unquantized
     copy: asymmetric calibration) is given, so the same linear's inputs in the fp model are read too; else None.
     """
     first_name, first = next(iter(linears.items()))
@@ -334,7 +334,7 @@ def collect_hessian(block: nn.Module, inputs: BlockInputs, linears: dict[str, nn
             acc.add_batch(x, mask=mask)
         else:
             acc.add_pair(x, _input_of(fp_block, first_name, inputs, i, fp=True), mask=mask)
-    return acc.hessian(), (acc.asymmetry() if fp_block is not None else None)
+    return acc.hessian(), (acc.asymmetry() if fp_block is not None else None), acc.tokens
 
 
 def relative_output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor, rows: int = 1024) -> float:
@@ -352,13 +352,14 @@ def relative_output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor, row
     return (max(num, 0.0) / den) ** 0.5 if den > 0 else 0.0
 
 
-def quantize_weight(w: torch.Tensor, h: torch.Tensor, settings: QuantSettings):
-    """w [N, K] float32 (possibly the asymmetric target rather than the layer's own weights)."""
+def quantize_weight(w: torch.Tensor, h: torch.Tensor, settings: QuantSettings, damp: float | None = None):
+    """w [N, K] float32 (possibly the asymmetric target rather than the layer's own weights); damp defaults
+    to settings.damp (the pipeline passes settings.damp_for the layer's calibration tokens)."""
     if settings.method == "rtn":
         return gptq.rtn_quantize(w, settings.bits, settings.group_size, settings.sym, mse=settings.mse)
     result = gptq.gptq_quantize(w, h, bits=settings.bits, group_size=settings.group_size, sym=settings.sym,
                                 desc_act=settings.desc_act, static_groups=settings.static_groups,
-                                damp=settings.damp, mse=settings.mse)
+                                damp=settings.damp if damp is None else damp, mse=settings.mse)
     if settings.refit_scales and result.fallback is None:
         result = gptq.refit_scales(w, h, result)
     return result
@@ -378,17 +379,18 @@ def quantize_block(block: nn.Module, inputs: BlockInputs, layout: Layout, settin
     results, stats = {}, []
     for step in layout.steps:
         linears = {name: block.get_submodule(name) for name in step}
-        h, d = collect_hessian(block, inputs, linears, fp_block=fp_block)
+        h, d, tokens = collect_hessian(block, inputs, linears, fp_block=fp_block)
         h = h.to(block_device(block))
+        damp = settings.damp_for(h.shape[0], tokens)
         # The step's linears share H, and GPTQ treats each output row on its own given H: quantizing
         # their weights stacked along the output dimension is exactly quantizing each alone, with one
         # Cholesky and one column loop instead of several (q/k/v: 3x fewer Python-level steps).
         weights = [lin.weight.detach().float() for lin in linears.values()]
         target = torch.cat(weights)
         if d is not None:
-            target = gptq.asymmetric_target(target, h, d, settings.gptaq_alpha, settings.damp)
+            target = gptq.asymmetric_target(target, h, d, settings.gptaq_alpha, damp)
             del d
-        pieces = quantize_weight(target, h, settings).split([w.shape[0] for w in weights])
+        pieces = quantize_weight(target, h, settings, damp).split([w.shape[0] for w in weights])
         del target
         for (name, lin), w, res in zip(linears.items(), weights, pieces):
             q = res.weight.to(lin.weight.device)
