@@ -41,6 +41,9 @@ WINDOWS = 16
 SMALL = ["--nsamples", "16", "--seqlen", "512"]  # what a CPU user can afford
 PLAIN = ["--no-desc-act", "--no-static-groups", "--no-mse"]
 BROAD = ["--calib", "wiki+peoples-daily+code+chat"]
+# the settings this study changed, pinned to their values before it, so that every row says what it ran
+BEFORE = ["--calib", "wiki+peoples-daily", "--damp-auto", "0"]
+FIXED_DAMP = ["--damp-auto", "0"]
 
 # name -> (what the row is, qwen-quantize arguments beyond the model and --out)
 ROWS = {
@@ -49,13 +52,13 @@ ROWS = {
                                                                 "--seqlen", "512"]),
     "rtn-mse": ("round-to-nearest with the range search", ["--method", "rtn", "--nsamples", "4", "--seqlen", "512"]),
     "defaults-16x512": ("defaults before this study: act-order + static groups + range search, damp 0.01, "
-                        "wiki + People's Daily", SMALL),
-    "plain-16x512": ("plain GPTQ: no act-order, no range search", SMALL + PLAIN),
-    "defaults-damp0.1-16x512": ("defaults, damp 0.1", SMALL + ["--damp", "0.1"]),
-    "plain-damp0.1-16x512": ("plain GPTQ, damp 0.1", SMALL + PLAIN + ["--damp", "0.1"]),
-    "broad-16x512": ("defaults, broad calibration mix", SMALL + BROAD),
-    "broad-damp0.1-16x512": ("defaults, broad mix, damp 0.1", SMALL + BROAD + ["--damp", "0.1"]),
-    "broad-plain-damp0.1-16x512": ("plain GPTQ, broad mix, damp 0.1", SMALL + BROAD + PLAIN + ["--damp", "0.1"]),
+                        "wiki + People's Daily", SMALL + BEFORE),
+    "plain-16x512": ("plain GPTQ: no act-order, no range search", SMALL + BEFORE + PLAIN),
+    "defaults-damp0.1-16x512": ("defaults, damp 0.1", SMALL + BEFORE + ["--damp", "0.1"]),
+    "plain-damp0.1-16x512": ("plain GPTQ, damp 0.1", SMALL + BEFORE + PLAIN + ["--damp", "0.1"]),
+    "broad-16x512": ("defaults, broad calibration mix", SMALL + BROAD + FIXED_DAMP),
+    "broad-damp0.1-16x512": ("defaults, broad mix, damp 0.1", SMALL + BROAD + FIXED_DAMP + ["--damp", "0.1"]),
+    "broad-plain-damp0.1-16x512": ("plain GPTQ, broad mix, damp 0.1", SMALL + BROAD + FIXED_DAMP + PLAIN + ["--damp", "0.1"]),
     "broad-auto-16x512": ("defaults with damping raised where calibration is thin (--damp-auto 0.5), broad mix",
                           SMALL + BROAD + ["--damp-auto", "0.5"]),
 }

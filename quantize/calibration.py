@@ -1,9 +1,11 @@
 """Calibration sets for GPTQ: `nsamples` sequences of `seqlen` tokens and a mask that marks padding.
 
 Sources:
-- "default": half English (Wikipedia summaries) and half Chinese (People's Daily), both from the
-  "calib" split that evaluation never uses (corpora.py documents the split rule); English first
-  when `nsamples` is odd, samples interleaved en, zh, en, zh ...
+- "default": English (Wikipedia summaries), Chinese (People's Daily), code (MBPP in 17 languages) and chat
+  (MATH problems as ChatML), a quarter each, all from the "calib" split that evaluation never uses
+  (corpora.py documents the split rule), samples interleaved en, zh, code, chat, en ... Code and chat are
+  in it because English+Chinese alone left GPTQ worse than round-to-nearest on held-out code
+  (reports/qwen2.5-coder-1.5b-domains/).
 - a mix of package corpora joined by "+" ("wiki+peoples-daily+code+chat"): nsamples shared out evenly
   (the first ones get one more), interleaved in the order given; "default" is one such mix.
 - one package corpus alone ("wiki", "peoples-daily", "code", "chat" ...; corpora.NAMED_CORPORA).
@@ -33,7 +35,7 @@ from qwen_quant import corpora
 from qwen_quant.corpora import Corpus
 
 DOCUMENT_SEPARATOR = "\n\n"
-DEFAULT_MIX = ("wiki", "peoples-daily")
+DEFAULT_MIX = ("wiki", "peoples-daily", "code", "chat")
 
 
 def mix_of(source: str) -> tuple[str, ...] | None:

@@ -230,6 +230,11 @@ def _error_summary(layers: list[dict]) -> list[str]:
     return rows
 
 
+def _damp_range(report: dict) -> str:
+    used = sorted({round(float(layer["damp_used"]), 4) for layer in report.get("layers", []) if "damp_used" in layer})
+    return "not recorded" if not used else f"{used[0]}" if len(used) == 1 else f"{used[0]} to {used[-1]} by layer"
+
+
 def model_card(report: dict) -> str:
     model, qc, calib, totals = report["model"], report["quantization_config"], report["calibration"], report["totals"]
     title = model.get("base_model") or model.get("source")
@@ -251,6 +256,8 @@ def model_card(report: dict) -> str:
         f"- bits {qc['bits']}, group size {group}, {'symmetric' if qc['sym'] else 'asymmetric'}, "
         f"act-order (desc_act) {qc['desc_act']}, static groups {qc['static_groups']}, damp {qc['damp_percent']}, "
         f"range search (mse) {report['settings']['mse']}",
+        *([f"- damping raised where calibration is thin: each layer max(damp, {report['settings']['damp_auto']} x "
+           f"inputs / calibration tokens); used: {_damp_range(report)}"] if report["settings"].get("damp_auto") else []),
         *([f"- asymmetric calibration (GPTAQ): each layer fitted to the full-precision model's outputs, correction "
            f"scaled by alpha = {report['settings']['gptaq_alpha']}"] if report["settings"].get("gptaq_alpha") else []),
         *(["- scales refitted: after GPTQ chose the codes, each group's scale was moved to the least-squares optimum "

@@ -143,11 +143,11 @@ def test_default_mix_shapes_determinism_and_languages(qwen_tok):
     assert a.input_ids.shape == (5, 128) and a.input_ids.dtype == torch.long
     assert torch.equal(a.input_ids, b.input_ids) and not torch.equal(a.input_ids, c.input_ids)
     assert a.attention_mask.all() and a.num_tokens == 5 * 128
-    # interleaved: English rows 0, 2, 4; Chinese rows 1, 3
+    # interleaved: English, Chinese, code, chat, English
     cjk = [sum("\u4e00" <= ch <= "\u9fff" for ch in qwen_tok.decode(row.tolist())) for row in a.input_ids]
-    assert all(cjk[i] < 5 for i in (0, 2, 4)) and all(cjk[i] > 30 for i in (1, 3))
+    assert all(cjk[i] < 5 for i in (0, 2, 3, 4)) and cjk[1] > 30
     d = a.description
-    assert [x["samples"] for x in d["corpora"]] == [3, 2] and all(x["split"] == "calib" for x in d["corpora"])
+    assert [x["samples"] for x in d["corpora"]] == [2, 1, 1, 1] and all(x["split"] == "calib" for x in d["corpora"])
 
 
 def test_a_mix_shares_samples_out_and_interleaves_in_order(qwen_tok):
@@ -160,9 +160,8 @@ def test_a_mix_shares_samples_out_and_interleaves_in_order(qwen_tok):
     cjk = [sum("\u4e00" <= ch <= "\u9fff" for ch in qwen_tok.decode(row.tolist())) for row in cal.input_ids]
     # rows: wiki, zh, code, chat, wiki, zh
     assert cjk[1] > 30 and cjk[5] > 30 and all(cjk[i] < 5 for i in (0, 2, 3, 4))
-    # "default" is the wiki + People's Daily mix
-    assert torch.equal(build_calibration(qwen_tok, nsamples=4, seqlen=64).input_ids,
-                       build_calibration(qwen_tok, source="wiki+peoples-daily", nsamples=4, seqlen=64).input_ids)
+    # "default" is exactly this mix
+    assert torch.equal(build_calibration(qwen_tok, nsamples=6, seqlen=128).input_ids, cal.input_ids)
 
 
 @pytest.mark.parametrize("source", ["wiki+nonsense", "wiki+wiki", "wiki+"])

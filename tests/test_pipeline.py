@@ -143,6 +143,21 @@ def test_fp32_forwards_under_bf16_autocast_by_default_and_model_dtype_on_request
     assert errors[0] == pytest.approx(errors[1], rel=0.1)
 
 
+def test_thin_calibration_raises_each_layers_damping_by_inputs_over_tokens(tmp_path):
+    """--damp-auto: damp = max(--damp, ALPHA x in_features / calibration tokens), per layer, in the report."""
+    tokens = 4 * 16 - 6  # calibration(): 4 samples of 16, 6 padding tokens that never count
+    auto = json.loads((run(tiny_hf_model("qwen2"), tmp_path / "a", calib=calibration(pad_last=6), damp_auto=0.5)
+                       / "quant_report.json").read_text())
+    for layer in auto["layers"]:
+        assert layer["damp_used"] == pytest.approx(min(max(0.01, 0.5 * layer["in_features"] / tokens), 0.95))
+    assert auto["settings"]["damp_auto"] == 0.5
+    assert "damping raised where calibration is thin" in (tmp_path / "a" / "README.md").read_text()  # the model card
+    off = json.loads((run(tiny_hf_model("qwen2"), tmp_path / "o", calib=calibration(pad_last=6), damp_auto=0.0)
+                      / "quant_report.json").read_text())
+    assert {layer["damp_used"] for layer in off["layers"]} == {0.01}
+    assert off["totals"]["mean_rel_error"] != auto["totals"]["mean_rel_error"]
+
+
 def test_relative_output_error_matches_a_direct_computation():
     torch.manual_seed(1)
     x = torch.randn(200, 32)

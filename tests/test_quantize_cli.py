@@ -49,6 +49,7 @@ def tiny_llama_folder(path, weights: bytes | None = None, config: dict | None = 
     (["--nsamples", "0"], "--nsamples"),
     (["--damp", "0"], "outside (0, 1)"),
     (["--damp", "1.5"], "outside (0, 1)"),
+    (["--damp-auto", "-1"], "--damp-auto -1.0 is invalid"),
     (["--forward-dtype", "fp8"], "invalid choice"),
     (["--method", "awq"], "unknown --method"),
     (["--seqlen", "0"], "--seqlen"),

@@ -1,0 +1,156 @@
+#!/usr/bin/env python
+"""Why GPTQ lost to round-to-nearest on Qwen2.5-Coder-1.5B with 16 x 512 calibration tokens (issue 15).
+
+Two measurements, each printing one JSON line per case (reports/qwen2.5-coder-1.5b-domains/DIAGNOSIS.md
+quotes them):
+
+    python experiments/qwen_coder_diagnosis.py splice RTN_CKPT GPTQ_CKPT [--windows 8]
+        end to end: the fp model with every quantized linear taken from one checkpoint or the other, by
+        rule (all RTN, all GPTQ, GPTQ except the four down_proj layers with outlier inputs, ...), and the
+        mean NLL of the first wiki eval windows (the study's own windows).
+    python experiments/qwen_coder_diagnosis.py tokens LAYER [--damps 0.01,0.1,0.3,0.9]
+        one layer: down_proj of LAYER quantized by RTN and by GPTQ (calibration: the 16 x 512 English+Chinese
+        samples of the study's rows) at several dampings; the relative output error on held-out wiki tokens
+        (windows 16-23, which the study never scored), the attention-sink token (position 0) apart from the rest.
+
+The fp model runs in bfloat16 and one torch thread; quantization math is qwen_quant.quantize.gptq itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # offline_qwen, beside this script
+from offline_qwen import fp_folder, study_dir  # noqa: E402
+
+SEQLEN = 512
+OUTLIER_DOWN = r"layers\.(1|2|26|27)\.mlp\.down_proj"  # down_proj inputs with massive activations on this model
+SPLICES = {  # name -> which linears take the GPTQ checkpoint's weights (the rest: RTN's)
+    "all rtn": lambda n: False,
+    "all gptq": lambda n: True,
+    "gptq except down_proj 1,2,26,27": lambda n: not re.search(OUTLIER_DOWN, n),
+    "rtn except down_proj 1,2,26,27": lambda n: bool(re.search(OUTLIER_DOWN, n)),
+}
+
+
+def fp_model():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = fp_folder()
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def wiki_windows(tok, first: int, count: int) -> torch.Tensor:
+    from qwen_quant import corpora
+
+    ids = tok("\n\n".join(corpora.corpus_by_name("wiki", "eval").texts))["input_ids"]
+    return torch.tensor(ids[first * SEQLEN:(first + count) * SEQLEN]).view(count, SEQLEN)
+
+
+def dequantized(folder: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from qwen_quant.kernels.format import dequantize
+
+    t = load_file(str(Path(folder) / "model.safetensors"))
+    return {k[:-8]: dequantize(t[k], t[k[:-8] + ".qzeros"], t[k[:-8] + ".scales"], t[k[:-8] + ".g_idx"], 4,
+                               dtype=torch.bfloat16) for k in t if k.endswith(".qweight")}
+
+
+@torch.no_grad()
+def splice(rtn: str, gptq_ckpt: str, windows: int) -> None:
+    model, tok = fp_model()
+    win = wiki_windows(tok, 0, windows)
+    a, b = dequantized(rtn), dequantized(gptq_ckpt)
+    for name, from_gptq in SPLICES.items():
+        for p in a:
+            model.get_submodule(p).weight.data.copy_(b[p] if from_gptq(p) else a[p])
+        nll = [float(torch.nn.functional.cross_entropy(model(input_ids=w[None]).logits[0, :-1].float(), w[1:]))
+               for w in win]
+        print(json.dumps({"case": name, "windows": windows, "mean_nll": round(sum(nll) / len(nll), 5),
+                          "nll": [round(x, 5) for x in nll]}), flush=True)
+
+
+@torch.no_grad()
+def layer_inputs(model, layer: int, ids: torch.Tensor) -> torch.Tensor:
+    """down_proj's inputs [samples, tokens, K] (the forward stops there)."""
+    grabbed = []
+
+    class Stop(Exception):
+        pass
+
+    def hook(_m, a):
+        grabbed.append(a[0][0].float().clone())
+        raise Stop
+
+    handle = model.model.layers[layer].mlp.down_proj.register_forward_pre_hook(hook)
+    try:
+        for row in ids:
+            try:
+                model(input_ids=row[None])
+            except Stop:
+                pass
+    finally:
+        handle.remove()
+    return torch.stack(grabbed)
+
+
+def tokens(layer: int, damps: list[float]) -> None:
+    from qwen_quant.quantize import gptq
+    from qwen_quant.quantize.calibration import build_calibration
+
+    model, tok = fp_model()
+    calib = build_calibration(tok, "wiki+peoples-daily", nsamples=16, seqlen=SEQLEN, seed=0).input_ids
+    cache = study_dir() / "diagnosis" / f"down_proj-{layer}-inputs.pt"
+    if cache.is_file():
+        xc, xe = torch.load(cache)
+    else:
+        xc, xe = layer_inputs(model, layer, calib), layer_inputs(model, layer, wiki_windows(tok, 16, 8))
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save((xc, xe), cache)
+    w = model.model.layers[layer].mlp.down_proj.weight.detach().float()
+    rows = xc.reshape(-1, xc.shape[-1])
+    h = 2 * rows.T @ rows / rows.shape[0]
+
+    def report(case: str, q: torch.Tensor) -> None:
+        d = w - q
+        rel = (xe @ d.T).norm(dim=-1) ** 2 / (xe @ w.T).norm(dim=-1) ** 2  # [samples, tokens]
+        calib_rel = float((xc @ d.T).norm() ** 2 / (xc @ w.T).norm() ** 2)
+        print(json.dumps({"layer": layer, "case": case, "calibration_rel_error": round(calib_rel, 5),
+                          "heldout_sink_rel_error": round(float(rel[:, 0].mean()), 5),
+                          "heldout_rest_rel_error": round(float(rel[:, 1:].mean()), 5)}), flush=True)
+
+    report("rtn", gptq.rtn_quantize(w, 4, 128, True).weight)
+    for damp in damps:
+        report(f"gptq damp {damp}", gptq.gptq_quantize(w, h, 4, 128, True, damp=damp).weight)
+        report(f"gptq act-order+static+mse damp {damp}",
+               gptq.gptq_quantize(w, h, 4, 128, True, damp=damp, desc_act=True, static_groups=True, mse=True).weight)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="step", required=True)
+    s = sub.add_parser("splice")
+    s.add_argument("rtn")
+    s.add_argument("gptq")
+    s.add_argument("--windows", type=int, default=8)
+    t = sub.add_parser("tokens")
+    t.add_argument("layer", type=int)
+    t.add_argument("--damps", default="0.01,0.1,0.3,0.9")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.step == "splice":
+        splice(args.rtn, args.gptq, args.windows)
+    else:
+        tokens(args.layer, [float(x) for x in args.damps.split(",")])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
