@@ -75,9 +75,9 @@ class QuantSettings:
     nsamples: int = _opt(128, "calibration samples (default 128)", group="calibration")
     seqlen: int | None = _opt(None, "tokens per sample (default 2048, capped at the model's context)",
                               group="calibration")
-    calib: str = _opt("default", "default (English, Chinese, code and chat, a quarter each), a package corpus (wiki, peoples-daily, code, chat, "
-                                 "wiki-fr) or a '+'-joined mix of them (wiki+code+chat), a .txt/.jsonl FILE, or "
-                                 "hf:<dataset id>[:config][:split]", group="calibration")
+    calib: str = _opt("default", "default (English, Chinese, code and chat, a quarter each), a package corpus (wiki, "
+                                 "peoples-daily, code, chat, wiki-fr) or a '+'-joined mix of them (wiki+code+chat), a "
+                                 ".txt/.jsonl FILE, or hf:<dataset id>[:config][:split]", group="calibration")
     seed: int = _opt(0, "seed for choosing calibration samples (default 0)", group="calibration")
 
     def __post_init__(self):
@@ -111,8 +111,8 @@ class QuantSettings:
         if self.method == "rtn":  # act-order and static groups are GPTQ's: an RTN checkpoint must not claim them
             object.__setattr__(self, "desc_act", False)
             object.__setattr__(self, "static_groups", False)
-        for name, kind in (("damp", float), ("damp_auto", float), ("gptaq_alpha", float), ("desc_act", bool), ("static_groups", bool),
-                           ("sym", bool), ("mse", bool), ("refit_scales", bool)):
+        for name, kind in (("damp", float), ("damp_auto", float), ("gptaq_alpha", float), ("desc_act", bool),
+                           ("static_groups", bool), ("sym", bool), ("mse", bool), ("refit_scales", bool)):
             object.__setattr__(self, name, kind(getattr(self, name)))
 
     def damp_for(self, in_features: int, tokens: int) -> float:
