@@ -59,7 +59,8 @@ ROWS = {
     "broad-16x512": ("defaults, broad calibration mix", SMALL + BROAD + FIXED_DAMP),
     "broad-damp0.1-16x512": ("defaults, broad mix, damp 0.1", SMALL + BROAD + FIXED_DAMP + ["--damp", "0.1"]),
     "broad-plain-damp0.1-16x512": ("plain GPTQ, broad mix, damp 0.1", SMALL + BROAD + FIXED_DAMP + PLAIN + ["--damp", "0.1"]),
-    "broad-auto-16x512": ("defaults with damping raised where calibration is thin (--damp-auto 0.5), broad mix",
+    "broad-auto-16x512": ("the defaults after this study: act-order + static groups + range search, damping raised "
+                          "where calibration is thin (--damp-auto 0.5), English + Chinese + code + chat",
                           SMALL + BROAD + ["--damp-auto", "0.5"]),
 }
 
