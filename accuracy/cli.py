@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "records are documents joined by blank lines")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="weights and activations of every model: auto (each model's own: an fp model's config dtype; "
-                        "Int4 checkpoints fp32 on a CPU, fp16 on a GPU) or one dtype for all, e.g. bf16 to compare "
+                        "Int4 checkpoints bf16 on a CPU, fp16 on a GPU) or one dtype for all, e.g. bf16 to compare "
                         "fp and Int4 in the same precision (fast on CPUs with AVX512-BF16/AMX)")
     p.add_argument("--ppl-lengths", type=_lengths, default=None,
                    help="extra window lengths for a long-context perplexity table, e.g. 1024,2048,4096")

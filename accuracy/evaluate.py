@@ -89,13 +89,29 @@ def refuse_synthetic(spec: str, allow: bool = False):
     return ref
 
 
+def _dtype_run(model, requested: str) -> str:
+    """The dtype for the item store's key: as asked, or what `auto` resolved to (its meaning has changed
+    before: Int4 on the CPU ran fp32 until the CPU backend; results from each must not mix)."""
+    if requested != "auto":
+        return requested
+    return "auto:" + str(next(p.dtype for p in model.parameters() if p.is_floating_point())).replace("torch.", "")
+
+
+def _backend_run(model, requested: str) -> str:
+    """The kernel backend(s) an Int4 model's layers run (e.g. 'cpu'); the request as given for an fp model."""
+    plans = sorted({m.backend for m in model.modules() if type(m).__name__ == "QuantLinear"})
+    return "+".join(plans) if plans else requested
+
+
 def load_for_eval(spec, device: str = "cpu", backend: str = "auto", dtype=None,
                   trust_remote_code: bool = False) -> EvalModel:
     """Any real model (a MODEL argument or its ModelRef: fp or a quantized checkpoint, models.load) -> EvalModel."""
     from qwen_quant.models.load import load
 
     ref = refuse_synthetic(spec) if isinstance(spec, str) else spec
-    loaded = load(ref, dtype=dtype, device=device, backend=backend, trust_remote_code=trust_remote_code)
+    # inference only: an Int4 model keeps its repacked weights, not the checkpoint's copy beside them
+    loaded = load(ref, dtype=dtype, device=device, backend=backend, trust_remote_code=trust_remote_code,
+                  keep_checkpoint=False)
     loaded.model.eval()
     return EvalModel(ref.label, loaded.model, loaded.tokenizer, dict(loaded.description), device)
 
@@ -328,7 +344,7 @@ def evaluate(models: list[str], tasks: str | list[str], limit: int | None = None
 
     `limit`: the first N items of each benchmark; `ppl_windows`: the first N perplexity windows (None:
     the whole held-out split); `dtype`: "auto" (each model's own: an fp model's config dtype, Int4
-    checkpoints fp32 on the CPU and fp16 on a GPU) or one of DTYPES for every model alike.
+    checkpoints bf16 on the CPU and fp16 on a GPU) or one of DTYPES for every model alike.
     With `out`, every scored item is stored under out/items as it is scored: the same call again
     resumes where a stopped one ended, and a larger --limit / --ppl-windows scores only the new items.
     `allow_synthetic` scores synthetic models too, to check the evaluation path and time it on a machine: their
@@ -360,8 +376,8 @@ def evaluate(models: list[str], tasks: str | list[str], limit: int | None = None
         if any(m["label"] == em.label for m in model_info):
             em.label = f"{em.label}#{len(model_info) + 1}"
         encoder = CachedEncoder(em.encode)
-        identity = {"model": model_fingerprint(spec, ref.local_path), "dtype": dtype,
-                    "backend": backend, "device": torch.device(device).type}
+        identity = {"model": model_fingerprint(spec, ref.local_path), "dtype": _dtype_run(em.model, dtype),
+                    "backend": _backend_run(em.model, backend), "device": torch.device(device).type}
         store = ItemStore(Path(out) if out is not None else None, em.label, identity)
         for r in requests:
             name = r.task.name

@@ -3,7 +3,7 @@
 `select_backend` returns a plan: an ordered list of (max_rows, backend name); a forward call uses the
 first entry whose max_rows covers its row count (None = any). `auto` picks by device, batch size,
 bits, divisibility (each backend's supports()) and availability:
-    cpu  -> torch
+    cpu  -> cpu (torch's int4 kernel; 4-bit, groups of 32k) when available, torch otherwise
     cuda -> cuda (CUDA C++) for <= 16 rows when available and supported, triton otherwise,
             torch when neither supports the layer.
 A forced backend that cannot run is a one-line UserError.
@@ -19,10 +19,10 @@ import torch
 
 from qwen_quant.errors import UserError
 
-BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
+BACKEND_NAMES = ("auto", "torch", "cpu", "triton", "cuda")
 CUDA_MAX_ROWS = 16  # the CUDA C++ kernel is a batch 1-16 decode kernel
 
-_MODULES = {"torch": "torch_backend", "triton": "triton_backend", "cuda": "cuda_backend"}
+_MODULES = {"torch": "torch_backend", "cpu": "cpu_backend", "triton": "triton_backend", "cuda": "cuda_backend"}
 _said: set[str] = set()
 
 
@@ -69,8 +69,10 @@ def select_backend(requested: str, device: torch.device | str, in_features: int,
         ok, reason = backend_available(requested)
         if not ok:
             raise UserError(f"backend {requested!r} is not available here ({reason}); use --backend auto")
-        if requested in ("cuda",) and device.type != "cuda":
+        if requested == "cuda" and device.type != "cuda":
             raise UserError(f"backend 'cuda' needs the model on a CUDA device, not {device}; use --backend auto")
+        if requested == "cpu" and device.type != "cpu":
+            raise UserError(f"backend 'cpu' needs the model on the CPU, not {device}; use --backend auto")
         if requested == "triton" and device.type != "cuda" and "interpreter" not in reason:
             raise UserError(f"backend 'triton' needs a CUDA device, not {device}; use --backend auto")
         if not _supports(requested, *shape):
@@ -78,7 +80,8 @@ def select_backend(requested: str, device: torch.device | str, in_features: int,
                             f"bits={bits}, group_size={group_size}, desc_act={desc_act}; use --backend auto")
         return [(None, requested)]
     if device.type != "cuda":
-        return [(None, "torch")]
+        cpu_ok, _ = backend_available("cpu")
+        return [(None, "cpu" if device.type == "cpu" and cpu_ok and _supports("cpu", *shape) else "torch")]
     plan: list[tuple[int | None, str]] = []
     cuda_ok, cuda_reason = backend_available("cuda")
     if not cuda_ok:

@@ -35,10 +35,12 @@ MODEL_SHAPES = {
     "qwen3-8b": [("q", 4096, 4096), ("k/v", 4096, 1024), ("o", 4096, 4096), ("gate/up", 4096, 12288),
                  ("down", 12288, 4096)],
 }
-CPU_SHAPES = {"cpu-small": [("mlp", 1024, 2816), ("o", 1024, 1024)]}
+CPU_SHAPES = {"cpu-small": [("mlp", 1024, 2816), ("o", 1024, 1024)],
+              # Qwen2.5(-Coder)-1.5B: the real model the CPU work runs (k/v 1536x256, gate/up, down)
+              "qwen2.5-1.5b": [("q/o", 1536, 1536), ("k/v", 1536, 256), ("gate/up", 1536, 8960), ("down", 8960, 1536)]}
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
-CPU_BATCHES = (1, 16)
-IMPLS = ("bf16", "tinygemm", "torch", "triton", "cuda")
+CPU_BATCHES = (1, 16, 64, 256)  # decode, and both sides of the CPU backend's kernel/dequantize switch
+IMPLS = ("bf16", "tinygemm", "torch", "cpu", "triton", "cuda")
 GROUP_SIZE = 128
 COLD_BYTES = 120 * 2**20  # > 2x the 50-60 MB L2 of H100/H200
 
@@ -51,6 +53,8 @@ def weight_bytes(impl: str, k: int, n: int) -> int:
     groups = math.ceil(k / GROUP_SIZE)
     if impl == "tinygemm":
         return k * n // 2 + groups * n * 4  # bf16 scale and zero per group
+    if impl == "cpu":
+        return k * n // 2 + groups * n * 7  # + its dequantize's checkpoint-precision scale and 8-bit zero
     return k * n // 2 + groups * n * 2 + groups * n // 2  # packed codes, fp16 scales, 4-bit zeros
 
 
@@ -86,7 +90,7 @@ def _ours_impl(backend):
     return make
 
 
-MAKERS = {"bf16": _bf16_impl, "tinygemm": _tinygemm_impl, "torch": _ours_impl("torch"),
+MAKERS = {"bf16": _bf16_impl, "tinygemm": _tinygemm_impl, "torch": _ours_impl("torch"), "cpu": _ours_impl("cpu"),
           "triton": _ours_impl("triton"), "cuda": _ours_impl("cuda")}
 
 
@@ -286,6 +290,8 @@ def run_benchmark(device="cuda", models=None, batches=None, impls=None, time_bud
     impls = [i for i in (impls or IMPLS) if i in IMPLS]
     if not on_gpu:  # the interpreter and a GPU-only kernel are not benchmarks on a CPU
         impls = [i for i in impls if i not in ("triton", "cuda")]
+    else:
+        impls = [i for i in impls if i != "cpu"]
     impls = [i for i in impls if i in ("bf16", "tinygemm") or _backend_ok(i)]
     bandwidth = measure_copy_bandwidth(device)
     result = {"provenance": provenance(device, argv or sys.argv), "bandwidth_gbs": bandwidth,

@@ -1,7 +1,7 @@
 """`qwen-bench-kernels --check`: are the Int4 kernels right on this machine? Run on every new GPU before a number
 from it is trusted.
 
-1. Every backend (torch, triton, cuda where available) through QuantLinear against a float64
+1. Every backend (torch, cpu on a CPU, triton, cuda where available) through QuantLinear against a float64
    dequantize-then-matmul reference: act-order, partial last groups, groups 32/64/128/-1, bits 2/4/8, v1 and
    v2 zero points, bias, batches 1..64, fp16 and bf16; tolerance from the activation dtype's rounding.
 2. CUDA-graph capture of the triton and cuda forwards (capture, change the input in place, replay, compare).
@@ -32,8 +32,10 @@ GPU_CASES = [
     (1000, 264, 4, 32, True, True, "gptq"), (2048, 1024, 4, -1, False, False, "gptq"),
     (2048, 1024, 2, 128, True, False, "gptq"), (1024, 520, 8, 64, False, True, "gptq_v2"),
 ]
-CPU_CASES = [(576, 72, 4, 128, False, True, "gptq"), (256, 40, 4, 32, True, False, "gptq_v2")]
+CPU_CASES = [(576, 72, 4, 128, False, True, "gptq"), (256, 40, 4, 32, True, False, "gptq_v2"),
+             (200, 48, 4, -1, False, False, "gptq"), (1024, 64, 4, 512, True, True, "gptq")]
 GPU_ROWS, CPU_ROWS = (1, 2, 3, 8, 16, 17, 33, 64), (1, 17)
+CPU_BACKEND_ROWS = (65, 130)  # the cpu backend also past its kernel/dequantize switch (KERNEL_MAX_ROWS = 64)
 # the CUDA library's own sweep: K, N, group, act_order
 CUDA_SWEEP = [
     (64, 16, 32, False), (128, 40, 32, True), (192, 24, 64, True), (576, 72, 128, False),
@@ -88,7 +90,7 @@ def check_layers(device: torch.device, cases, rows_list, backends, deadline: flo
             worst, ok, error = 0.0, True, None
             try:
                 for dtype in (torch.float16, torch.bfloat16):
-                    for rows in rows_list:
+                    for rows in (*rows_list, *(CPU_BACKEND_ROWS if backend == "cpu" else ())):
                         x = torch.randn(rows, case[0], device=device).to(dtype)
                         y = layer(x)
                         ref, tol = reference(layer, x, w64)
@@ -177,9 +179,10 @@ def run_check(device: str, out_dir: Path, budget_s: float = 120.0, argv=None) ->
     started = time.perf_counter()
     dev = torch.device(device)
     on_gpu = dev.type == "cuda"
-    backends = ["torch"] + [b for b in ("triton", "cuda") if backend_available(b)[0]]
+    here = ("triton", "cuda") if on_gpu else ("cpu", "triton")
+    backends = ["torch"] + [b for b in here if backend_available(b)[0]]
     report = {"provenance": collect_env(list(argv or [])), "device": str(dev), "budget_s": budget_s,
-              "available": {b: list(backend_available(b)) for b in ("torch", "triton", "cuda")}}
+              "available": {b: list(backend_available(b)) for b in ("torch", "cpu", "triton", "cuda")}}
     cases, rows = (GPU_CASES, GPU_ROWS) if on_gpu else (CPU_CASES, CPU_ROWS)
 
     def step(name, fn, *args):

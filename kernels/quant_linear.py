@@ -6,7 +6,7 @@ chosen backend(s); backend tensors live in `self._plan`, outside the state dict.
 
 Memory decision: the checkpoint buffers are kept by default (saving must reproduce the checkpoint).
 The torch backend and the Triton backend without act-order read them in place, so nothing is
-duplicated there. Backends that re-lay weights (CUDA C++, Triton with act-order) hold a second
+duplicated there. Backends that re-lay weights (CPU, CUDA C++, Triton with act-order) hold a second
 packed copy; `set_backend(..., keep_checkpoint=False)` frees the buffers the plan does not use
 (the module can then no longer be saved or re-prepared).
 """
@@ -107,7 +107,12 @@ class QuantLinear(nn.Module):
         desc_act = self.desc_act
         plan = backends.select_backend(name, self.qweight.device, self.in_features, self.out_features,
                                        self.bits, self.group_size, desc_act)
-        prepared = [(rows, backend, backends.backend_module(backend), self._prepare(backend)) for rows, backend in plan]
+        try:
+            prepared = [(rows, backend, backends.backend_module(backend), self._prepare(backend)) for rows, backend in plan]
+        except ValueError as exc:  # a layout a repacking backend cannot take (e.g. irregular act-order groups)
+            if name != "auto":
+                raise UserError(f"backend {name!r} cannot take this layer ({exc}); use --backend auto") from None
+            prepared = [(None, "torch", backends.backend_module("torch"), self._prepare("torch"))]
         if prepared[-1][0] is not None:  # always end with an any-size entry
             prepared.append((None, "torch", backends.backend_module("torch"), self._prepare("torch")))
         self._plan, self.backend_name = prepared, name
@@ -136,6 +141,12 @@ class QuantLinear(nn.Module):
         result = super()._apply(fn, *args, **kwargs)
         self._plan = []
         return result
+
+    def __getstate__(self):
+        # deepcopy/pickle: the plan holds backend modules and repacked tensors; re-prepared at the next forward
+        state = self.__dict__.copy()
+        state["_plan"] = []
+        return state
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)

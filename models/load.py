@@ -96,9 +96,10 @@ def local_folder(spec: ModelSpec) -> str:
 
 
 def load(model: str | ModelRef, dtype=None, device: str = "cpu", backend: str = "auto",
-         trust_remote_code: bool = False, seed: int = 0) -> LoadedModel:
+         trust_remote_code: bool = False, seed: int = 0, keep_checkpoint: bool = True) -> LoadedModel:
     """Any MODEL: a quantized checkpoint through load_quantized (Int4 kernels, `backend`), anything else through
-    load_model. dtype None: a checkpoint's default (fp16 on a GPU, fp32 on the CPU), an fp model's own."""
+    load_model. dtype None: a checkpoint's default (fp16 on a GPU, bf16 on the CPU), an fp model's own.
+    keep_checkpoint=False: an Int4 model for inference only, holding its repacked weights and nothing else."""
     ref = model if isinstance(model, ModelRef) else resolve(model)
     if not ref.quantized:
         return load_model(ref.spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code, seed=seed)
@@ -107,7 +108,8 @@ def load(model: str | ModelRef, dtype=None, device: str = "cpu", backend: str = 
     from qwen_quant.kernels.loader import load_quantized
 
     folder = local_folder(ref.spec)
-    net = load_quantized(folder, backend=backend, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    net = load_quantized(folder, backend=backend, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                         keep_checkpoint=keep_checkpoint)
     if ref.synthetic:
         tok = TiktokenQwen() if not os.path.isfile(os.path.join(folder, "tokenizer_config.json")) else \
             AutoTokenizer.from_pretrained(folder)

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16,fp16,fp32,int4 (default: bf16 and int4 where the model has both; int4 only "
                         "for a quantized checkpoint)")
     p.add_argument("--engine", default="hf", help="hf (transformers generate) or fast; comma-separated for both")
-    p.add_argument("--backend", default="auto", help="Int4 kernel backend: auto, torch, triton, cuda")
+    p.add_argument("--backend", default="auto", help="Int4 kernel backend: auto, torch, cpu, triton, cuda")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1, help="short warm-up runs of the same shapes per cell")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per cell (median and min/max reported)")

@@ -66,20 +66,20 @@ def build_model(info: ModelInfo, precision: str, device: str, backend: str = "au
     if info.quantized:
         from qwen_quant.models.load import load
 
-        model = load(info.model, dtype=int4_compute_dtype(device), device=device, backend=backend).model
+        model = load(info.model, dtype=int4_compute_dtype(device), device=device, backend=backend,
+                     keep_checkpoint=False).model
     elif info.kind == "synthetic" and precision == "int4":
         from qwen_quant.models.synthetic import build_synthetic_int4
 
         model = build_synthetic_int4(info.model.split(":", 1)[1], device, int4_compute_dtype(device), backend,
                                      seed=seed, group_size=INT4_GROUP_SIZE)
+        _free_unused_quant_buffers(model, backend)
     else:
         from qwen_quant.models.load import load_model
 
         model = load_model(info.model, dtype=DTYPES[precision], device=device, seed=seed).model
         if info.kind == "synthetic":
             reset_rotary(model)
-    if precision == "int4":
-        _free_unused_quant_buffers(model, backend)
     _use_fast_attention(model)
     return model.eval()
 
@@ -106,7 +106,7 @@ def _use_fast_attention(model) -> None:
 
 def int4_compute_dtype(device: str) -> torch.dtype:
     """Int4 layers compute in fp16 on a GPU (GPTQ stores fp16 scales; the seed's AutoGPTQ ran fp16),
-    in bf16 on the CPU (where torch's fp16 kernels are slow)."""
+    in bf16 on the CPU (what the CPU backend's int4 kernel takes)."""
     return torch.float16 if device.startswith("cuda") else torch.bfloat16
 
 

@@ -36,7 +36,9 @@ def backends(ckpt: str, out: str, device: str) -> int:
             continue
         t0 = time.perf_counter()
         try:
-            model = load_quantized(ckpt, backend=name, device=device)
+            # on a CPU (the dry run) float32: bf16's near-ties would part correct backends' greedy tokens
+            model = load_quantized(ckpt, backend=name, device=device,
+                                   dtype=torch.float32 if device == "cpu" else None)
             with torch.no_grad():
                 logits[name] = model(input_ids=ids).logits[0, -1].float().cpu()
                 seq = ids

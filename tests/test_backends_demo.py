@@ -98,3 +98,45 @@ def test_demo_model_same_greedy_tokens_on_every_backend(demo_models):
         assert torch.equal(got, want[:, : got.shape[1]]), f"{backend} diverged from the reference"
         for layer in quant:
             layer.set_backend("torch")
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the CPU backend serves models on the CPU")
+def test_demo_model_cpu_backend_gives_the_torch_backends_greedy_tokens_in_bf16(demo_models):
+    """BF16 is how Int4 runs on the CPU (the kernel's activations): the CPU backend (int4 kernel for decode,
+    dequantize + matmul for the prompt; every layer, the 576-wide partial-group ones padded) against the
+    torch reference backend on the same model, 24 greedy tokens. Two correct BF16 computations may still
+    part at a near-tie: the tokens must agree up to the first step where the reference's top-two logits lie
+    within BF16 noise of each other (2 ulps at the logits' size)."""
+    from qwen_quant.kernels import cpu_backend
+
+    if not cpu_backend.available()[0]:
+        pytest.skip(cpu_backend.available()[1])
+    model = copy.deepcopy(demo_models[0]).cpu()
+    prompt = demo_models[2]
+    for module in model.modules():  # 16-bit activations; the Int4 layers keep their checkpoint tensors as they are
+        if not isinstance(module, QuantLinear):
+            for param in module.parameters(recurse=False):
+                param.data = param.data.bfloat16()
+    quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    steps = 24
+
+    def run():
+        with torch.no_grad():
+            out = model.generate(prompt, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                                 output_scores=True, return_dict_in_generate=True)
+        return out.sequences[0, prompt.shape[1]:], out.scores
+
+    for layer in quant:
+        layer.set_backend("torch")
+    want, scores = run()
+    for layer in quant:
+        layer.set_backend("auto")
+    assert all(layer.backend == "cpu" for layer in quant)  # none left on the reference path
+    got, _ = run()
+    differ = (got != want).nonzero()
+    if len(differ):
+        step = int(differ[0])
+        top2 = scores[step][0].float().topk(2).values
+        noise = 2 * 2.0 ** -7 * top2[0].abs().item()
+        assert top2[0] - top2[1] <= noise, f"step {step}: a clear decision ({(top2[0] - top2[1]).item():.3f}) changed"
+    assert len(differ) == 0 or int(differ[0]) >= 8  # the first tokens agree in any case

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from qwen_quant.errors import UserError
 from qwen_quant.kernels import format as fmt
+from qwen_quant.kernels import cpu_backend
 from qwen_quant.kernels.loader import load_quantized
 from qwen_quant.kernels.quant_linear import QuantLinear
 
@@ -118,9 +119,10 @@ def write_checkpoint(folder, kind, bits=4, group_size=32, fmt_name="gptq", desc_
 ])
 def test_loaded_model_matches_dequantized_reference(tmp_path, kind, bits, group_size, fmt_name, desc_act, shards):
     reference = write_checkpoint(tmp_path, kind, bits, group_size, fmt_name, desc_act, shards)
-    model = load_quantized(tmp_path, backend="auto", device="cpu")
+    model = load_quantized(tmp_path, backend="auto", device="cpu", dtype=torch.float32)
     quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    assert len(quant) == 14 and all(m.backend == "torch" for m in quant)
+    kernel = bits == 4 and group_size % 32 == 0 and cpu_backend.available()[0]  # else the reference path
+    assert len(quant) == 14 and all(m.backend == ("cpu" if kernel else "torch") for m in quant)
     assert quant[0].checkpoint_format == fmt_name
     ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -132,6 +134,20 @@ def test_loaded_model_matches_dequantized_reference(tmp_path, kind, bits, group_
     ref_out = reference.generate(ids[:1], max_new_tokens=4, do_sample=False)
     assert torch.equal(out, ref_out)
 
+
+
+def test_default_cpu_load_is_bf16_inference_without_the_checkpoint_copy(tmp_path):
+    reference = write_checkpoint(tmp_path, "qwen2", 4, 64, "gptq_v2", True, 1)
+    model = load_quantized(tmp_path, device="cpu", keep_checkpoint=False)
+    assert model.dtype == torch.bfloat16
+    quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert all(m.qweight.numel() == 0 for m in quant)  # freed as each layer was repacked
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got, want = model(ids).logits.float(), reference(ids).logits
+    assert (got - want).abs().max().item() <= 0.05 * want.abs().max().item()  # bf16 through 2 blocks
+    with pytest.raises(UserError):
+        model.state_dict()
 
 def test_state_dict_round_trips_the_checkpoint_tensors(tmp_path):
     write_checkpoint(tmp_path, "qwen2", 4, 32, "gptq", True, 1)

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Int4 against BF16 on this CPU (issue 22): decode tokens/s, prompt tokens/s and peak RSS with both engines, the
+# demo model and Qwen2.5-Coder-1.5B, each cell a fresh process (qwen-profile); then the CPU backend's greedy
+# tokens against the torch reference backend (experiments/cpu_backend_agreement.py).
+#   bash experiments/cpu_int4_vs_bf16.sh OUT_DIR QWEN_FP QWEN_INT4 [THREADS]
+# QWEN_FP: the fp model folder (experiments/offline_qwen.py writes it), QWEN_INT4: a GPTQ checkpoint of it.
+# THREADS: "default" (torch's) or a number; run on a quiet machine (the load is recorded before each run).
+# ~25 min on 2 cores at one thread.
+set -eu
+OUT=${1:?usage: cpu_int4_vs_bf16.sh OUT_DIR QWEN_FP QWEN_INT4 [THREADS]}
+QWEN_FP=$(cd "${2:?QWEN_FP}" && pwd); QWEN_INT4=$(cd "${3:?QWEN_INT4}" && pwd); THREADS=${4:-default}
+ROOT=$(cd "$(dirname "$0")/.." && pwd); BIN=$ROOT/.venv/bin
+mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
+threads=(); [ "$THREADS" != default ] && threads=(--threads "$THREADS")
+# the demo's Int4 form: RTN (speed and memory depend on the format, not on how the codes were chosen)
+[ -f "$OUT/demo-int4/config.json" ] || "$BIN/qwen-quantize" demo --method rtn --nsamples 4 --seqlen 128 \
+    --out "$OUT/demo-int4" --quiet > /dev/null
+cd /tmp  # the repository's top-level profile/ would shadow the standard library
+run() {  # name, models...
+  local name=$1; shift
+  echo "load before $name: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/load.txt"
+  "$BIN/qwen-profile" "$@" --engine hf,fast --encode 512 --gen 64 --repeat 2 --warmup 1 "${threads[@]}" \
+      --out "$OUT/$name" --quiet > /dev/null
+  echo "## $name"; grep -A6 '^| Model | Speed' "$OUT/$name/speed.md"; grep -A6 '^| Model | Peak Usage' "$OUT/$name/memory.md"
+}
+run demo-threads-$THREADS demo "$OUT/demo-int4"
+run qwen2.5-coder-1.5b-threads-$THREADS "$QWEN_FP" "$QWEN_INT4"
+echo "load before agreement: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/load.txt"
+OMP_NUM_THREADS=${THREADS/default/2} "$BIN/python" "$ROOT/experiments/cpu_backend_agreement.py" \
+    "$OUT/agreement.json" "$OUT/demo-int4" "$QWEN_INT4" --tokens 32
