@@ -5,7 +5,7 @@
 #   bash experiments/cpu_int4_vs_bf16.sh OUT_DIR QWEN_FP QWEN_INT4 [THREADS]
 # QWEN_FP: the fp model folder (experiments/offline_qwen.py writes it), QWEN_INT4: a GPTQ checkpoint of it.
 # THREADS: "default" (torch's) or a number; run on a quiet machine (the load is recorded before each run).
-# ~25 min on 2 cores at one thread.
+# AGREEMENT=0 skips step 2. ~25 min on 2 cores at one thread.
 set -eu
 OUT=${1:?usage: cpu_int4_vs_bf16.sh OUT_DIR QWEN_FP QWEN_INT4 [THREADS]}
 QWEN_FP=$(cd "${2:?QWEN_FP}" && pwd); QWEN_INT4=$(cd "${3:?QWEN_INT4}" && pwd); THREADS=${4:-default}
@@ -25,6 +25,7 @@ run() {  # name, models...
 }
 run demo-threads-$THREADS demo "$OUT/demo-int4"
 run qwen2.5-coder-1.5b-threads-$THREADS "$QWEN_FP" "$QWEN_INT4"
+[ "${AGREEMENT:-1}" = 0 ] && exit 0
 echo "load before agreement: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/load.txt"
 OMP_NUM_THREADS=${THREADS/default/2} "$BIN/python" "$ROOT/experiments/cpu_backend_agreement.py" \
     "$OUT/agreement.json" "$OUT/demo-int4" "$QWEN_INT4" --tokens 32

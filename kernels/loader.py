@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from qwen_quant.errors import UserError
+from qwen_quant.workarounds import canonical_lm_head_input
 from qwen_quant.kernels import format as fmt
 from qwen_quant.kernels.quant_linear import QuantLinear
 
@@ -298,7 +299,7 @@ def load_quantized(path_or_id, backend: str = "auto", device="cpu", dtype=None, 
     _finish(model, device, dtype)
     release_freed_memory()
     _attach_generation_config(model, folder)
-    return model.eval()
+    return canonical_lm_head_input(model.eval())
 
 
 def release_freed_memory() -> None:

@@ -11,6 +11,7 @@ import os
 import torch
 
 from qwen_quant.errors import UserError
+from qwen_quant.workarounds import canonical_lm_head_input
 from qwen_quant.models.specs import ModelRef, ModelSpec, check_fp_config, parse_model_spec, read_config, resolve
 from qwen_quant.models.tokenizers import TiktokenQwen, encode_text
 
@@ -43,7 +44,7 @@ def load_model(spec: str | ModelSpec, dtype=None, device: str = "cpu", trust_rem
         desc = {"source": spec.name, "synthetic": True,
                 "note": "SYNTHETIC random weights at a real shape: for speed and memory only, never accuracy",
                 "shape": spec.shape, "layout": SYNTHETIC_SHAPES[spec.shape]["layout"]}
-        return LoadedModel(model, spec, TiktokenQwen(), desc)
+        return LoadedModel(canonical_lm_head_input(model), spec, TiktokenQwen(), desc)
 
     if spec.kind == "demo":
         from qwen_quant.models.demo import DEMO_NAME, DEMO_PACKAGE, demo_model_dir
@@ -79,7 +80,7 @@ def load_model(spec: str | ModelSpec, dtype=None, device: str = "cpu", trust_rem
     model.eval()
     if device != "cpu":
         model.to(device)
-    return LoadedModel(model, spec, tok, desc)
+    return LoadedModel(canonical_lm_head_input(model), spec, tok, desc)
 
 
 def local_folder(spec: ModelSpec) -> str:

@@ -314,6 +314,17 @@ def engines_table(results: dict) -> str | None:
                      lines) if lines else None
 
 
+CPU_INT4_NOTE = ("Int4 rows marked `cpu` ran the CPU backend: decode (up to 64 rows per call) reads the 4-bit "
+                 "weights through torch's int4 kernel; a longer prompt dequantizes each layer once per call and "
+                 "runs BF16's dense matmul, so encoding costs BF16's time plus that dequantize (kernels/cpu_backend.py).")
+
+
+def _notes(results: dict) -> str:
+    """Sentences a table needs to be read right, given what ran (only when it ran)."""
+    used = {b for d in results.get("details", []) for plan in (d.get("backend_used") or []) for b in plan.split(",")}
+    return f"\n{CPU_INT4_NOTE}\n" if "cpu" in used else ""
+
+
 def speed_markdown(results: dict) -> str:
     engines = engines_table(results)
     engines = ("\n## The two engines side by side\n\nDecode-only tokens/s (later tokens over their own time) in the "
@@ -325,7 +336,7 @@ def speed_markdown(results: dict) -> str:
             f"`generate` time (the seed's definition), median over repeats (min–max in brackets). † = the "
             f"first N tokens of a longer run of the same row (prefill + the first N − 1 token latencies of its "
             f"own timeline), where no separate N-token run was made. Int4 / BF16 rows: the speed-up (above 1: "
-            f"Int4 is faster). {_env_line(results)}\n\n{speed_table(results)}{engines}{check}\n## Per cell\n\nEncode rows: prompt tokens "
+            f"Int4 is faster). {_env_line(results)}\n\n{speed_table(results)}{_notes(results)}{engines}{check}\n## Per cell\n\nEncode rows: prompt tokens "
             f"per second of prefill. Decode-only = later tokens / their time. % of roofline = achieved "
             f"GB/s (weights at stored precision + KV cache read per token) / copy bandwidth.\n\n"
             f"{decode_detail_table(results)}")

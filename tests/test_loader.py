@@ -209,3 +209,19 @@ def test_cuda_requests_without_a_gpu_are_one_line_errors(tmp_path):
     write_checkpoint(tmp_path, "llama")
     _one_line_error(tmp_path, "backend 'cuda'", backend="cuda")
     _one_line_error(tmp_path, "no CUDA GPU", device="cuda")
+
+
+def test_the_output_head_sees_its_input_with_canonical_strides(tmp_path):
+    """qwen_quant.workarounds: torch's slow BF16 path for a [1, 1, K] slice of the last hidden states (a full copy
+    of the weight per prompt) is never taken; the values are the same."""
+    write_checkpoint(tmp_path, "qwen2", 4, 64, "gptq_v2", True, 1)
+    model = load_quantized(tmp_path, device="cpu")
+    seen = []
+    model.lm_head.register_forward_pre_hook(lambda mod, args: seen.append(args[0].stride()))
+    hidden = torch.randn(1, 9, model.lm_head.in_features).bfloat16()
+    last = hidden[:, -1:, :]  # what generate passes when it keeps one position's logits: strides (9K, K, 1)
+    with torch.no_grad():
+        out = model.lm_head(last)
+    k = model.lm_head.in_features
+    assert seen == [(k, k, 1)]
+    assert torch.equal(out, torch.nn.functional.linear(last.reshape(1, k), model.lm_head.weight).view(1, 1, -1))

@@ -197,6 +197,13 @@ def test_tables_show_oom_and_missing_never_zero(tmp_path):
     assert len(rows) == 4 and rows[2]["status"] == "oom" and rows[2]["tokens_per_s"] == ""
     assert set(CELL_FIELDS) - {"spread"} <= set(rows[0]) and rows[3]["roofline_pct"] == "140.0"
     assert "interrupted" in (tmp_path / "speed.md").read_text()
+    assert tables.CPU_INT4_NOTE not in (tmp_path / "speed.md").read_text()  # said only where the CPU backend ran
+
+
+def test_the_speed_page_explains_cpu_int4_encoding_when_the_cpu_backend_ran():
+    results = _stored_results()
+    results["details"][3]["backend_used"] = ["cpu"]
+    assert tables.CPU_INT4_NOTE in tables.speed_markdown(results)
 
 
 def test_tables_follow_other_lengths_and_skip_seed_for_other_models():
