@@ -21,7 +21,7 @@ run() {  # name, models...
   echo "load before $name: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/load.txt"
   "$BIN/qwen-profile" "$@" --engine hf,fast --encode 512 --gen 64 --repeat 2 --warmup 1 "${threads[@]}" \
       --out "$OUT/$name" --quiet > /dev/null
-  echo "## $name"; grep -A6 '^| Model | Speed' "$OUT/$name/speed.md"; grep -A6 '^| Model | Peak Usage' "$OUT/$name/memory.md"
+  echo "## $name"; "$BIN/python" "$ROOT/experiments/int4_bf16_ratios.py" "$OUT/$name/results.json"
 }
 run demo-threads-$THREADS demo "$OUT/demo-int4"
 run qwen2.5-coder-1.5b-threads-$THREADS "$QWEN_FP" "$QWEN_INT4"

@@ -143,10 +143,14 @@ class QuantLinear(nn.Module):
         return result
 
     def __getstate__(self):
-        # deepcopy/pickle: the plan holds backend modules and repacked tensors; re-prepared at the next forward
+        # deepcopy/pickle: a plan entry names its backend module instead of holding it (modules do not pickle)
         state = self.__dict__.copy()
-        state["_plan"] = []
+        state["_plan"] = [(rows, name, None, prepared) for rows, name, _, prepared in self._plan]
         return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._plan = [(rows, name, backends.backend_module(name), prepared) for rows, name, _, prepared in self._plan]
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)

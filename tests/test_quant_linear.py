@@ -174,10 +174,13 @@ def test_replace_with_random_quant_builds_layers_from_a_meta_model():
     assert_close_to_reference(q, torch.randn(3, q.in_features).half())
 
 
-def test_a_prepared_layer_deep_copies_and_re_prepares():
+def test_a_prepared_layer_deep_copies_with_or_without_its_checkpoint():
     import copy
 
     layer = QuantLinear.random(128, 64, group_size=32).set_backend("auto")
     x = torch.randn(2, 128)
     twin = copy.deepcopy(layer)
     assert torch.equal(twin(x), layer(x)) and twin.backend == layer.backend
+    layer.set_backend("auto", keep_checkpoint=False)  # inference only: the plan is all there is to copy
+    twin = copy.deepcopy(layer)
+    assert torch.equal(twin(x), layer(x)) and twin._plan[0][3] is not layer._plan[0][3]
