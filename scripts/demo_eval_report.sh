@@ -26,8 +26,9 @@ done
 step() { echo; echo "== $* ($(date -u +%H:%M:%S))"; }
 
 step "qwen-eval: ${models[*]} on ppl-wiki, ppl-zh, $MC_TASKS"
+# one precision for every row: BF16, how Int4 runs on the CPU (the fp model alone would otherwise run fp32)
 $BIN/qwen-eval "${models[@]}" --tasks "ppl-wiki,ppl-zh,$MC_TASKS" --ppl-windows "$PPL_WINDOWS" \
-  --seqlen "$PPL_SEQLEN" --limit "$MC_LIMIT" --batch 8 --out "$OUT/eval"
+  --seqlen "$PPL_SEQLEN" --limit "$MC_LIMIT" --batch 8 --dtype bf16 --out "$OUT/eval"
 
 profile_models=(demo)
 [ -f "$OUT/gptq-int4/config.json" ] && profile_models+=("$OUT/gptq-int4")
