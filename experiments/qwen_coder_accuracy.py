@@ -82,8 +82,9 @@ def evaluate(rows: list[str], limit: int, humaneval: int) -> None:
 
 def render(rows: list[str]) -> None:
     present = [r for r in rows if (study_dir() / "accuracy" / r / "results.json").is_file()]
+    baseline = ["--baseline", "rtn"] if "rtn" in present else []  # the table grows row by row across sessions
     run([bin_("qwen-report"), "--compare", *[str(study_dir() / "accuracy" / r) for r in present],
-         "--baseline", "rtn", "--out", str(REPORT),
+         *baseline, "--out", str(REPORT),
          "--title", "Qwen2.5-Coder-1.5B-Instruct: fp against Int4 g128 (RTN, our GPTQ, GPTQModel 7.6.0)"])
 
 
