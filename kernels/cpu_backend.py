@@ -1,7 +1,7 @@
 """The CPU backend: torch's own int4 kernel for decode, one dequantize + dense matmul for prefill.
 
 Few rows (decode) and BF16 activations go to `aten._weight_int4pack_mm_for_cpu`, which reads the packed
-4-bit weights directly (about 3x a BF16 matmul per call at batch 1 on a 2-core EPYC). Many rows (prefill)
+4-bit weights directly (2.6-3x a BF16 matmul per call at batch 1 on a 2-core EPYC). Many rows (prefill)
 dequantize the weight once per call and run the dense matmul: the int4 kernel's per-row cost is ~2.5x
 BF16's, the dequantize costs a few rows' worth (KERNEL_MAX_ROWS below says where the two cross).
 
@@ -144,7 +144,8 @@ def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
     buffers = _workspace.__dict__.setdefault("buffers", {})
     buf = buffers.get(dtype)
     if buf is None or buf.numel() < numel:
-        buf = buffers[dtype] = torch.empty(numel, dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor: writable both inside and outside inference mode
+            buf = buffers[dtype] = torch.empty(numel, dtype=dtype)
     return buf[:numel]
 
 

@@ -120,3 +120,14 @@ def test_the_packed_layout_is_read_back_exactly():
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
     back = cpu_backend.unpack_into(packed, torch.empty(320, 192, dtype=torch.int32), cpu_backend.packed_layout())
     assert torch.equal(back.t(), codes)
+
+
+def test_the_dequantize_buffer_serves_inference_mode_and_plain_no_grad_alike():
+    layer = QuantLinear.random(256, 128, group_size=128).set_backend("cpu")
+    x = torch.randn(cpu_backend.KERNEL_MAX_ROWS + 36, 256).bfloat16()  # the many-row path: the reused buffer
+    cpu_backend._workspace.__dict__.pop("buffers", None)  # made afresh below, as in a new process
+    with torch.inference_mode():  # the fast engine's mode, first: the buffer is made here
+        inside = layer(x)
+    with torch.no_grad():
+        outside = layer(x)
+    assert torch.equal(inside, outside)
