@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qwen_quant.workarounds import is_canonical_input_hook
+
 
 @dataclasses.dataclass
 class ModelArgs:
@@ -135,8 +137,9 @@ class PackedLinear(nn.Module):
 
 
 def _plain(linear: nn.Module) -> bool:
+    # our own canonical-strides pre-hook (qwen_quant.workarounds) changes no values: PackedLinear reads 2-D anyway
     return (type(linear) is nn.Linear and "forward" not in vars(linear) and not linear._forward_hooks
-            and not linear._forward_pre_hooks)
+            and all(is_canonical_input_hook(h) for h in linear._forward_pre_hooks.values()))
 
 
 def packable(*linears: nn.Module) -> bool:

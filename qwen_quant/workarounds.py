@@ -26,3 +26,8 @@ def _canonical_strides(module, args):
     if x.dim() < 3:
         return None
     return (x.reshape(-1, x.shape[-1]).view(x.shape), *args[1:])
+
+
+def is_canonical_input_hook(hook) -> bool:
+    """Whether a forward pre-hook is canonical_lm_head_input's (it changes strides, never values)."""
+    return hook is _canonical_strides

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qwen_quant.engine.generate import Generator, Sampling, greedy
+from qwen_quant import workarounds
 from qwen_quant.engine.model import PackedLinear, for_decode, packable
 from qwen_quant.engine.weights import from_hf_model
 from tiny_models import random_ids, tiny_causal_lm
@@ -75,6 +76,9 @@ def test_packed_linears_are_only_plain_bf16_cpu_linears_and_compute_their_produc
     hooked = nn.Linear(64, 40).to(torch.bfloat16)
     hooked.register_forward_hook(lambda *a: None)
     assert for_decode(hooked) is hooked  # hooks must run: the module is called as it is
+    head = nn.Linear(64, 40).to(torch.bfloat16)
+    head.register_forward_pre_hook(workarounds._canonical_strides)  # what every loaded model's lm_head carries
+    assert isinstance(for_decode(head), PackedLinear)  # it changes strides, never values: still packed
     with pytest.raises(ValueError, match="packed together"):
         for_decode(lins[0], hooked)
     for shape in [(1, 1, 64), (1, 3, 64), (2, 5, 64)]:  # a decode row, a prefill, a batch
