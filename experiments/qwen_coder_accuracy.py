@@ -85,7 +85,8 @@ def render(rows: list[str]) -> None:
     baseline = ["--baseline", "rtn"] if "rtn" in present else []  # the table grows row by row across sessions
     run([bin_("qwen-report"), "--compare", *[str(study_dir() / "accuracy" / r) for r in present],
          *baseline, "--out", str(REPORT),
-         "--title", "Qwen2.5-Coder-1.5B-Instruct: fp against Int4 g128 (RTN, our GPTQ, GPTQModel 7.6.0)"])
+         "--title", f"Qwen2.5-Coder-1.5B-Instruct: fp against Int4 g128 ({', '.join(r for r in present if r != 'fp')}; "
+                    f"missing so far: {', '.join(r for r in ROWS if r not in present) or 'none'})"])
 
 
 def main(argv=None) -> int:
