@@ -230,11 +230,10 @@ def _load_tensors(model, files, device, dtype, on_layer_loaded=None) -> None:
     if unexpected:
         warnings.warn(f"{len(unexpected)} checkpoint tensors have no place in the model and were ignored "
                       f"(first: {unexpected[0]})", stacklevel=3)
-    if on_layer_loaded is not None:  # layers whose g_idx the checkpoint omits: complete once defaults are in
-        for prefix, layer in waiting.items():
-            _default_g_idx(layer, device)
-            if _complete(layer):
-                on_layer_loaded(prefix, layer)
+    for prefix, layer in waiting.items():  # layers whose g_idx the checkpoint omits: complete once defaults are in
+        _default_g_idx(layer, device)
+        if on_layer_loaded is not None and _complete(layer):
+            on_layer_loaded(prefix, layer)
 
 
 def _complete(layer: QuantLinear) -> bool:
@@ -250,9 +249,6 @@ def _default_g_idx(layer: QuantLinear, device) -> None:
 def _finish(model, device, dtype) -> None:
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    for layer in model.modules():
-        if isinstance(layer, QuantLinear):
-            _default_g_idx(layer, device)
     missing = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.device.type == "meta"]
     if missing:
         raise fmt.FormatError(f"the checkpoint lacks {len(missing)} weights the model needs (first: {missing[0]}): it is incomplete")

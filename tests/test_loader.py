@@ -225,3 +225,18 @@ def test_the_output_head_sees_its_input_with_canonical_strides(tmp_path):
     k = model.lm_head.in_features
     assert seen == [(k, k, 1)]
     assert torch.equal(out, torch.nn.functional.linear(last.reshape(1, k), model.lm_head.weight).view(1, 1, -1))
+
+
+def test_a_checkpoint_without_g_idx_loads_with_the_default_groups(tmp_path):
+    """Old checkpoints without act-order omit g_idx: each layer is completed with the default and repacked."""
+    from safetensors.torch import load_file
+
+    reference = write_checkpoint(tmp_path, "llama", 4, 32, "gptq", False, 1)
+    tensors = {k: v for k, v in load_file(str(tmp_path / "model.safetensors")).items() if not k.endswith(".g_idx")}
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    model = load_quantized(tmp_path, device="cpu", dtype=torch.float32, keep_checkpoint=False)
+    assert all(m._plan for m in model.modules() if isinstance(m, QuantLinear))  # every layer repacked at load
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got, want = model(ids).logits, reference(ids).logits
+    assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
