@@ -262,19 +262,25 @@ def _config_json(source, qconfig: dict, out_dtype: torch.dtype) -> str:
     if "torch_dtype" in cfg:
         cfg["torch_dtype"] = name
     cfg["quantization_config"] = qconfig
+    if qconfig.get("lm_head"):  # the head is quantized on its own: loaders must not tie it to the 16-bit embeddings
+        cfg["tie_word_embeddings"] = False
     return json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n"
 
 
-def _tensor_entries(source, state, n_blocks: int, out_dtype) -> list[writer.TensorEntry]:
+def _tensor_entries(source, state, n_blocks: int, out_dtype, quantized_head: bool) -> list[writer.TensorEntry]:
     entries = []
+    head = f"{source.layout.lm_head}.weight"
     for name, load, shape, dtype in source.non_block_tensors():
+        if quantized_head and name == head:
+            continue  # its GPTQ tensors come from the state (a tied model keeps the 16-bit embeddings)
         target = out_dtype if dtype.is_floating_point else dtype
         entries.append(writer.TensorEntry(name, shape, target, load))
-    for i in range(n_blocks):
-        block_file = writer.SafetensorsFolder(state.block_file(i))
-        for n in block_file.names():
-            shape, dtype = block_file.shape_dtype(n)
-            entries.append(writer.TensorEntry(n, shape, dtype, (lambda f=block_file, n=n: f.read(n))))
+    quantized = [state.block_file(i) for i in range(n_blocks)] + ([state.head_file()] if quantized_head else [])
+    for path in quantized:
+        part = writer.SafetensorsFolder(path)
+        for n in part.names():
+            shape, dtype = part.shape_dtype(n)
+            entries.append(writer.TensorEntry(n, shape, dtype, (lambda f=part, n=n: f.read(n))))
     return entries
 
 
@@ -348,7 +354,7 @@ def quantize(model, out=None, settings: QuantSettings | None = None, *, device=N
                       "README.md": model_card(report)})
         if opened.description.get("synthetic"):
             files["SYNTHETIC.md"] = "SYNTHETIC — not a model: random weights at a real shape, for speed and memory only.\n"
-        writer.write_checkpoint(target, _tensor_entries(opened.source, state, n_blocks, out_dtype), files,
+        writer.write_checkpoint(target, _tensor_entries(opened.source, state, n_blocks, out_dtype, settings.lm_head), files,
                                 max_shard_bytes, overwrite)
     except KeyboardInterrupt:
         progress.close()

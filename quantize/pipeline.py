@@ -98,6 +98,14 @@ class InMemoryModel:
     def release_block(self, i: int, block: nn.Module) -> None:
         block.to(self._home)
 
+    def load_head(self, device) -> tuple[nn.Module, torch.Tensor]:
+        """(final norm on the device, lm_head weight [vocab, hidden]) for quantizing the head."""
+        return (self.model.get_submodule(self.layout.final_norm).to(device),
+                self.model.get_submodule(self.layout.lm_head).weight.detach())
+
+    def release_head(self) -> None:
+        self.model.get_submodule(self.layout.final_norm).to(self._home)
+
     def non_block_tensors(self) -> list[tuple[str, Callable[[], torch.Tensor], tuple, torch.dtype]]:
         """(name, load, shape, dtype) of every saved tensor outside the blocks; tied copies once."""
         prefix = self.layout.blocks + "."
@@ -173,6 +181,16 @@ class StreamingModel:
     def release_block(self, i: int, block: nn.Module) -> None:
         for name, p in list(block.named_parameters()):
             _set_tensor(block, name, nn.Parameter(p.to("meta"), requires_grad=False))
+
+    def load_head(self, device) -> tuple[nn.Module, torch.Tensor]:
+        norm = self.model.get_submodule(self.layout.final_norm)
+        self._materialize(norm, self.layout.final_norm + ".", device)
+        names = set(self.files.names())
+        head = f"{self.layout.lm_head}.weight"
+        return norm, self.files.read(head if head in names else f"{self.layout.embed}.weight")  # tied: the embeddings
+
+    def release_head(self) -> None:
+        self.release_block(-1, self.model.get_submodule(self.layout.final_norm))
 
     def non_block_tensors(self):
         prefix = self.layout.blocks + "."
@@ -338,10 +356,14 @@ def collect_hessian(block: nn.Module, inputs: BlockInputs, linears: dict[str, nn
 
 
 def relative_output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor, rows: int = 1024) -> float:
-    """||W X - Q X|| / ||W X|| from H = 2 X X^T / n (the factor cancels): no extra forward needed.
+    """||W X - Q X|| / ||W X|| from H = 2 X X^T / n (the factor cancels): no extra forward needed."""
+    return _error_ratio(*output_error_terms(w, q, h, rows))
 
-    Row chunks keep the temporaries small; sums are accumulated in float64.
-    """
+
+def output_error_terms(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor, rows: int = 1024) -> tuple[float, float]:
+    """(||W X - Q X||^2, ||W X||^2) up to H's factor: sums over row slices add up to the whole layer's.
+
+    Row chunks keep the temporaries small; sums are accumulated in float64."""
     h = h.float()
     num = den = 0.0
     for i in range(0, w.shape[0], rows):
@@ -349,6 +371,10 @@ def relative_output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor, row
         di = wi - q[i:i + rows].float()
         num += float(((di @ h) * di).sum(dtype=torch.float64))
         den += float(((wi @ h) * wi).sum(dtype=torch.float64))
+    return num, den
+
+
+def _error_ratio(num: float, den: float) -> float:
     return (max(num, 0.0) / den) ** 0.5 if den > 0 else 0.0
 
 
@@ -443,23 +469,65 @@ def block_checkpoint_tensors(block: nn.Module, prefix: str, results: dict, setti
         t = t.detach().to("cpu")
         out[prefix + name] = t.to(out_dtype) if t.is_floating_point() else t.clone()
     for name, res in results.items():
-        lin = block.get_submodule(name)
-        p = f"{prefix}{name}."
-        out[p + "qweight"] = pack_qweight(res.codes.cpu(), settings.bits)
-        out[p + "qzeros"] = pack_qzeros(res.zeros.cpu(), settings.bits, v1=True)
-        out[p + "scales"] = res.scales.detach().cpu().to(torch.float16)
-        out[p + "g_idx"] = res.g_idx.detach().cpu().to(torch.int32)
-        if getattr(lin, "bias", None) is not None:
-            out[p + "bias"] = lin.bias.detach().cpu().to(torch.float16)
+        out.update(gptq_tensors(f"{prefix}{name}", res, settings.bits, getattr(block.get_submodule(name), "bias", None)))
     return dict(sorted(out.items()))
+
+
+def gptq_tensors(prefix: str, res, bits: int, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One quantized linear's checkpoint tensors (FORMAT.md: GPTQ v1, fp16 scales)."""
+    out = {f"{prefix}.qweight": pack_qweight(res.codes.cpu(), bits),
+           f"{prefix}.qzeros": pack_qzeros(res.zeros.cpu(), bits, v1=True),
+           f"{prefix}.scales": res.scales.detach().cpu().to(torch.float16),
+           f"{prefix}.g_idx": res.g_idx.detach().cpu().to(torch.int32)}
+    if bias is not None:
+        out[f"{prefix}.bias"] = bias.detach().cpu().to(torch.float16)
+    return out
+
+
+# Output rows of the head quantized at a time: GPTQ treats each row on its own given H, so slices give exactly
+# the whole layer's result while float32 temporaries stay ~50 MB (Qwen's 151,936 x 1,536 head is 0.9 GB in fp32).
+HEAD_ROWS = 8192
+
+
+@torch.no_grad()
+def quantize_head(source, inputs: BlockInputs, settings: QuantSettings, device) -> tuple[dict, LayerStats]:
+    """The output head, after the last block (--lm-head): its input is the final norm of the last block's outputs
+    on the quantized model's stream; its Hessian is collected like any layer's, its rows quantized in slices.
+    Returns (checkpoint tensors, stats)."""
+    norm, weight = source.load_head(device)
+    t0 = time.perf_counter()
+    acc = gptq.HessianAccumulator(weight.shape[1])
+    for i, hidden in enumerate(inputs.hidden):
+        acc.add_batch(norm(hidden), mask=inputs.token_mask[i:i + 1])
+    source.release_head()
+    h = acc.hessian().to(device)
+    damp = settings.damp_for(h.shape[0], acc.tokens)
+    codes, scales, zeros, num, den, res = [], [], [], 0.0, 0.0, None
+    for start in range(0, weight.shape[0], HEAD_ROWS):
+        w = weight[start:start + HEAD_ROWS].to(device=device, dtype=torch.float32)
+        res = quantize_weight(w, h, settings, damp)
+        n, d = output_error_terms(w, res.weight, h)
+        num, den = num + n, den + d
+        codes.append(res.codes.cpu()), scales.append(res.scales.cpu()), zeros.append(res.zeros.cpu())
+    whole = gptq.QuantResult(torch.cat(codes, dim=1), torch.cat(scales, dim=1), torch.cat(zeros, dim=1),
+                             res.g_idx.cpu(), None, res.damp_used, res.fallback, time.perf_counter() - t0)
+    name = source.layout.lm_head
+    stats = LayerStats(name, weight.shape[1], weight.shape[0], _error_ratio(num, den), float(whole.damp_used),
+                       whole.fallback, whole.seconds)
+    return gptq_tensors(name, whole, settings.bits), stats
 
 
 def check_packable(source, settings: QuantSettings) -> None:
     """Every quantized linear's sizes must fit the packed layout (before any work is done)."""
     k_unit = 32 if settings.bits == 3 else 32 // settings.bits
     n_unit = 32 if settings.bits == 3 else 32 // settings.bits
-    for name in source.layout.linear_names:
-        lin = source.blocks[0].get_submodule(name)
+    linears = [(name, source.blocks[0].get_submodule(name)) for name in source.layout.linear_names]
+    if settings.lm_head:
+        if source.layout.fallback:
+            raise UserError(f"--lm-head needs the model's final norm and head, which the generic layout of "
+                            f"{source.layout.name} does not name: add a layout to models/layouts.py or drop --lm-head")
+        linears.append((source.layout.lm_head, source.model.get_submodule(source.layout.lm_head)))
+    for name, lin in linears:
         if lin.in_features % k_unit or lin.out_features % n_unit:
             raise UserError(f"{name} is {lin.in_features}x{lin.out_features}: {settings.bits}-bit GPTQ packing needs "
                             f"in_features % {k_unit} == 0 and out_features % {n_unit} == 0; try --bits 4")
@@ -521,5 +589,10 @@ def run_blocks(source, calib, settings: QuantSettings, device, state, progress) 
         progress.block_done(i, stats, time.perf_counter() - t0)
         if stop_at is not None and i == stop_at and i < n_blocks - 1:
             raise StoppedForTest(f"stopped after block {i} ({STOP_AFTER_BLOCK_ENV})")
+    if settings.lm_head:  # in the same run as the last block: its outputs are the head's inputs
+        progress.layer_done(source.layout.lm_head)
+        tensors, stats = quantize_head(source, inputs, settings, device)
+        state.save_head(tensors, stats.to_dict())
+        all_stats.append(stats)
     progress.close()
     return all_stats

@@ -4,6 +4,7 @@
         manifest.json           what this state belongs to (settings, model, calibration, start date)
         block-00007.safetensors the finished block's checkpoint tensors
         block-00007.json        its per-layer stats
+        head.safetensors        the quantized lm_head (--lm-head), once the last block is done
         inputs.safetensors      the next block's inputs (hidden states), with the block they feed
 
 Everything is written through a temporary file and a rename, so an interrupted write never leaves a
@@ -116,6 +117,14 @@ class RunState:
                                  {k: torch.cat([h.cpu() for h in hs]) for k, hs in streams.items()})
             write_bytes_atomic(self.dir / "inputs.json", json.dumps({"next_block": i + 1}).encode())
             self._last_inputs_save = time.monotonic()
+
+    def save_head(self, tensors: dict, stats: dict) -> None:
+        """The quantized lm_head (--lm-head): written after the last block, read by the checkpoint writer."""
+        _atomic_save_tensors(self.head_file(), tensors)
+        write_bytes_atomic(self.dir / "head.json", json.dumps([stats], indent=1).encode())
+
+    def head_file(self) -> Path:
+        return self.dir / "head.safetensors"
 
     def block_file(self, i: int) -> Path:
         return self._block(i, "safetensors")

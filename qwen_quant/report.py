@@ -248,7 +248,9 @@ def model_card(report: dict) -> str:
         "",
         f"Quantized with qwen-quant {report['versions']['qwen_quant']} on {qc['meta']['date']} from `{model.get('source')}`.",
         "Standard GPTQ v1 checkpoint (`checkpoint_format: gptq`): transformers (optimum + GPTQModel), vLLM and "
-        "GPTQModel load it unchanged. Embeddings and lm_head stay 16-bit.",
+        "GPTQModel load it unchanged. " + ("Embeddings stay 16-bit; the output head (lm_head) is quantized too "
+                                           "(`lm_head: true`)." if qc.get("lm_head") else
+                                           "Embeddings and lm_head stay 16-bit."),
         "",
         "## Settings",
         "",

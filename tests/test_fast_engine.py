@@ -91,8 +91,14 @@ def test_demo_int4_greedy_matches_transformers_on_the_same_quantized_model(demo)
             new.set_backend("torch")
             parent, _, child = name.rpartition(".")
             setattr(block.get_submodule(parent), child, new)
+    # and a quantized output head (qwen-quantize --lm-head), untied from the 16-bit embeddings
+    q = rtn_quantize(model.lm_head.weight.detach(), bits=4, group_size=128, sym=True)
+    model.lm_head = QuantLinear.from_quant(q.codes, q.scales, q.zeros, q.g_idx, None, 4, 128, dtype=torch.float32)
+    model.lm_head.set_backend("torch")
+    model.config.tie_word_embeddings = False
     fast = from_hf_model(model)
     assert isinstance(fast.blocks[0].attn.q_proj, QuantLinear)  # the engine runs the Int4 layers themselves
+    assert isinstance(fast.lm_head, QuantLinear)
     assert_same_generation(model, demo[1], 64)
 
 

@@ -19,18 +19,23 @@ from qwen_quant.quantize import cli
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 
 
-@pytest.fixture(scope="module")
-def demo_checkpoint(tmp_path_factory):
+def _quantize_demo(tmp_path_factory, *extra: str) -> Path:
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # small matrices: one thread beats two on a busy box
     out = tmp_path_factory.mktemp("interop") / "demo-gptq-int4"
     try:
         with pytest.raises(SystemExit) as e:
-            cli.main(["demo", "--nsamples", "4", "--seqlen", "64", "--out", str(out), "--quiet", "--device", "cpu"])
+            cli.main(["demo", "--nsamples", "4", "--seqlen", "64", "--out", str(out), "--quiet", "--device", "cpu",
+                      *extra])
     finally:
         torch.set_num_threads(before)
     assert e.value.code == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def demo_checkpoint(tmp_path_factory):
+    return _quantize_demo(tmp_path_factory)
 
 
 PEER_PYTHON = Path(__file__).resolve().parents[1] / ".venv-peer" / "bin" / "python"
@@ -77,3 +82,26 @@ def test_gptqmodel_loads_our_checkpoint_with_the_same_logits(demo_checkpoint, tm
     # and the checkpoint is a working model, not noise: the next token after the prompt is plausible
     top = tok.decode(ours[0, -1].argmax())
     assert theirs[0, -1].argmax() == ours[0, -1].argmax(), top
+
+
+@pytest.mark.slow
+def test_gptqmodel_loads_our_quantized_lm_head_with_the_same_logits(tmp_path_factory, tmp_path):
+    """--lm-head (the demo ties its head to the embeddings: the head is quantized on its own, the embeddings
+    stay 16-bit): GPTQModel reads `lm_head: true` and gives our logits."""
+    from qwen_quant.kernels.loader import load_quantized
+    from qwen_quant.kernels.quant_linear import QuantLinear
+
+    path = _quantize_demo(tmp_path_factory, "--lm-head", "--no-mse")
+    ours_model = load_quantized(path, backend="torch", device="cpu", dtype=torch.float16)
+    assert isinstance(ours_model.lm_head, QuantLinear)
+    ids = torch.tensor([[1, 504, 3575, 282, 4649, 314, 7042, 30, 378, 3575, 282, 5611, 314]])
+    with torch.no_grad():
+        ours = ours_model(input_ids=ids).logits.float()
+        hidden = ours_model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        with_16_bit_head = (hidden @ ours_model.model.embed_tokens.weight.T).float()
+    theirs = _gptqmodel_logits(path, ids, tmp_path)
+    gap, head_effect = (ours - theirs).abs().max(), (ours - with_16_bit_head).abs().max()
+    print(f"ours vs GPTQModel {float(gap):.4f}, quantized vs 16-bit head {float(head_effect):.4f}")
+    # GPTQModel really ran the quantized head (a peer that kept the tied 16-bit head would sit head_effect away)
+    assert gap <= 0.1 * head_effect, (float(gap), float(head_effect))
+    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() >= 0.9

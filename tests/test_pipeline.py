@@ -455,3 +455,72 @@ def test_streaming_a_safetensors_folder_gives_the_same_checkpoint_as_in_memory(t
     assert set(a) == set(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+# ---------------------------------------------------------------- --lm-head: the output head quantized too
+
+def _head_from(t: dict, k: int) -> torch.Tensor:
+    return dequantize(t["lm_head.qweight"], t["lm_head.qzeros"], t["lm_head.scales"], t["lm_head.g_idx"], 4, k)
+
+
+@pytest.mark.parametrize("model_type,tied", [("qwen2", False), ("llama", True)])
+def test_lm_head_is_quantized_on_the_final_norms_outputs_and_loads_as_a_quant_linear(tmp_path, monkeypatch,
+                                                                                     model_type, tied):
+    from qwen_quant.kernels.loader import load_quantized
+    from qwen_quant.kernels.quant_linear import QuantLinear
+
+    def model():
+        m = tiny_hf_model(model_type)
+        if tied:
+            m.config.tie_word_embeddings = True
+            m.tie_weights()
+            assert m.lm_head.weight is m.model.embed_tokens.weight
+        return m
+
+    original = model().state_dict()
+    out = run(model(), tmp_path / "ckpt", lm_head=True)
+    t = tensors_of(out)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["lm_head"] is True and cfg["tie_word_embeddings"] is False
+    assert "lm_head.weight" not in t and t["lm_head.qweight"].shape == (64 // 8, VOCAB)
+    # the embeddings stay 16-bit (a tied model keeps them: only the head is quantized)
+    torch.testing.assert_close(t["model.embed_tokens.weight"], original["model.embed_tokens.weight"].half())
+    head = _head_from(t, 64)
+    rel = (head - original["lm_head.weight"]).norm() / original["lm_head.weight"].norm()
+    assert 0 < rel < 0.2
+    report = json.loads((out / "quant_report.json").read_text())
+    assert report["layers"][-1]["name"] == "lm_head" and 0 < report["layers"][-1]["rel_error"] < 0.3
+    assert "the output head (lm_head) is quantized too" in (out / "README.md").read_text()
+
+    # GPTQ treats every output row on its own given H: slicing the head's rows changes no byte
+    monkeypatch.setattr(pipeline, "HEAD_ROWS", 96)  # 256 rows in slices of 96, 96, 64
+    sliced = run(model(), tmp_path / "sliced", lm_head=True)
+    assert (sliced / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+    # our loader makes the head a QuantLinear: logits are the final norm's output times the dequantized head
+    loaded_model = load_quantized(out, backend="torch", dtype=torch.float32)
+    assert isinstance(loaded_model.lm_head, QuantLinear)
+    ids = torch.randint(1, VOCAB, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        res = loaded_model(ids, output_hidden_states=True)
+    torch.testing.assert_close(res.logits, res.hidden_states[-1] @ head.T, rtol=1e-4, atol=1e-4)
+
+
+def test_lm_head_default_off_keeps_the_16_bit_head(tmp_path):
+    out = run(tiny_hf_model("qwen2"), tmp_path / "ckpt")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["lm_head"] is False and "lm_head.weight" in tensors_of(out)
+
+
+def test_lm_head_streamed_equals_in_memory(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    tiny_hf_model("qwen2").save_pretrained(tmp_path / "src")
+    from transformers import AutoModelForCausalLM
+
+    mem = run(AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32), tmp_path / "mem", lm_head=True)
+    streamed = api.quantize(str(tmp_path / "src"), tmp_path / "stream", calib=calibration(), group_size=32, quiet=True,
+                            lm_head=True)
+    a, b = tensors_of(mem), tensors_of(streamed)
+    assert set(a) == set(b) and "lm_head.qweight" in a
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
