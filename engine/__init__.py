@@ -24,9 +24,12 @@ def parse_engines(text: str) -> list[str]:
     return names
 
 
-def make_engine(name: str, model, max_seq_len: int, device: str, kv_cache: str = "auto", batch: int = 1):
+def make_engine(name: str, model, max_seq_len: int, device: str, kv_cache: str = "auto", batch: int = 1,
+                owns_model: bool = False):
+    """owns_model: the caller never runs `model` itself again (the fast engine then keeps one copy of the weights)."""
     parse_engines(name)
-    return ENGINES[name](model, max_seq_len, device, kv_cache=kv_cache, batch_size=batch)
+    extra = {"owns_model": owns_model} if name == "fast" else {}
+    return ENGINES[name](model, max_seq_len, device, kv_cache=kv_cache, batch_size=batch, **extra)
 
 
 def total_seconds(result: dict) -> float:

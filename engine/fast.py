@@ -20,7 +20,10 @@ class FastEngine:
     name = "fast"
 
     def __init__(self, model, max_seq_len: int, device="cpu", kv_cache: str = "auto", batch_size: int = 1,
-                 use_graphs: bool | None = None, bucket: int = 512, fuse: bool | None = None):
+                 use_graphs: bool | None = None, bucket: int = 512, fuse: bool | None = None,
+                 owns_model: bool = False):
+        """owns_model: the caller will never run `model` itself (qwen-profile's cells), so the dense weights the
+        engine repacked are dropped from it (Transformer.release_packed_sources): one copy in memory, not two."""
         if kv_cache not in KV_CACHE_KINDS:
             raise UserError(f"unknown KV cache {kv_cache!r}; choose one of: {', '.join(KV_CACHE_KINDS)}")
         device = torch.device(device)
@@ -30,6 +33,13 @@ class FastEngine:
         self.device = device
         self.kv_cache = kv_cache
         self.generator = Generator(model, max_seq_len, kv_cache, batch_size, use_graphs, bucket, fuse=fuse)
+        if owns_model and self.generator.model.release_packed_sources():
+            import gc
+
+            from qwen_quant.kernels.loader import release_freed_memory
+
+            gc.collect()
+            release_freed_memory()
 
     def describe(self) -> dict:
         """What a results row records about this engine."""

@@ -262,7 +262,7 @@ def measure_cell(cell: Cell, options: RunOptions) -> tuple[dict, dict]:
     if device.startswith("cuda"):
         torch.cuda.empty_cache()  # the build's temporaries must not count as this cell's reserved memory
     engine = make_engine(cell.engine, model, cell.context_tokens + cell.new_tokens, device, options.kv_cache,
-                         cell.batch)
+                         cell.batch, owns_model=True)  # a cell's model serves its engine only
     input_ids = _input_ids(model, cell, options.seed)
 
     warm_new = 1 if cell.scenario == "encode" else min(cell.new_tokens, 16)

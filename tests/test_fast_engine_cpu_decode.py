@@ -109,6 +109,33 @@ def test_bf16_model_on_the_cpu_decodes_like_transformers():
     assert worst < 0.03 * scale, f"bf16 logits differ by {worst} (scale {scale})"
 
 
+@needs_bf16
+@pytest.mark.parametrize("tied", [False, True])
+def test_an_engine_that_owns_its_model_keeps_one_copy_of_each_weight_and_the_same_tokens(tied):
+    """qwen-profile's fast cells: the dense weights behind the packed ones are dropped (meta), the tokens
+    unchanged; a head tied to the embeddings keeps the table the engine still reads for its inputs."""
+    from qwen_quant.engine.fast import FastEngine
+
+    def model():
+        m = tiny_qwen2(torch.bfloat16)
+        if tied:
+            m.lm_head.weight = m.model.embed_tokens.weight
+        return m
+
+    x = ids(7)
+    want = FastEngine(model(), 7 + 10).timed_generate(x, 10)["tokens"]
+    owned = model()
+    engine = FastEngine(owned, 7 + 10, owns_model=True)
+    got = engine.timed_generate(x, 10)["tokens"]
+    assert torch.equal(got, want)
+    assert owned.model.layers[0].self_attn.q_proj.weight.device.type == "meta"  # dropped: packed with k, v
+    assert owned.model.layers[1].mlp.down_proj.weight.device.type == "meta"
+    assert owned.model.embed_tokens.weight.device.type == "cpu"  # the engine's embedding
+    assert (owned.lm_head.weight.device.type == "cpu") == tied
+    with pytest.raises(RuntimeError, match="handed to the fast engine"):  # the borrowed model can no longer run
+        owned(x)
+
+
 def test_returned_tokens_are_ordinary_tensors():
     """generate_ids runs under inference_mode; what it returns can still be written to outside it."""
     model = tiny_qwen2()
