@@ -6,7 +6,7 @@
 # QWEN_FP: the fp model folder (experiments/offline_qwen.py writes it), QWEN_INT4: GPTQ checkpoint(s) of it,
 # comma-separated (e.g. the default and a --lm-head one: profiled side by side in one run).
 # THREADS: "default" (torch's) or a number; run on a quiet machine (the load is recorded before each run).
-# AGREEMENT=0 skips step 2. ~25 min on 2 cores at one thread.
+# AGREEMENT=0 skips step 2, DEMO=0 the demo model's rows. ~25 min on 2 cores at one thread.
 set -eu
 OUT=${1:?usage: cpu_int4_vs_bf16.sh OUT_DIR QWEN_FP QWEN_INT4 [THREADS]}
 QWEN_FP=$(cd "${2:?QWEN_FP}" && pwd); THREADS=${4:-default}
@@ -26,7 +26,7 @@ run() {  # name, models...
       --out "$OUT/$name" --quiet > /dev/null
   echo "## $name"; "$BIN/python" "$ROOT/experiments/int4_bf16_ratios.py" "$OUT/$name/results.json"
 }
-run demo-threads-$THREADS demo "$OUT/demo-int4"
+[ "${DEMO:-1}" = 0 ] || run demo-threads-$THREADS demo "$OUT/demo-int4"
 run qwen2.5-coder-1.5b-threads-$THREADS "$QWEN_FP" "${QWEN_INT4[@]}"
 [ "${AGREEMENT:-1}" = 0 ] && exit 0
 echo "load before agreement: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/load.txt"

@@ -62,7 +62,14 @@ ROWS = {
     "broad-auto-16x512": ("the defaults after this study: act-order + static groups + range search, damping raised "
                           "where calibration is thin (--damp-auto 0.5), English + Chinese + code + chat",
                           SMALL + BROAD + ["--damp-auto", "0.5"]),
+    "lmhead-16x512": ("the defaults (broad-auto-16x512's settings) with --lm-head: the output head quantized too",
+                      SMALL + ["--lm-head"]),
+    "gptqmodel-16x512": ("GPTQModel 7.6.0 at broad-16x512's settings on the same calibration tokens (act-order, "
+                         "static groups, its mse=2.4 range search, damp 0.01: it has no per-layer damping), made by "
+                         "experiments/qwen_coder_accuracy.py quantize", None),
 }
+# rows whose checkpoint is not made by `quantize` here: where they live
+MADE_ELSEWHERE = {"gptqmodel-16x512": lambda: study_dir() / "accuracy-ckpt" / "gptqmodel"}
 
 
 def _bin(name: str) -> str:
@@ -77,6 +84,9 @@ def quantize(names: list[str]) -> None:
     fp = fp_folder()
     for name in names:
         out = study_dir() / "ckpt" / name
+        if name in MADE_ELSEWHERE:
+            print(f"{name}: made elsewhere ({ROWS[name][0]})")
+            continue
         if (out / "quant_report.json").is_file():
             print(f"{name}: done already")
             continue
@@ -88,7 +98,8 @@ def quantize(names: list[str]) -> None:
 
 def evaluate(names: list[str], windows: int = WINDOWS) -> None:
     for name in names:
-        model = str(fp_folder()) if name == "fp" else str(study_dir() / "ckpt" / name)
+        model = str(fp_folder() if name == "fp" else MADE_ELSEWHERE[name]() if name in MADE_ELSEWHERE
+                    else study_dir() / "ckpt" / name)
         _run(name, "eval", [_bin("qwen-eval"), model, "--tasks", ",".join(DOMAINS), *EVAL_ARGS,
                             "--ppl-windows", str(windows), "--out", str(study_dir() / "eval" / name)])
 
