@@ -508,7 +508,9 @@ def quantize_head(source, inputs: BlockInputs, settings: QuantSettings, device) 
         res = quantize_weight(w, h, settings, damp)
         n, d = output_error_terms(w, res.weight, h)
         num, den = num + n, den + d
-        codes.append(res.codes.cpu()), scales.append(res.scales.cpu()), zeros.append(res.zeros.cpu())
+        codes.append(res.codes.cpu())
+        scales.append(res.scales.cpu())
+        zeros.append(res.zeros.cpu())
     whole = gptq.QuantResult(torch.cat(codes, dim=1), torch.cat(scales, dim=1), torch.cat(zeros, dim=1),
                              res.g_idx.cpu(), None, res.damp_used, res.fallback, time.perf_counter() - t0)
     name = source.layout.lm_head
