@@ -195,6 +195,10 @@ class Progress:
                         f"{seconds:.1f} s" + (f", {fb} RTN fallback(s)" if fb else ""), file=sys.stderr)
         self._bar.update(1)
 
+    def head_done(self, stats) -> None:
+        if self._bar is not None:
+            self._bar.write(f"{stats.name}: rel. error {stats.rel_error:.4f}, {stats.seconds:.1f} s", file=sys.stderr)
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()

@@ -596,5 +596,6 @@ def run_blocks(source, calib, settings: QuantSettings, device, state, progress) 
         tensors, stats = quantize_head(source, inputs, settings, device)
         state.save_head(tensors, stats.to_dict())
         all_stats.append(stats)
+        progress.head_done(stats)
     progress.close()
     return all_stats
