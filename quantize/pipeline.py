@@ -486,6 +486,8 @@ def gptq_tensors(prefix: str, res, bits: int, bias: torch.Tensor | None = None) 
 
 # Output rows of the head quantized at a time: GPTQ treats each row on its own given H, so slices give exactly
 # the whole layer's result while float32 temporaries stay ~50 MB (Qwen's 151,936 x 1,536 head is 0.9 GB in fp32).
+# Each slice is packed before the next one starts (its int32 codes would be another 0.9 GB): a multiple of 32 rows,
+# so every bit width's qzeros words hold whole slices.
 HEAD_ROWS = 8192
 
 
@@ -495,6 +497,7 @@ def quantize_head(source, inputs: BlockInputs, settings: QuantSettings, device) 
     on the quantized model's stream; its Hessian is collected like any layer's, its rows quantized in slices.
     Returns (checkpoint tensors, stats)."""
     norm, weight = source.load_head(device)
+    name = source.layout.lm_head
     t0 = time.perf_counter()
     acc = gptq.HessianAccumulator(weight.shape[1])
     for i, hidden in enumerate(inputs.hidden):
@@ -502,21 +505,18 @@ def quantize_head(source, inputs: BlockInputs, settings: QuantSettings, device) 
     source.release_head()
     h = acc.hessian().to(device)
     damp = settings.damp_for(h.shape[0], acc.tokens)
-    codes, scales, zeros, num, den, res = [], [], [], 0.0, 0.0, None
+    slices, num, den = [], 0.0, 0.0
     for start in range(0, weight.shape[0], HEAD_ROWS):
         w = weight[start:start + HEAD_ROWS].to(device=device, dtype=torch.float32)
         res = quantize_weight(w, h, settings, damp)
         n, d = output_error_terms(w, res.weight, h)
         num, den = num + n, den + d
-        codes.append(res.codes.cpu())
-        scales.append(res.scales.cpu())
-        zeros.append(res.zeros.cpu())
-    whole = gptq.QuantResult(torch.cat(codes, dim=1), torch.cat(scales, dim=1), torch.cat(zeros, dim=1),
-                             res.g_idx.cpu(), None, res.damp_used, res.fallback, time.perf_counter() - t0)
-    name = source.layout.lm_head
-    stats = LayerStats(name, weight.shape[1], weight.shape[0], _error_ratio(num, den), float(whole.damp_used),
-                       whole.fallback, whole.seconds)
-    return gptq_tensors(name, whole, settings.bits), stats
+        slices.append(gptq_tensors(name, res, settings.bits))
+    tensors = {key: slices[0][key] if key.endswith(".g_idx") else torch.cat([s[key] for s in slices], dim=1)
+               for key in slices[0]}
+    stats = LayerStats(name, weight.shape[1], weight.shape[0], _error_ratio(num, den), float(res.damp_used),
+                       res.fallback, time.perf_counter() - t0)
+    return tensors, stats
 
 
 def check_packable(source, settings: QuantSettings) -> None:

@@ -524,3 +524,12 @@ def test_lm_head_streamed_equals_in_memory(tmp_path, monkeypatch):
     assert set(a) == set(b) and "lm_head.qweight" in a
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("bits", [3, 8])
+def test_lm_head_slices_pack_to_the_same_bytes_at_other_widths(tmp_path, monkeypatch, bits):
+    """3-bit qzeros words span 32 columns: slices of a multiple of 32 rows pack exactly as the whole head."""
+    whole = run(tiny_hf_model("qwen2"), tmp_path / "whole", lm_head=True, bits=bits)
+    monkeypatch.setattr(pipeline, "HEAD_ROWS", 96)
+    sliced = run(tiny_hf_model("qwen2"), tmp_path / "sliced", lm_head=True, bits=bits)
+    assert (sliced / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
