@@ -35,7 +35,9 @@ def rtn(weight: torch.Tensor, bits: int = 4, group_size: int = GROUP):
     k, n = wt.shape
     g_idx = fmt.default_g_idx(k, group_size).long()
     groups = int(g_idx.max()) + 1
-    absmax = torch.zeros(groups, n, dtype=torch.float64).index_reduce_(0, g_idx, wt.abs(), "amax")
+    # scatter_reduce_ (stable) rather than index_reduce_ (beta: warns on every call)
+    absmax = torch.zeros(groups, n, dtype=torch.float64).scatter_reduce_(0, g_idx[:, None].expand(k, n), wt.abs(),
+                                                                          "amax")
     scales = (absmax / (2 ** (bits - 1) - 1)).clamp(min=1e-8).half()
     zeros = torch.full((groups, n), 2 ** (bits - 1), dtype=torch.int64)
     codes = torch.round(wt / scales[g_idx].double() + zeros[g_idx]).clamp(0, 2**bits - 1).long()
