@@ -36,7 +36,7 @@ class FastEngine:
         if owns_model and self.generator.model.release_packed_sources():
             import gc
 
-            from qwen_quant.kernels.loader import release_freed_memory
+            from qwen_quant.host_memory import release_freed_memory
 
             gc.collect()
             release_freed_memory()

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from qwen_quant.errors import UserError
+from qwen_quant.host_memory import release_freed_memory
 from qwen_quant.workarounds import canonical_lm_head_input
 from qwen_quant.kernels import format as fmt
 from qwen_quant.kernels.quant_linear import QuantLinear
@@ -296,16 +297,6 @@ def load_quantized(path_or_id, backend: str = "auto", device="cpu", dtype=None, 
     release_freed_memory()
     _attach_generation_config(model, folder)
     return canonical_lm_head_input(model.eval())
-
-
-def release_freed_memory() -> None:
-    """Hand the heap's freed pages back to the OS (glibc only): loading frees ~2 GB of short-lived tensors
-    (fp16 embeddings converted, checkpoint codes repacked) that would otherwise stay in the resident set."""
-    import ctypes
-    import ctypes.util
-
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
 
 
 def _attach_generation_config(model, folder: Path) -> None:

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from qwen_quant.errors import UserError
+from qwen_quant.host_memory import keep_large_buffers_mapped, release_freed_memory
 from qwen_quant.kernels.format import pack_qweight, pack_qzeros
 from qwen_quant.quantize import gptq
 from qwen_quant.models.layouts import Layout, blocks_of
@@ -540,27 +541,9 @@ def stop_after_block() -> int | None:
     return int(v) if v.strip() else None
 
 
-def _release_freed_memory(first_call: bool = False) -> None:
-    """Give freed host memory back to the OS (glibc only; a no-op elsewhere).
-
-    glibc raises its mmap threshold after large frees, so later block-sized buffers come from a heap
-    that never shrinks: host RSS would creep up block after block. A fixed threshold keeps large
-    buffers mmapped (returned on free); malloc_trim hands back what the heap still holds.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        if first_call:
-            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def run_blocks(source, calib, settings: QuantSettings, device, state, progress) -> list[LayerStats]:
     """Quantize every block (skipping those `state` already finished); block tensors go to `state`."""
-    _release_freed_memory(first_call=True)
+    keep_large_buffers_mapped()  # else host RSS creeps up block after block (qwen_quant.host_memory)
     layout, n_blocks = source.layout, len(source.blocks)
     out_dtype = checkpoint_dtype(source.dtype)
     inputs = capture_block_inputs(source, calib, device)
@@ -587,7 +570,7 @@ def run_blocks(source, calib, settings: QuantSettings, device, state, progress) 
         state.save_block(i, tensors, [s.to_dict() for s in stats], inputs.hidden, last=(i == n_blocks - 1),
                          fp_inputs=inputs.fp_hidden)
         all_stats.extend(stats)
-        _release_freed_memory()
+        release_freed_memory()
         progress.block_done(i, stats, time.perf_counter() - t0)
         if stop_at is not None and i == stop_at and i < n_blocks - 1:
             raise StoppedForTest(f"stopped after block {i} ({STOP_AFTER_BLOCK_ENV})")
