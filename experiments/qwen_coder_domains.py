@@ -67,6 +67,9 @@ ROWS = {
     "defaults-64x512": ("the defaults (broad-auto-16x512's settings) on 4x the calibration: 64 x 512 tokens, "
                         "more than every layer's inputs (damp-auto then gives down_proj 0.14, the rest 0.02)",
                         ["--nsamples", "64", "--seqlen", "512"]),
+    "gptaq-16x512": ("the defaults (broad-auto-16x512's settings) with asymmetric calibration (GPTAQ, --gptaq 0.25, "
+                     "the GPTAQ authors' value): each layer fit to the fp model's outputs",
+                     SMALL + ["--gptaq", "0.25"]),
     "gptqmodel-16x512": ("GPTQModel 7.6.0 at broad-16x512's settings on the same calibration tokens (act-order, "
                          "static groups, its mse=2.4 range search, damp 0.01: it has no per-layer damping), made by "
                          "experiments/qwen_coder_accuracy.py quantize", None),
