@@ -281,6 +281,10 @@ def accuracy_csv(report: dict) -> str:
 
 # ---------------------------------------------------------------- a comparison across qwen-eval runs
 
+# what the Runs section says of each run: enough to tell runs made on different machines apart
+RUN_KEYS = ("commit", "date", "command", "cpu", "gpu", "torch")
+
+
 def join_results(reports: list[dict]) -> dict:
     """Several qwen-eval results (one model each, or more) as one report: models in the given order, every
     row kept; the first model is the reference. Paired errors need the same items: qwen-eval's readers are
@@ -295,8 +299,23 @@ def join_results(reports: list[dict]) -> dict:
         results += rep.get("results", [])
     return {"kind": "eval", "env": reports[0].get("env", {}) if reports else {}, "models": models,
             "results": results, "runs": [{"models": [m["label"] for m in r.get("models", [])],
-                                          "env": {k: r.get("env", {}).get(k) for k in ("commit", "date", "command")}}
+                                          "env": {k: r.get("env", {}).get(k) for k in RUN_KEYS}}
                                          for r in reports]}
+
+
+def carry_rows(earlier: dict, joined: dict) -> dict:
+    """`joined` on top of an `earlier` comparison (its comparison.json): the earlier models keep their places
+    (the reference stays first) and rows, except those `joined` measured again, which it replaces; new models
+    follow. The per-item and per-window lists travel in the rows, so paired errors still hold, and a table
+    grows across sessions whose work folders (checkpoints, item stores) are gone; each run keeps its own
+    commit, date, command and machine in `runs`."""
+    fresh = {m["label"]: m for m in joined["models"]}
+    kept = [m["label"] for m in earlier.get("models", [])]
+    models = [fresh.get(label, m) for label, m in zip(kept, earlier.get("models", []))]
+    models += [m for label, m in fresh.items() if label not in kept]
+    results = [r for r in earlier.get("results", []) if r["model"] not in fresh] + joined["results"]
+    runs = [r for r in earlier.get("runs", []) if not set(r.get("models", [])) <= set(fresh)] + joined["runs"]
+    return {**joined, "models": models, "results": results, "runs": runs}
 
 
 def loss_ratio_table(report: dict, baseline: str) -> str | None:
@@ -338,5 +357,6 @@ def comparison_markdown(report: dict, baseline: str | None = None, title: str = 
     parts += ["\n## All metrics\n", all_metrics_table(report), "\n## Data\n", "\n".join(provenance_lines(report)) + "\n",
               "\n## What the numbers mean\n", "\n".join(meanings(report)) + "\n", "\n## Runs\n",
               "\n".join(f"- {', '.join(r['models'])}: commit {r['env'].get('commit')}, {r['env'].get('date')}, "
-                        f"`{r['env'].get('command')}`" for r in report.get("runs", [])) + "\n"]
+                        + "".join(f"{r['env'][k]}, " for k in ("cpu", "gpu") if r["env"].get(k))
+                        + f"`{r['env'].get('command')}`" for r in report.get("runs", [])) + "\n"]
     return "\n".join(p.rstrip("\n") + "\n" for p in parts)

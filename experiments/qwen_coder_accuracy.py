@@ -9,9 +9,11 @@ HumanEval pass@1 where its measured per-problem cost fits (--humaneval N problem
 
 Every step only calls our CLIs (qwen-quantize, qwen-eval, qwen-report) or the peer's script, and resumes:
 checkpoints that exist are kept, qwen-eval's item store keeps every scored item, so the same command after a
-stop (or with a larger --limit) scores only what is missing and the table grows across sessions.
+stop (or with a larger --limit) scores only what is missing. The work folder does not outlive a session's
+machine; the committed comparison.json does, with every row's per-item lists: `render` keeps its rows
+(qwen-report --keep) and replaces only those evaluated again, so the table grows across sessions.
 
-    python experiments/qwen_coder_accuracy.py quantize                # our default checkpoint, RTN, the peer's
+    python experiments/qwen_coder_accuracy.py quantize [ROWS]         # our default checkpoint, RTN, the peer's
     python experiments/qwen_coder_accuracy.py eval fp rtn gptq        # one row after the other (one thread each)
     python experiments/qwen_coder_accuracy.py render                  # reports/qwen2.5-coder-1.5b-accuracy/
 Calibration for every quantized row: CALIB (what a CPU user can afford), the same tokens for ours and the peer's.
@@ -33,6 +35,7 @@ REPORT = ROOT / "reports" / "qwen2.5-coder-1.5b-accuracy"
 DOMAINS = "ppl-wiki,ppl-zh,ppl-code,ppl-fr,ppl-fiction"
 CALIB = ["--nsamples", "16", "--seqlen", "512"]
 ROWS = ("fp", "rtn", "gptq", "gptqmodel")
+FP_LABEL = "fp32"  # qwen-eval labels a model by its folder: fp_folder() is .../fp32
 
 
 def bin_(name: str) -> str:
@@ -50,27 +53,42 @@ def checkpoint(row: str) -> Path:
     return fp_folder() if row == "fp" else study_dir() / "accuracy-ckpt" / row
 
 
-def quantize(extra: dict[str, list[str]]) -> None:
+def quantize(rows: list[str], extra: dict[str, list[str]]) -> None:
     fp = fp_folder()
     ours = {"rtn": ["--method", "rtn", "--no-mse"], "gptq": []} | extra
     for row, args in ours.items():
-        if not (checkpoint(row) / "quant_report.json").is_file():
+        if row in rows and not (checkpoint(row) / "quant_report.json").is_file():
             run([bin_("qwen-quantize"), str(fp), "--out", str(checkpoint(row)), "--quiet", *CALIB, *args])
     peer_out = checkpoint("gptqmodel")
-    if not (peer_out / "peer_quantize.json").is_file():
-        # identical settings: read them from our default checkpoint's own record, the tokens from its calibration
-        q = json.loads((checkpoint("gptq") / "quant_report.json").read_text())
-        qc, settings = q["quantization_config"], q["settings"]
-        peer = {"bits": qc["bits"], "group_size": qc["group_size"], "sym": qc["sym"], "desc_act": qc["desc_act"],
-                "static_groups": qc["static_groups"], "damp_percent": qc["damp_percent"],
-                "mse": 2.4 if settings.get("mse") else 0.0}
+    if "gptqmodel" in rows and not (peer_out / "peer_quantize.json").is_file():
+        peer, c = peer_settings()
         calib = study_dir() / "accuracy-ckpt" / "calibration.pt"
-        c = q["calibration"]
+        calib.parent.mkdir(parents=True, exist_ok=True)
         run([sys.executable, str(ROOT / "experiments" / "gptqmodel_peer.py"), "export", str(fp), str(calib),
              "--calib", c["source"], "--nsamples", str(c["nsamples"]), "--seqlen", str(c["seqlen"]),
-             "--seed", str(c["seed"])])
+             "--seed", str(c["seed"])], cwd="/tmp")
         run([str(ROOT / ".venv-peer" / "bin" / "python"), str(ROOT / "experiments" / "gptqmodel_peer.py"), "quantize",
              str(fp), str(calib), str(peer_out), json.dumps(peer)], cwd="/tmp")
+
+
+def peer_settings() -> tuple[dict, dict]:
+    """GPTQModel's settings identical to our default row's, and the calibration both run on: read from our
+    checkpoint's own record when it is there, else from the QuantSettings qwen-quantize would run with CALIB
+    (the same defaults, one place), so the peer's row does not wait on ours."""
+    record = checkpoint("gptq") / "quant_report.json"
+    if record.is_file():
+        q = json.loads(record.read_text())
+        qc, settings, c = q["quantization_config"], q["settings"], q["calibration"]
+    else:
+        from qwen_quant.quantize.settings import QuantSettings
+
+        s = QuantSettings(nsamples=int(CALIB[1]), seqlen=int(CALIB[3]))
+        qc, settings = s.quantization_config(), s.run_settings()
+        c = {"source": s.calib, "nsamples": s.nsamples, "seqlen": s.seqlen, "seed": s.seed}
+    peer = {"bits": qc["bits"], "group_size": qc["group_size"], "sym": qc["sym"], "desc_act": qc["desc_act"],
+            "static_groups": qc["static_groups"], "damp_percent": qc["damp_percent"],
+            "mse": 2.4 if settings.get("mse") else 0.0}
+    return peer, c
 
 
 def evaluate(rows: list[str], limit: int, humaneval: int) -> None:
@@ -81,12 +99,17 @@ def evaluate(rows: list[str], limit: int, humaneval: int) -> None:
 
 
 def render(rows: list[str]) -> None:
+    """The table from the rows evaluated here, on top of the committed table's (--keep): rows measured in an
+    earlier session stay, with their per-item lists for the paired errors, after its work folder is gone."""
     present = [r for r in rows if (study_dir() / "accuracy" / r / "results.json").is_file()]
-    baseline = ["--baseline", "rtn"] if "rtn" in present else []  # the table grows row by row across sessions
+    earlier = REPORT / "comparison.json"
+    kept = [m["label"] for m in json.loads(earlier.read_text())["models"]] if earlier.is_file() else []
+    shown = set(present) | {"fp" if label == FP_LABEL else label for label in kept}
     run([bin_("qwen-report"), "--compare", *[str(study_dir() / "accuracy" / r) for r in present],
-         *baseline, "--out", str(REPORT),
-         "--title", f"Qwen2.5-Coder-1.5B-Instruct: fp against Int4 g128 ({', '.join(r for r in present if r != 'fp')}; "
-                    f"missing so far: {', '.join(r for r in ROWS if r not in present) or 'none'})"])
+         *(["--keep", str(earlier)] if earlier.is_file() else []),
+         *(["--baseline", "rtn"] if "rtn" in shown else []), "--out", str(REPORT),
+         "--title", f"Qwen2.5-Coder-1.5B-Instruct: fp against Int4 g128 ({', '.join(r for r in ROWS if r in shown and r != 'fp')}; "
+                    f"missing so far: {', '.join(r for r in ROWS if r not in shown) or 'none'})"])
 
 
 def main(argv=None) -> int:
@@ -100,7 +123,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     extra = {k: v.split() for k, v in (e.split("=", 1) for e in args.extra)}
     if args.step == "quantize":
-        quantize(extra)
+        quantize(args.rows, extra)
     elif args.step == "eval":
         evaluate(args.rows, args.limit, args.humaneval)
     else:

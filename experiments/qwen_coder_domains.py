@@ -16,7 +16,9 @@ skipped, a stopped one continues with --resume, qwen-eval's item store keeps eve
     python experiments/qwen_coder_domains.py eval fp rtn defaults-16x512
     python experiments/qwen_coder_domains.py render      # reports/qwen2.5-coder-1.5b-domains/ (qwen-report --compare)
 Checkpoints and evaluation outputs go to $QWEN_QUANT_WORK (default ~/.cache/qwen_quant/qwen-coder-study);
-the rendered table and the JSON it was made from go to reports/.
+the rendered table, the JSON it was made from (every row's per-window losses) and each step's seconds
+(steps.jsonl) go to reports/. The work folder does not outlive a session's machine: `render` keeps the
+committed table's rows (qwen-report --keep) and replaces those evaluated again.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # offline_qwen, beside this script
 from offline_qwen import fp_folder, study_dir  # noqa: E402
 REPORT = ROOT / "reports" / "qwen2.5-coder-1.5b-domains"
+STEPS = REPORT / "steps.jsonl"  # seconds and load of every quantize / eval step, appended by _run
 DOMAINS = ("ppl-wiki", "ppl-zh", "ppl-code", "ppl-fr", "ppl-fiction")
 EVAL_ARGS = ["--seqlen", "512", "--dtype", "bf16", "--batch", "8", "--quiet"]
 # windows per domain: 16 for the study's screening rows (a ratio's paired error ~0.05-0.08), more for the rows
@@ -111,15 +114,16 @@ def evaluate(names: list[str], windows: int = WINDOWS) -> None:
 
 
 def _run(name: str, step: str, cmd: list[str]) -> None:
-    """Run one step in its own process; its seconds and the machine's load go to the work folder's log."""
-    log = study_dir() / "log.jsonl"
-    log.parent.mkdir(parents=True, exist_ok=True)
+    """Run one step in its own process; its seconds and the machine's load go to the study's log (STEPS, in
+    reports/: the work folder does not outlive a session, the log of what each step cost should)."""
+    from qwen_quant.provenance import cpu_name
+
     load, t0 = os.getloadavg()[0], time.time()
     rc = subprocess.run(cmd, env=_one_thread()).returncode
-    with open(log, "a") as f:
+    with open(STEPS, "a") as f:
         f.write(json.dumps({"row": name, "step": step, "rc": rc, "seconds": round(time.time() - t0, 1),
                             "load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2),
-                            "threads": _one_thread()["OMP_NUM_THREADS"],
+                            "threads": _one_thread()["OMP_NUM_THREADS"], "cpu": cpu_name(), "cores": os.cpu_count(),
                             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)), "command": cmd}) + "\n")
     if rc != 0:
         raise SystemExit(f"{name}: {step} failed (exit {rc})")
@@ -127,24 +131,33 @@ def _run(name: str, step: str, cmd: list[str]) -> None:
 
 # ---------------------------------------------------------------- the table
 
+def label(name: str) -> str:
+    """The row's label in the table: qwen-eval names a model by its folder (fp_folder() is .../fp32)."""
+    return "fp32" if name == "fp" else MADE_ELSEWHERE[name]().name if name in MADE_ELSEWHERE else name
+
+
 def render() -> Path:
-    """qwen-report --compare over every evaluated row (fp first, RTN the baseline), and the rows' legend."""
+    """qwen-report --compare over every row evaluated here, on top of the committed table (--keep: rows of
+    earlier sessions stay, their per-window losses with them, after their work folders are gone), fp first,
+    RTN the baseline; and the rows' legend."""
     from qwen_quant.files import write_text_atomic
 
     present = [n for n in ROWS if (study_dir() / "eval" / n / "results.json").is_file()]
+    earlier = REPORT / "comparison.json"
     subprocess.run([_bin("qwen-report"), "--compare", *[str(study_dir() / "eval" / n) for n in present],
+                    *(["--keep", str(earlier)] if earlier.is_file() else []),
                     "--baseline", "rtn", "--out", str(REPORT), "--title",
                     "Qwen2.5-Coder-1.5B-Instruct Int4 g128: which GPTQ settings hold up out of domain"], check=True)
+    shown = [m["label"] for m in json.loads(earlier.read_text())["models"]]
     legend = ["# The rows of the domain study", "", "Each row is a `qwen-quantize` run of the offline Qwen's fp32 folder "
               "(experiments/qwen_coder_domains.py); its checkpoint's quant_report.json (under the study's work folder) "
               "records everything it did. fp is labelled by its folder name, `fp32`.", ""]
     legend += [f"- `{n}`: {what}" + (f" — `qwen-quantize MODEL {' '.join(args)}`" if args else "")
-               for n, (what, args) in ROWS.items() if n in present]
-    log = study_dir() / "log.jsonl"
-    if log.is_file():
-        legend += ["", "Seconds of each step on this 2-core machine, one torch thread per step (load: the 1-minute "
-                   "load average before and after; other steps ran beside it):", ""]
-        for line in log.read_text().splitlines():
+               for n, (what, args) in ROWS.items() if label(n) in shown]
+    if STEPS.is_file():
+        legend += ["", "Seconds of each step on a 2-core machine, one torch thread per step (load: the 1-minute "
+                   "load average before and after; other steps ran beside it; each line's machine in steps.jsonl):", ""]
+        for line in STEPS.read_text().splitlines():
             r = json.loads(line)
             legend.append(f"- {r['row']} {r['step']}: {r['seconds']} s, load {r['load_before']} -> {r['load_after']}, "
                           f"{r['date']}")

@@ -349,12 +349,13 @@ def write_seed_tables(paths: list[str | Path], out: str | Path | None = None) ->
 
 
 def write_comparison(paths: list[str | Path], out: str | Path, baseline: str | None = None,
-                     title: str = "Comparison") -> Path:
+                     title: str = "Comparison", keep: str | Path | None = None) -> Path:
     """OUT/README.md (+ comparison.json): several qwen-eval results (in the given order, the first model the
-    reference) as one table with paired errors; with `baseline`, every model's perplexity loss against it."""
+    reference) as one table with paired errors; with `baseline`, every model's perplexity loss against it;
+    with `keep` (an earlier comparison.json), its rows stay in the table unless the results re-measure them."""
     import json
 
-    from qwen_quant.accuracy.tables import comparison_markdown, join_results
+    from qwen_quant.accuracy.tables import carry_rows, comparison_markdown, join_results
 
     files = []
     for p in map(Path, paths):
@@ -366,6 +367,11 @@ def write_comparison(paths: list[str | Path], out: str | Path, baseline: str | N
         joined = join_results([_read_json(f) for f in files])
     except ValueError as e:
         raise UserError(str(e)) from None
+    if keep:
+        earlier = _read_json(Path(keep))
+        if earlier.get("kind") != "eval" or "runs" not in earlier:
+            raise UserError(f"--keep {keep}: not a comparison.json written by qwen-report --compare")
+        joined = carry_rows(earlier, joined)
     if baseline and baseline not in [m["label"] for m in joined["models"]]:
         raise UserError(f"--baseline {baseline!r} is none of the models: {', '.join(m['label'] for m in joined['models'])}")
     out = Path(out)

@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "written to --out/README.md with paired errors on the shared items")
     p.add_argument("--baseline", default=None, metavar="LABEL",
                    help="with --compare: every model's perplexity loss as a fraction of this model's (e.g. rtn)")
+    p.add_argument("--keep", default=None, metavar="COMPARISON_JSON",
+                   help="with --compare: keep the rows of an earlier comparison.json (a table that grows across "
+                        "sessions); models that DIR... measure again are replaced, new ones added at the end")
     p.add_argument("--title", default="Comparison", help="with --compare: the page's title")
     p.add_argument("--seed-tables", action="store_true",
                    help="write the seed's speed and memory tables for Qwen-7B/14B from the qwen-profile results in "
@@ -45,7 +48,7 @@ def main(argv=None):
 
         if not args.paths or not args.out:
             raise UserError("--compare needs qwen-eval output folders (DIR...) and --out")
-        print(f"comparison: {write_comparison(args.paths, args.out, args.baseline, args.title)}")
+        print(f"comparison: {write_comparison(args.paths, args.out, args.baseline, args.title, args.keep)}")
         return 0
     if args.seed_tables:
         from qwen_quant.report import write_seed_tables

@@ -178,3 +178,38 @@ def test_comparison_joins_runs_and_gives_loss_ratios_against_a_baseline(tmp_path
     assert [m["label"] for m in joined["models"]] == ["fp", "rtn", "gptq"] and len(joined["runs"]) == 3
     with pytest.raises(UserError, match="none of the models"):
         write_comparison([tmp_path / "fp", tmp_path / "gptq"], tmp_path / "o2", baseline="rtn")
+
+
+def test_comparison_keeps_an_earlier_tables_rows_and_replaces_what_is_measured_again(tmp_path):
+    """A table that grows across sessions: the earlier comparison.json carries its rows (per-window lists
+    included, so loss ratios still pair), a re-measured model replaces its old rows in place."""
+    from qwen_quant.accuracy.paired import loss_ratio
+    from qwen_quant.report import write_comparison
+
+    def results(name, nlls, cpu):
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "results.json").write_text(json.dumps({
+            "env": {"commit": "c", "date": "d", "command": f"qwen-eval {name}", "cpu": cpu},
+            "models": [{"label": name}], "results": [_ppl_row(name, "ppl-wiki", nlls)]}))
+        return tmp_path / name
+
+    fp, rtn, old_q = [2.0, 2.2, 1.9, 2.1], [2.3, 2.45, 2.2, 2.4], [2.1, 2.3, 2.0, 2.2]
+    write_comparison([results("fp", fp, "old cpu"), results("rtn", rtn, "old cpu"), results("gptq", old_q, "old cpu")],
+                     tmp_path / "t1", baseline="rtn")
+    for name in ("fp", "rtn", "gptq"):  # the work folder is gone: only the committed table remains
+        (tmp_path / name / "results.json").unlink()
+    new_q, extra = [2.05, 2.25, 1.95, 2.15], [2.2, 2.4, 2.1, 2.3]
+    page = write_comparison([results("gptq", new_q, "new cpu"), results("big", extra, "new cpu")], tmp_path / "t2",
+                            baseline="rtn", keep=tmp_path / "t1" / "comparison.json").read_text()
+    joined = json.loads((tmp_path / "t2" / "comparison.json").read_text())
+    assert [m["label"] for m in joined["models"]] == ["fp", "rtn", "gptq", "big"]
+    assert [r["details"]["per_window_nll"] for r in joined["results"] if r["model"] == "gptq"] == [new_q]
+    for nlls in (new_q, extra):
+        ratio, se = loss_ratio(fp, rtn, nlls)
+        assert f"{ratio:.2f} ± {se:.2f}" in page
+    old_ratio = loss_ratio(fp, rtn, old_q)[0]
+    assert f"| gptq | {old_ratio:.2f}" not in page
+    assert [r["models"] for r in joined["runs"]] == [["fp"], ["rtn"], ["gptq"], ["big"]]
+    assert "old cpu" in page and "new cpu" in page  # each run says where it ran
+    with pytest.raises(UserError, match="not a comparison.json"):
+        write_comparison([tmp_path / "big"], tmp_path / "t3", keep=tmp_path / "big" / "results.json")
