@@ -368,6 +368,8 @@ def write_comparison(paths: list[str | Path], out: str | Path, baseline: str | N
     except ValueError as e:
         raise UserError(str(e)) from None
     if keep:
+        if not Path(keep).is_file():
+            raise UserError(f"--keep {keep}: no such file (give the comparison.json of an earlier --compare)")
         earlier = _read_json(Path(keep))
         if earlier.get("kind") != "eval" or "runs" not in earlier:
             raise UserError(f"--keep {keep}: not a comparison.json written by qwen-report --compare")

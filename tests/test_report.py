@@ -211,5 +211,7 @@ def test_comparison_keeps_an_earlier_tables_rows_and_replaces_what_is_measured_a
     assert f"| gptq | {old_ratio:.2f}" not in page
     assert [r["models"] for r in joined["runs"]] == [["fp"], ["rtn"], ["gptq"], ["big"]]
     assert "old cpu" in page and "new cpu" in page  # each run says where it ran
+    with pytest.raises(UserError, match="no such file"):
+        write_comparison([tmp_path / "big"], tmp_path / "t3", keep=tmp_path / "missing.json")
     with pytest.raises(UserError, match="not a comparison.json"):
         write_comparison([tmp_path / "big"], tmp_path / "t3", keep=tmp_path / "big" / "results.json")
