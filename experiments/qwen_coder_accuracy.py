@@ -115,13 +115,14 @@ def render(rows: list[str]) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("step", choices=["quantize", "eval", "render"])
-    p.add_argument("rows", nargs="*", default=list(ROWS))
+    p.add_argument("rows", nargs="*", help=f"rows (default: {', '.join(ROWS)} and every --extra)")
     p.add_argument("--limit", type=int, default=600, help="items per benchmark (MMLU, ARC-Challenge)")
     p.add_argument("--humaneval", type=int, default=0, help="also HumanEval pass@1 (all 164 problems) when > 0")
     p.add_argument("--extra", action="append", default=[], metavar="NAME=ARGS",
                    help="another quantized row: NAME='qwen-quantize arguments' (e.g. best='--damp 0.1')")
     args = p.parse_args(argv)
     extra = {k: v.split() for k, v in (e.split("=", 1) for e in args.extra)}
+    args.rows = args.rows or [*ROWS, *extra]
     if args.step == "quantize":
         quantize(args.rows, extra)
     elif args.step == "eval":
