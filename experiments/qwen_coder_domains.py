@@ -51,7 +51,8 @@ FIXED_DAMP = ["--damp-auto", "0"]
 # name -> (what the row is, qwen-quantize arguments beyond the model and --out)
 ROWS = {
     "fp": ("the GGUF's Q4_K_M weights dequantized (the reference)", None),
-    "rtn": ("round-to-nearest, min-max scales (the baseline)", ["--method", "rtn", "--no-mse", "--nsamples", "4",
+    "rtn": ("round-to-nearest, min-max scales (the baseline; no calibration, so the accuracy table's rtn checkpoint "
+            "is the same weights and may stand in)", ["--method", "rtn", "--no-mse", "--nsamples", "4",
                                                                 "--seqlen", "512"]),
     "rtn-mse": ("round-to-nearest with the range search", ["--method", "rtn", "--nsamples", "4", "--seqlen", "512"]),
     "defaults-16x512": ("defaults before this study: act-order + static groups + range search, damp 0.01, "
@@ -63,7 +64,8 @@ ROWS = {
     "broad-damp0.1-16x512": ("defaults, broad mix, damp 0.1", SMALL + BROAD + FIXED_DAMP + ["--damp", "0.1"]),
     "broad-plain-damp0.1-16x512": ("plain GPTQ, broad mix, damp 0.1", SMALL + BROAD + FIXED_DAMP + PLAIN + ["--damp", "0.1"]),
     "broad-auto-16x512": ("the defaults after this study: act-order + static groups + range search, damping raised "
-                          "where calibration is thin (--damp-auto 0.5), English + Chinese + code + chat",
+                          "where calibration is thin (--damp-auto 0.5), English + Chinese + code + chat (qwen-quantize's defaults "
+                          "at 16 x 512: the same run as the accuracy table's gptq row, whose checkpoint it may be)",
                           SMALL + BROAD + ["--damp-auto", "0.5"]),
     "lmhead-16x512": ("the defaults (broad-auto-16x512's settings) with --lm-head: the output head quantized too",
                       SMALL + ["--lm-head"]),
