@@ -141,4 +141,6 @@ def test_demo_model_cpu_backend_gives_the_torch_backends_greedy_tokens_in_bf16(d
         top2 = scores[step][0].float().topk(2).values
         noise = 2 * 2.0 ** -7 * top2[0].abs().item()
         assert top2[0] - top2[1] <= noise, f"step {step}: a clear decision ({(top2[0] - top2[1]).item():.3f}) changed"
-    assert len(differ) == 0 or int(differ[0]) >= 8  # the first tokens agree in any case
+    # no fixed count of agreeing tokens beyond that rule: where a near-tie parts them depends on the CPU's bf16
+    # kernels (on a 2-core Intel Xeon with AMX they parted at a near-tie at step 7; an earlier ">= 8 agree"
+    # held on the AMD EPYCs and failed there)
