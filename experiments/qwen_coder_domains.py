@@ -126,7 +126,9 @@ def _run(name: str, step: str, cmd: list[str]) -> None:
         f.write(json.dumps({"row": name, "step": step, "rc": rc, "seconds": round(time.time() - t0, 1),
                             "load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2),
                             "threads": _one_thread()["OMP_NUM_THREADS"], "cpu": cpu_name(), "cores": os.cpu_count(),
-                            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)), "command": cmd}) + "\n")
+                            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
+                            "command": [os.path.relpath(c, ROOT) if c.startswith(str(ROOT)) else c for c in cmd]})
+                + "\n")
     if rc != 0:
         raise SystemExit(f"{name}: {step} failed (exit {rc})")
 
