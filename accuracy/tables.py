@@ -305,17 +305,21 @@ def join_results(reports: list[dict]) -> dict:
 
 def carry_rows(earlier: dict, joined: dict) -> dict:
     """`joined` on top of an `earlier` comparison (its comparison.json): the earlier models keep their places
-    (the reference stays first) and rows, except those `joined` measured again, which it replaces; new models
-    follow. The per-item and per-window lists travel in the rows, so paired errors still hold, and a table
-    grows across sessions whose work folders (checkpoints, item stores) are gone; each run keeps its own
-    commit, date, command and machine in `runs`."""
+    (the reference stays first) and results, except the (model, task) cells `joined` measured again, which it
+    replaces; new models follow. So a row grows by a task (a HumanEval column scored in a later session) without
+    its other tasks being scored again; the caller vouches that it is the same checkpoint (the Runs list names
+    each run's command). The per-item and per-window lists travel in the results, so paired errors still hold
+    after the sessions' work folders (checkpoints, item stores) are gone. Earlier runs stay listed while any of
+    their models' earlier results do."""
     fresh = {m["label"]: m for m in joined["models"]}
     kept = [m["label"] for m in earlier.get("models", [])]
     models = [fresh.get(label, m) for label, m in zip(kept, earlier.get("models", []))]
     models += [m for label, m in fresh.items() if label not in kept]
-    results = [r for r in earlier.get("results", []) if r["model"] not in fresh] + joined["results"]
-    runs = [r for r in earlier.get("runs", []) if not set(r.get("models", [])) <= set(fresh)] + joined["runs"]
-    return {**joined, "models": models, "results": results, "runs": runs}
+    remeasured = {(r["model"], r["task"]) for r in joined["results"]}
+    carried = [r for r in earlier.get("results", []) if (r["model"], r["task"]) not in remeasured]
+    still_shown = {r["model"] for r in carried}
+    runs = [r for r in earlier.get("runs", []) if set(r.get("models", [])) & still_shown] + joined["runs"]
+    return {**joined, "models": models, "results": carried + joined["results"], "runs": runs}
 
 
 def loss_ratio_table(report: dict, baseline: str) -> str | None:

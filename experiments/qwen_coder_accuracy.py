@@ -15,6 +15,7 @@ machine; the committed comparison.json does, with every row's per-item lists: `r
 
     python experiments/qwen_coder_accuracy.py quantize [ROWS]         # our default checkpoint, RTN, the peer's
     python experiments/qwen_coder_accuracy.py eval fp rtn gptq        # one row after the other (one thread each)
+    python experiments/qwen_coder_accuracy.py eval fp gptq --only humaneval   # a column added to kept rows
     python experiments/qwen_coder_accuracy.py render                  # reports/qwen2.5-coder-1.5b-accuracy/
 Calibration for every quantized row: CALIB (what a CPU user can afford), the same tokens for ours and the peer's.
 """
@@ -91,8 +92,11 @@ def peer_settings() -> tuple[dict, dict]:
     return peer, c
 
 
-def evaluate(rows: list[str], limit: int, humaneval: int) -> None:
-    tasks = f"{DOMAINS},mmlu-0shot,arc-challenge" + (",humaneval" if humaneval else "")
+def evaluate(rows: list[str], limit: int, humaneval: int, only: str | None = None) -> None:
+    """Every row on the table's tasks; `only` (a comma list) scores just those tasks, e.g. a column added in a
+    later session: render keeps the row's other tasks from the committed table, so `only` must run on the same
+    checkpoint as they did (a checkpoint made again is the same run only if it scores the same per-window NLLs)."""
+    tasks = only or f"{DOMAINS},mmlu-0shot,arc-challenge" + (",humaneval" if humaneval else "")
     for row in rows:
         run([bin_("qwen-eval"), str(checkpoint(row)), "--tasks", tasks, "--limit", str(limit), "--ppl-windows", "32",
              "--seqlen", "512", "--dtype", "bf16", "--batch", "8", "--out", str(study_dir() / "accuracy" / row), "--quiet"])
@@ -118,6 +122,9 @@ def main(argv=None) -> int:
     p.add_argument("rows", nargs="*", help=f"rows (default: {', '.join(ROWS)} and every --extra)")
     p.add_argument("--limit", type=int, default=600, help="items per benchmark (MMLU, ARC-Challenge)")
     p.add_argument("--humaneval", type=int, default=0, help="also HumanEval pass@1 (all 164 problems) when > 0")
+    p.add_argument("--only", default=None, metavar="TASKS",
+                   help="eval: score only these tasks (comma list, e.g. humaneval); the row's other tasks stay as the "
+                        "committed table has them")
     p.add_argument("--extra", action="append", default=[], metavar="NAME=ARGS",
                    help="another quantized row: NAME='qwen-quantize arguments' (e.g. best='--damp 0.1')")
     args = p.parse_args(argv)
@@ -126,7 +133,7 @@ def main(argv=None) -> int:
     if args.step == "quantize":
         quantize(args.rows, extra)
     elif args.step == "eval":
-        evaluate(args.rows, args.limit, args.humaneval)
+        evaluate(args.rows, args.limit, args.humaneval, args.only)
     else:
         render(args.rows)
     return 0

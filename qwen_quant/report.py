@@ -352,7 +352,8 @@ def write_comparison(paths: list[str | Path], out: str | Path, baseline: str | N
                      title: str = "Comparison", keep: str | Path | None = None) -> Path:
     """OUT/README.md (+ comparison.json): several qwen-eval results (in the given order, the first model the
     reference) as one table with paired errors; with `baseline`, every model's perplexity loss against it;
-    with `keep` (an earlier comparison.json), its rows stay in the table unless the results re-measure them."""
+    with `keep` (an earlier comparison.json), its results stay in the table unless `paths` re-measure the same
+    model on the same task."""
     import json
 
     from qwen_quant.accuracy.tables import carry_rows, comparison_markdown, join_results

@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --compare: every model's perplexity loss as a fraction of this model's (e.g. rtn)")
     p.add_argument("--keep", default=None, metavar="COMPARISON_JSON",
                    help="with --compare: keep the rows of an earlier comparison.json (a table that grows across "
-                        "sessions); models that DIR... measure again are replaced, new ones added at the end")
+                        "sessions); the tasks that DIR... measure again replace that model's old ones, its other "
+                        "tasks stay (a column added later), new models are added at the end")
     p.add_argument("--title", default="Comparison", help="with --compare: the page's title")
     p.add_argument("--seed-tables", action="store_true",
                    help="write the seed's speed and memory tables for Qwen-7B/14B from the qwen-profile results in "

@@ -215,3 +215,29 @@ def test_comparison_keeps_an_earlier_tables_rows_and_replaces_what_is_measured_a
         write_comparison([tmp_path / "big"], tmp_path / "t3", keep=tmp_path / "missing.json")
     with pytest.raises(UserError, match="not a comparison.json"):
         write_comparison([tmp_path / "big"], tmp_path / "t3", keep=tmp_path / "big" / "results.json")
+
+
+def test_comparison_adds_a_task_to_a_kept_row_without_scoring_its_other_tasks_again(tmp_path):
+    """A column scored in a later session (HumanEval after the perplexities): the model's new task joins its
+    kept results, its re-measured task replaces the old one, and both runs stay listed."""
+    from qwen_quant.report import write_comparison
+
+    def results(folder, name, rows, command):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / "results.json").write_text(json.dumps({
+            "env": {"commit": "c", "date": "d", "command": command},
+            "models": [{"label": name}], "results": rows}))
+        return tmp_path / folder
+
+    first = [results("fp", "fp", [_ppl_row("fp", "ppl-wiki", [2.0, 2.2]), _ppl_row("fp", "ppl-zh", [3.0, 3.1])],
+                     "qwen-eval fp --tasks ppl-wiki,ppl-zh")]
+    write_comparison(first, tmp_path / "t1")
+    later = results("fp-later", "fp", [_ppl_row("fp", "ppl-zh", [3.5, 3.6]), _ppl_row("fp", "ppl-code", [1.0, 1.1])],
+                    "qwen-eval fp --tasks ppl-zh,ppl-code")
+    write_comparison([later], tmp_path / "t2", keep=tmp_path / "t1" / "comparison.json")
+    joined = json.loads((tmp_path / "t2" / "comparison.json").read_text())
+    got = {r["task"]: r["details"]["per_window_nll"] for r in joined["results"]}
+    assert got == {"ppl-wiki": [2.0, 2.2], "ppl-zh": [3.5, 3.6], "ppl-code": [1.0, 1.1]}
+    assert [r["env"]["command"] for r in joined["runs"]] == ["qwen-eval fp --tasks ppl-wiki,ppl-zh",
+                                                             "qwen-eval fp --tasks ppl-zh,ppl-code"]
+    assert [m["label"] for m in joined["models"]] == ["fp"]
