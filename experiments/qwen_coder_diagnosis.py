@@ -1,13 +1,16 @@
 #!/usr/bin/env python
 """Why GPTQ lost to round-to-nearest on Qwen2.5-Coder-1.5B with 16 x 512 calibration tokens (issue 15).
 
-Two measurements, each printing one JSON line per case (reports/qwen2.5-coder-1.5b-domains/DIAGNOSIS.md
+Three measurements, each printing one JSON line per case (reports/qwen2.5-coder-1.5b-domains/DIAGNOSIS.md
 quotes them):
 
     python experiments/qwen_coder_diagnosis.py splice RTN_CKPT GPTQ_CKPT [--windows 8]
         end to end: the fp model with every quantized linear taken from one checkpoint or the other, by
         rule (all RTN, all GPTQ, GPTQ except the four down_proj layers with outlier inputs, ...), and the
         mean NLL of the first wiki eval windows (the study's own windows).
+    python experiments/qwen_coder_diagnosis.py attribute RTN_CKPT GPTQ_CKPT [--windows 8]
+        where the loss lives: the fp model with one class of linears (q/k/v, o, gate/up, down_proj, the four
+        outlier down_proj, all) from one checkpoint, every other linear fp; the same windows' mean NLL.
     python experiments/qwen_coder_diagnosis.py tokens LAYER [--damps 0.01,0.1,0.3,0.9]
         one layer: down_proj of LAYER quantized by RTN and by GPTQ (calibration: the 16 x 512 English+Chinese
         samples of the study's rows) at several dampings; the relative output error on held-out wiki tokens
@@ -77,6 +80,41 @@ def splice(rtn: str, gptq_ckpt: str, windows: int) -> None:
                           "nll": [round(x, 5) for x in nll]}), flush=True)
 
 
+CLASSES = {  # name -> which linears a case quantizes (the others keep their fp weights)
+    "q/k/v": r"self_attn\.[qkv]_proj",
+    "o_proj": r"self_attn\.o_proj",
+    "gate/up": r"mlp\.(gate|up)_proj",
+    "down_proj": r"mlp\.down_proj",
+    "down_proj 1,2,26,27": OUTLIER_DOWN,
+    "every linear": r".",
+}
+
+
+@torch.no_grad()
+def attribute(rtn: str, gptq_ckpt: str, windows: int) -> None:
+    """Where the quantized model's loss lives: the fp model with only one class of linears (CLASSES) taken from
+    the RTN or the GPTQ checkpoint, the rest fp; the mean NLL of the first wiki eval windows. A class whose RTN
+    case costs much and whose GPTQ case costs as much is where GPTQ's edge is missing."""
+    model, tok = fp_model()
+    win = wiki_windows(tok, 0, windows)
+    a, b = dequantized(rtn), dequantized(gptq_ckpt)
+    fp = {p: model.get_submodule(p).weight.detach().clone() for p in a}
+
+    def mean_nll() -> list[float]:
+        return [float(torch.nn.functional.cross_entropy(model(input_ids=w[None]).logits[0, :-1].float(), w[1:]))
+                for w in win]
+
+    cases = [("fp", None, None)] + [(f"{src} only in {cls}", src, rule) for cls, rule in CLASSES.items()
+                                    for src in ("rtn", "gptq")]
+    for case, src, rule in cases:
+        for p in a:
+            take = src is not None and re.search(rule, p)
+            model.get_submodule(p).weight.data.copy_((a if src == "rtn" else b)[p] if take else fp[p])
+        nll = mean_nll()
+        print(json.dumps({"case": case, "windows": windows, "mean_nll": round(sum(nll) / len(nll), 5),
+                          "nll": [round(x, 5) for x in nll]}), flush=True)
+
+
 @torch.no_grad()
 def layer_inputs(model, layer: int, ids: torch.Tensor) -> torch.Tensor:
     """down_proj's inputs [samples, tokens, K] (the forward stops there)."""
@@ -140,6 +178,10 @@ def main(argv=None) -> int:
     s.add_argument("rtn")
     s.add_argument("gptq")
     s.add_argument("--windows", type=int, default=8)
+    a = sub.add_parser("attribute")
+    a.add_argument("rtn")
+    a.add_argument("gptq")
+    a.add_argument("--windows", type=int, default=8)
     t = sub.add_parser("tokens")
     t.add_argument("layer", type=int)
     t.add_argument("--damps", default="0.01,0.1,0.3,0.9")
@@ -147,6 +189,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     if args.step == "splice":
         splice(args.rtn, args.gptq, args.windows)
+    elif args.step == "attribute":
+        attribute(args.rtn, args.gptq, args.windows)
     else:
         tokens(args.layer, [float(x) for x in args.damps.split(",")])
     return 0

@@ -72,6 +72,9 @@ ROWS = {
     "defaults-64x512": ("the defaults (broad-auto-16x512's settings) on 4x the calibration: 64 x 512 tokens, "
                         "more than every layer's inputs (damp-auto then gives down_proj 0.14, the rest 0.02)",
                         ["--nsamples", "64", "--seqlen", "512"]),
+    "defaults-128x2048": ("qwen-quantize's defaults as they are, calibration included (128 x 2048 tokens, the "
+                          "literature's setting): about 32 x the 16 x 512 rows' forwards, some 5 h at one thread on "
+                          "a 2-core CPU", []),
     "gptaq-16x512": ("the defaults (broad-auto-16x512's settings) with asymmetric calibration (GPTAQ, --gptaq 0.25, "
                      "the GPTAQ authors' value): each layer fit to the fp model's outputs",
                      SMALL + ["--gptaq", "0.25"]),
@@ -159,7 +162,7 @@ def render() -> Path:
     legend = ["# The rows of the domain study", "", "Each row is a `qwen-quantize` run of the offline Qwen's fp32 folder "
               "(experiments/qwen_coder_domains.py); its checkpoint's quant_report.json (under the study's work folder) "
               "records everything it did. fp is labelled by its folder name, `fp32`.", ""]
-    legend += [f"- `{n}`: {what}" + (f" — `qwen-quantize MODEL {' '.join(args)}`" if args else "")
+    legend += [f"- `{n}`: {what}" + (f" — `{' '.join(['qwen-quantize', 'MODEL', *args])}`" if args is not None else "")
                for n, (what, args) in ROWS.items() if label(n) in shown]
     if STEPS.is_file():
         legend += ["", "Seconds of each step on a 2-core machine, one torch thread per step (load: the 1-minute "
