@@ -66,6 +66,14 @@ def dequantized(folder: str) -> dict[str, torch.Tensor]:
                                dtype=torch.bfloat16) for k in t if k.endswith(".qweight")}
 
 
+def print_case(case: str, model, win: torch.Tensor) -> None:
+    """One JSON line: the model's mean NLL over the windows, and each window's."""
+    nll = [float(torch.nn.functional.cross_entropy(model(input_ids=w[None]).logits[0, :-1].float(), w[1:]))
+           for w in win]
+    print(json.dumps({"case": case, "windows": len(win), "mean_nll": round(sum(nll) / len(nll), 5),
+                      "nll": [round(x, 5) for x in nll]}), flush=True)
+
+
 @torch.no_grad()
 def splice(rtn: str, gptq_ckpt: str, windows: int) -> None:
     model, tok = fp_model()
@@ -74,10 +82,7 @@ def splice(rtn: str, gptq_ckpt: str, windows: int) -> None:
     for name, from_gptq in SPLICES.items():
         for p in a:
             model.get_submodule(p).weight.data.copy_(b[p] if from_gptq(p) else a[p])
-        nll = [float(torch.nn.functional.cross_entropy(model(input_ids=w[None]).logits[0, :-1].float(), w[1:]))
-               for w in win]
-        print(json.dumps({"case": name, "windows": windows, "mean_nll": round(sum(nll) / len(nll), 5),
-                          "nll": [round(x, 5) for x in nll]}), flush=True)
+        print_case(name, model, win)
 
 
 CLASSES = {  # name -> which linears a case quantizes (the others keep their fp weights)
@@ -99,20 +104,13 @@ def attribute(rtn: str, gptq_ckpt: str, windows: int) -> None:
     win = wiki_windows(tok, 0, windows)
     a, b = dequantized(rtn), dequantized(gptq_ckpt)
     fp = {p: model.get_submodule(p).weight.detach().clone() for p in a}
-
-    def mean_nll() -> list[float]:
-        return [float(torch.nn.functional.cross_entropy(model(input_ids=w[None]).logits[0, :-1].float(), w[1:]))
-                for w in win]
-
     cases = [("fp", None, None)] + [(f"{src} only in {cls}", src, rule) for cls, rule in CLASSES.items()
                                     for src in ("rtn", "gptq")]
     for case, src, rule in cases:
         for p in a:
             take = src is not None and re.search(rule, p)
             model.get_submodule(p).weight.data.copy_((a if src == "rtn" else b)[p] if take else fp[p])
-        nll = mean_nll()
-        print(json.dumps({"case": case, "windows": windows, "mean_nll": round(sum(nll) / len(nll), 5),
-                          "nll": [round(x, 5) for x in nll]}), flush=True)
+        print_case(case, model, win)
 
 
 @torch.no_grad()

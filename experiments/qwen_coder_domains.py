@@ -79,7 +79,7 @@ ROWS = {
                      "the GPTAQ authors' value): each layer fit to the fp model's outputs",
                      SMALL + ["--gptaq", "0.25"]),
     "gptaq-refit-16x512": ("gptaq-16x512 with the scales refit by least squares once GPTQ has fixed the codes "
-                           "(--refit-scales; on the demo model the pair was the best sym recipe)",
+                           "(--refit-scales; on the demo model each helped, and with asym the pair did most)",
                            SMALL + ["--gptaq", "0.25", "--refit-scales"]),
     "gptqmodel-16x512": ("GPTQModel 7.6.0 at broad-16x512's settings on the same calibration tokens (act-order, "
                          "static groups, its mse=2.4 range search, damp 0.01: it has no per-layer damping), made by "
