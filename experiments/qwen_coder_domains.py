@@ -81,6 +81,9 @@ ROWS = {
     "gptaq-refit-16x512": ("gptaq-16x512 with the scales refit by least squares once GPTQ has fixed the codes "
                            "(--refit-scales; on the demo model each helped, and with asym the pair did most)",
                            SMALL + ["--gptaq", "0.25", "--refit-scales"]),
+    "massive-rtn-16x512": ("the defaults (broad-auto-16x512's settings) with the linears whose inputs carry massive "
+                           "activations rounded to nearest (--rtn-massive 3.5: a sample's peak token norm over its "
+                           "median above 3.5; DIAGNOSIS.md section 3)", SMALL + ["--rtn-massive", "3.5"]),
     "gptqmodel-16x512": ("GPTQModel 7.6.0 at broad-16x512's settings on the same calibration tokens (act-order, "
                          "static groups, its mse=2.4 range search, damp 0.01: it has no per-layer damping), made by "
                          "experiments/qwen_coder_accuracy.py quantize", None),

@@ -190,9 +190,12 @@ class Progress:
         mean = sum(s.rel_error for s in stats) / max(len(stats), 1)
         worst = max(stats, key=lambda s: s.rel_error)
         fb = sum(1 for s in stats if s.fallback)
+        massive = [s.name.rsplit(".", 1)[-1] for s in stats if s.method == "rtn-massive"]
         short = ".".join(worst.name.rsplit(".", 2)[-2:])
         self._bar.write(f"block {i:3d}: mean rel. error {mean:.4f}, worst {worst.rel_error:.4f} ({short}), "
-                        f"{seconds:.1f} s" + (f", {fb} RTN fallback(s)" if fb else ""), file=sys.stderr)
+                        f"{seconds:.1f} s" + (f", {fb} RTN fallback(s)" if fb else "")
+                        + (f", round-to-nearest for massive inputs: {', '.join(massive)}" if massive else ""),
+                        file=sys.stderr)
         self._bar.update(1)
 
     def head_done(self, stats) -> None:
@@ -247,6 +250,7 @@ def build_report(settings, qconfig, opened, calib, stats, device, command, secon
         "totals": {"layers": len(stats), "mean_rel_error": sum(s.rel_error for s in stats) / len(stats),
                    "max_rel_error": worst.rel_error, "worst_layer": worst.name,
                    "fallbacks": sum(1 for s in stats if s.fallback),
+                   "rtn_massive_layers": [s.name for s in stats if s.method == "rtn-massive"],
                    "layer_seconds": sum(s.seconds for s in stats), "seconds": seconds},
         "downstream": {"partial_group_layers": partial, "note": note,
                        "needs_k_divisible_by_group_size": DIVISIBILITY_KERNELS},

@@ -45,6 +45,10 @@ class LayerStats:
     damp_used: float
     fallback: str | None
     seconds: float  # its share (by output rows) of the quantization of its step's stacked linears
+    # HessianAccumulator.input_peak of its inputs, and QuantSettings.layer_method: "rtn-massive" where
+    # --rtn-massive rounded it to nearest for that (None: a record written before these fields)
+    input_peak: float | None = None
+    method: str | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -339,8 +343,9 @@ def collect_hessian(block: nn.Module, inputs: BlockInputs, linears: dict[str, nn
     """The Hessian shared by a step's linears (they see the same input, by the layout's definition).
 
     Only the step's first linear is hooked, and the forward stops right there: nothing after it is needed.
-    Returns (H, D, tokens): D as `gptq.AsymmetricAccumulator` defines it when `fp_block` (the block's unquantized
-    copy: asymmetric calibration) is given, so the same linear's inputs in the fp model are read too; else None.
+    Returns (H, D, tokens, input peak): D as `gptq.AsymmetricAccumulator` defines it when `fp_block` (the block's
+    unquantized copy: asymmetric calibration) is given, so the same linear's inputs in the fp model are read too;
+    else None. The input peak is `gptq.HessianAccumulator.input_peak`.
     """
     first_name, first = next(iter(linears.items()))
     if len({lin.in_features for lin in linears.values()}) != 1:
@@ -353,7 +358,7 @@ def collect_hessian(block: nn.Module, inputs: BlockInputs, linears: dict[str, nn
             acc.add_batch(x, mask=mask)
         else:
             acc.add_pair(x, _input_of(fp_block, first_name, inputs, i, fp=True), mask=mask)
-    return acc.hessian(), (acc.asymmetry() if fp_block is not None else None), acc.tokens
+    return acc.hessian(), (acc.asymmetry() if fp_block is not None else None), acc.tokens, acc.input_peak()
 
 
 def relative_output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor, rows: int = 1024) -> float:
@@ -379,10 +384,12 @@ def _error_ratio(num: float, den: float) -> float:
     return (max(num, 0.0) / den) ** 0.5 if den > 0 else 0.0
 
 
-def quantize_weight(w: torch.Tensor, h: torch.Tensor, settings: QuantSettings, damp: float | None = None):
+def quantize_weight(w: torch.Tensor, h: torch.Tensor, settings: QuantSettings, damp: float | None = None,
+                    input_peak: float = 0.0):
     """w [N, K] float32 (possibly the asymmetric target rather than the layer's own weights); damp defaults
-    to settings.damp (the pipeline passes settings.damp_for the layer's calibration tokens)."""
-    if settings.method == "rtn":
+    to settings.damp (the pipeline passes settings.damp_for the layer's calibration tokens); input_peak decides
+    whether --rtn-massive rounds this layer to nearest."""
+    if settings.layer_method(input_peak) != "gptq":
         return gptq.rtn_quantize(w, settings.bits, settings.group_size, settings.sym, mse=settings.mse)
     result = gptq.gptq_quantize(w, h, bits=settings.bits, group_size=settings.group_size, sym=settings.sym,
                                 desc_act=settings.desc_act, static_groups=settings.static_groups,
@@ -406,18 +413,19 @@ def quantize_block(block: nn.Module, inputs: BlockInputs, layout: Layout, settin
     results, stats = {}, []
     for step in layout.steps:
         linears = {name: block.get_submodule(name) for name in step}
-        h, d, tokens = collect_hessian(block, inputs, linears, fp_block=fp_block)
+        h, d, tokens, peak = collect_hessian(block, inputs, linears, fp_block=fp_block)
         h = h.to(block_device(block))
         damp = settings.damp_for(h.shape[0], tokens)
+        method = settings.layer_method(peak)
         # The step's linears share H, and GPTQ treats each output row on its own given H: quantizing
         # their weights stacked along the output dimension is exactly quantizing each alone, with one
         # Cholesky and one column loop instead of several (q/k/v: 3x fewer Python-level steps).
         weights = [lin.weight.detach().float() for lin in linears.values()]
         target = torch.cat(weights)
-        if d is not None:
+        if d is not None and method == "gptq":  # round-to-nearest keeps the layer's own weights
             target = gptq.asymmetric_target(target, h, d, settings.gptaq_alpha, damp)
-            del d
-        pieces = quantize_weight(target, h, settings, damp).split([w.shape[0] for w in weights])
+        del d
+        pieces = quantize_weight(target, h, settings, damp, peak).split([w.shape[0] for w in weights])
         del target
         for (name, lin), w, res in zip(linears.items(), weights, pieces):
             q = res.weight.to(lin.weight.device)
@@ -427,7 +435,7 @@ def quantize_block(block: nn.Module, inputs: BlockInputs, layout: Layout, settin
             res.weight = None  # the checkpoint needs codes/scales/zeros only: don't hold a float copy per linear
             results[name] = res
             stats.append(LayerStats(name, lin.in_features, lin.out_features, err, float(res.damp_used),
-                                    res.fallback, res.seconds))
+                                    res.fallback, res.seconds, round(peak, 3), method))
             if on_layer:
                 on_layer(name)
     return results, stats
@@ -505,18 +513,18 @@ def quantize_head(source, inputs: BlockInputs, settings: QuantSettings, device) 
         acc.add_batch(norm(hidden), mask=inputs.token_mask[i:i + 1])
     source.release_head()
     h = acc.hessian().to(device)
-    damp = settings.damp_for(h.shape[0], acc.tokens)
+    damp, peak = settings.damp_for(h.shape[0], acc.tokens), acc.input_peak()
     slices, num, den = [], 0.0, 0.0
     for start in range(0, weight.shape[0], HEAD_ROWS):
         w = weight[start:start + HEAD_ROWS].to(device=device, dtype=torch.float32)
-        res = quantize_weight(w, h, settings, damp)
+        res = quantize_weight(w, h, settings, damp, peak)
         n, d = output_error_terms(w, res.weight, h)
         num, den = num + n, den + d
         slices.append(gptq_tensors(name, res, settings.bits))
     tensors = {key: slices[0][key] if key.endswith(".g_idx") else torch.cat([s[key] for s in slices], dim=1)
                for key in slices[0]}
     stats = LayerStats(name, weight.shape[1], weight.shape[0], _error_ratio(num, den), float(res.damp_used),
-                       res.fallback, time.perf_counter() - t0)
+                       res.fallback, time.perf_counter() - t0, round(peak, 3), settings.layer_method(peak))
     return tensors, stats
 
 

@@ -66,6 +66,17 @@ class QuantSettings:
                                      "layer's output error on the calibration data (the objective GPTQ minimizes; "
                                      "same format, ~10%% more time). Never raises a layer's error; most help where "
                                      "inputs have outliers")
+    # Massive activations (Sun et al. 2024, "Massive activations in large language models"): in a few layers a
+    # few tokens (the attention sink at position 0) reach many times the typical token's input norm. On
+    # Qwen2.5-Coder-1.5B these are down_proj of layers 1, 2, 3, 26 and 27 (a sample's peak token norm over its
+    # median: 4.3-18.8; every other linear 2.9 or less), and GPTQ there cost ~3x round-to-nearest's loss end to end
+    # even with --damp-auto: rounding them to nearest took GPTQ's English loss from 0.96x to 0.79x RTN's
+    # (reports/qwen2.5-coder-1.5b-domains/DIAGNOSIS.md, section 3). pipeline.quantize_block applies it.
+    rtn_massive: float = _opt(0.0, "round to nearest the linears whose inputs carry massive activations: a "
+                                   "calibration sample's largest token input norm over its median, in the median "
+                                   "sample, above RATIO (e.g. 3.5; ordinary layers are 1.2-3). GPTQ's error "
+                                   "compensation, fitted to a few huge tokens, generalizes worse than RTN there. "
+                                   "0 = GPTQ everywhere (default)", metavar="RATIO")
     # the output head after the blocks (GPTQModel's lm_head=True; vLLM and GPTQModel load it): on Qwen2.5-1.5B the
     # BF16 head is 0.47 GB, as much as a quarter of the Int4 model and of the bytes each decoded token reads
     lm_head: bool = _opt(False, "also quantize the output head (lm_head) with GPTQ on the final norm's outputs (default "
@@ -105,6 +116,8 @@ class QuantSettings:
             raise UserError(f"--damp-auto {self.damp_auto} is invalid: use 0 (off) or a small positive factor, e.g. 0.5")
         if self.forward_dtype not in FORWARD_DTYPES:
             raise UserError(f"unknown --forward-dtype {self.forward_dtype!r}: use {', '.join(FORWARD_DTYPES)}")
+        if not (0 <= float(self.rtn_massive) < 1e6):
+            raise UserError(f"--rtn-massive {self.rtn_massive} is invalid: use 0 (off) or a ratio such as 3.5")
         if not (0 <= float(self.gptaq_alpha) <= 1):
             raise UserError(f"--gptaq {self.gptaq_alpha} is outside [0, 1]: 0 is plain GPTQ, 1 the full asymmetric "
                             f"correction, e.g. 0.25")
@@ -117,8 +130,10 @@ class QuantSettings:
         if self.method == "rtn":  # act-order and static groups are GPTQ's: an RTN checkpoint must not claim them
             object.__setattr__(self, "desc_act", False)
             object.__setattr__(self, "static_groups", False)
-        for name, kind in (("damp", float), ("damp_auto", float), ("gptaq_alpha", float), ("desc_act", bool),
-                           ("static_groups", bool), ("sym", bool), ("mse", bool), ("refit_scales", bool), ("lm_head", bool)):
+            object.__setattr__(self, "rtn_massive", 0.0)  # every layer is round-to-nearest already
+        for name, kind in (("damp", float), ("damp_auto", float), ("gptaq_alpha", float), ("rtn_massive", float),
+                           ("desc_act", bool), ("static_groups", bool), ("sym", bool), ("mse", bool),
+                           ("refit_scales", bool), ("lm_head", bool)):
             object.__setattr__(self, name, kind(getattr(self, name)))
 
     def damp_for(self, in_features: int, tokens: int) -> float:
@@ -126,6 +141,13 @@ class QuantSettings:
         if self.damp_auto <= 0 or tokens <= 0:
             return self.damp
         return min(max(self.damp, self.damp_auto * in_features / tokens), MAX_DAMP)
+
+    def layer_method(self, input_peak: float) -> str:
+        """How a layer whose inputs have this `HessianAccumulator.input_peak` is quantized: the run's method, or
+        "rtn-massive" where --rtn-massive rounds a GPTQ run's layer to nearest."""
+        if self.method == "gptq" and self.rtn_massive > 0 and input_peak > self.rtn_massive:
+            return "rtn-massive"
+        return self.method
 
     def quantization_config(self) -> dict:
         """The `quantization_config` keys of FORMAT.md (meta is added by the writer)."""
@@ -172,4 +194,4 @@ class QuantSettings:
 
 # The run settings a record names only when on (QuantSettings.run_settings), with the value that means off:
 # what a reader of older records fills in (they predate the setting, which was off then).
-OPT_IN_RUN_SETTINGS = {k: QuantSettings.__dataclass_fields__[k].default for k in ("gptaq_alpha", "refit_scales")}
+OPT_IN_RUN_SETTINGS = {"gptaq_alpha": 0.0, "refit_scales": False, "rtn_massive": 0.0}

@@ -235,6 +235,13 @@ def _damp_range(report: dict) -> str:
     return "not recorded" if not used else f"{used[0]}" if len(used) == 1 else f"{used[0]} to {used[-1]} by layer"
 
 
+def _massive_line(report: dict) -> str:
+    names = report["totals"].get("rtn_massive_layers") or []
+    return (f"- round-to-nearest instead of GPTQ where the inputs carry massive activations (a calibration sample's "
+            f"largest token norm over its median above {report['settings']['rtn_massive']}): "
+            + (f"{len(names)} linear(s), {', '.join(names)}" if names else "no linear here"))
+
+
 def model_card(report: dict) -> str:
     model, qc, calib, totals = report["model"], report["quantization_config"], report["calibration"], report["totals"]
     title = model.get("base_model") or model.get("source")
@@ -264,6 +271,7 @@ def model_card(report: dict) -> str:
            f"scaled by alpha = {report['settings']['gptaq_alpha']}"] if report["settings"].get("gptaq_alpha") else []),
         *(["- scales refitted: after GPTQ chose the codes, each group's scale was moved to the least-squares optimum "
            "of the layer's output error on the calibration inputs"] if report["settings"].get("refit_scales") else []),
+        *([_massive_line(report)] if report["settings"].get("rtn_massive") else []),
         f"- command: `{report['command']}`",
         "",
         "## Calibration",

@@ -8,6 +8,7 @@ import torch
 
 from qwen_quant.errors import UserError
 from qwen_quant.kernels.format import dequantize, pack_qweight, pack_qzeros
+from qwen_quant.quantize import gptq
 from qwen_quant.quantize.gptq import HessianAccumulator, gptq_quantize, refit_scales, rtn_quantize
 from qwen_quant.quantize.quantizer import MSE_NORM, find_params, quantize_codes, dequantize_codes
 
@@ -449,3 +450,29 @@ def test_refit_scales_keeps_the_scale_of_a_group_whose_codes_are_all_on_the_zero
     new = refit_scales(W, H, res)
     assert new.scales[0, 0] == res.scales[0, 0] and torch.isfinite(new.weight).all()
     assert (new.scales[1:, 0] != res.scales[1:, 0]).any()  # the row's other groups are still refitted
+
+
+def test_input_peak_is_the_median_samples_largest_token_norm_over_its_median():
+    """HessianAccumulator.input_peak: per batch, max token norm / median token norm; the median over batches,
+    so one odd batch does not move it. A massive token (10x) in every batch shows; one in one batch of three
+    does not; padding (mask False) never counts."""
+    acc = gptq.HessianAccumulator(4)
+    for scale in (10.0, 10.0, 10.0):
+        x = torch.ones(1, 9, 4)
+        x[0, 0] *= scale
+        acc.add_batch(x)
+    assert acc.input_peak() == pytest.approx(10.0)
+    one_odd = gptq.HessianAccumulator(4)
+    for scale in (50.0, 1.0, 1.0):
+        x = torch.ones(1, 9, 4)
+        x[0, 0] *= scale
+        one_odd.add_batch(x)
+    assert one_odd.input_peak() == pytest.approx(1.0)
+    padded = gptq.HessianAccumulator(4)
+    x = torch.ones(1, 9, 4)
+    x[0, -1] *= 100.0
+    mask = torch.ones(1, 9, dtype=torch.bool)
+    mask[0, -1] = False
+    padded.add_batch(x, mask=mask)
+    assert padded.input_peak() == pytest.approx(1.0)
+    assert gptq.HessianAccumulator(4).input_peak() == 0.0

@@ -377,6 +377,36 @@ def test_gptaq_resume_writes_the_same_bytes_and_rtn_refuses_it(tmp_path, monkeyp
         run(tiny_hf_model("qwen2"), tmp_path / "big", gptaq_alpha=2)
 
 
+def test_rtn_massive_rounds_to_nearest_exactly_the_layers_whose_input_peak_exceeds_the_ratio(tmp_path):
+    """--rtn-massive RATIO: a GPTQ run rounds to nearest the linears whose recorded input peak is above RATIO (the
+    very bytes an RTN run gives them: RTN reads no inputs), GPTQ elsewhere; recorded per layer, in the totals and
+    in the model card; 0 (the default) changes nothing."""
+    calib = calibration(n=8, seqlen=32)
+    plain = json.loads((run(tiny_hf_model("qwen2"), tmp_path / "g", calib=calib) / "quant_report.json").read_text())
+    peaks = {layer["name"]: layer["input_peak"] for layer in plain["layers"]}
+    assert {layer["method"] for layer in plain["layers"]} == {"gptq"}
+    ratio = 2.0  # q/k/v see RMS-normed inputs (peak 1.0); o_proj and down_proj spread more on random tokens
+    assert min(peaks.values()) <= ratio < max(peaks.values())
+    out = run(tiny_hf_model("qwen2"), tmp_path / "m", calib=calib, rtn_massive=ratio)
+    report = json.loads((out / "quant_report.json").read_text())
+    methods = {layer["name"]: layer["method"] for layer in report["layers"]}
+    for layer in report["layers"]:  # the rule as stated, on the peaks this run measured
+        assert (layer["method"] == "rtn-massive") == (layer["input_peak"] > ratio)
+    massive = [n for n, m in methods.items() if m == "rtn-massive"]
+    assert massive == report["totals"]["rtn_massive_layers"] and massive and "gptq" in methods.values()
+    run(tiny_hf_model("qwen2"), tmp_path / "r", calib=calib, method="rtn")
+    rtn, gptq_, mixed = (tensors_of(tmp_path / d) for d in ("r", "g", "m"))
+    for name in massive:
+        for part in ("qweight", "qzeros", "scales"):
+            assert torch.equal(mixed[f"{name}.{part}"], rtn[f"{name}.{part}"]), name
+    qkv = "model.layers.0.self_attn.q_proj"  # block 0's first step: the same inputs as the plain run, GPTQ there
+    assert methods[qkv] == "gptq" and torch.equal(mixed[f"{qkv}.qweight"], gptq_[f"{qkv}.qweight"])
+    assert report["settings"]["rtn_massive"] == ratio and "rtn_massive" not in plain["settings"]
+    assert "massive activations" in (out / "README.md").read_text()
+    with pytest.raises(UserError, match="rtn-massive"):
+        run(tiny_hf_model("qwen2"), tmp_path / "bad", rtn_massive=-1)
+
+
 def test_refit_scales_lowers_every_layers_error_where_the_inputs_are_the_same_and_rtn_refuses_it(tmp_path):
     """--refit-scales: the checkpoint still holds exactly the weights fed forward; on block 0's first step (inputs
     identical with and without the refit) every linear's output error is lower; recorded, and in the model card."""
