@@ -84,6 +84,9 @@ ROWS = {
     "massive-rtn-16x512": ("the defaults (broad-auto-16x512's settings) with the linears whose inputs carry massive "
                            "activations rounded to nearest (--rtn-massive 3.5: a sample's peak token norm over its "
                            "median above 3.5; DIAGNOSIS.md section 3)", SMALL + ["--rtn-massive", "3.5"]),
+    "massive-rtn-64x512": ("massive-rtn-16x512 on 4x the calibration (64 x 512 tokens, as defaults-64x512): does "
+                           "the rule still pay where GPTQ's damping is low (0.14 on down_proj)?",
+                           ["--nsamples", "64", "--seqlen", "512", "--rtn-massive", "3.5"]),
     "gptqmodel-16x512": ("GPTQModel 7.6.0 at broad-16x512's settings on the same calibration tokens (act-order, "
                          "static groups, its mse=2.4 range search, damp 0.01: it has no per-layer damping), made by "
                          "experiments/qwen_coder_accuracy.py quantize", None),
