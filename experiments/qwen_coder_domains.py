@@ -84,6 +84,8 @@ ROWS = {
     "massive-rtn-16x512": ("the defaults (broad-auto-16x512's settings) with the linears whose inputs carry massive "
                            "activations rounded to nearest (--rtn-massive 3.5: a sample's peak token norm over its "
                            "median above 3.5; DIAGNOSIS.md section 3)", SMALL + ["--rtn-massive", "3.5"]),
+    "massive3-rtn-16x512": ("massive-rtn-16x512 at the ratio 3.0: its calibration stream put layer 27's down_proj at "
+                            "3.49, just under 3.5 (the next linear: 2.60)", SMALL + ["--rtn-massive", "3.0"]),
     "massive-rtn-64x512": ("massive-rtn-16x512 on 4x the calibration (64 x 512 tokens, as defaults-64x512): does "
                            "the rule still pay where GPTQ's damping is low (0.14 on down_proj)?",
                            ["--nsamples", "64", "--seqlen", "512", "--rtn-massive", "3.5"]),
