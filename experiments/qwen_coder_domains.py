@@ -86,9 +86,10 @@ ROWS = {
                            "median above 3.5; DIAGNOSIS.md section 3)", SMALL + ["--rtn-massive", "3.5"]),
     "massive3-rtn-16x512": ("massive-rtn-16x512 at the ratio 3.0: its calibration stream put layer 27's down_proj at "
                             "3.49, just under 3.5 (the next linear: 2.60)", SMALL + ["--rtn-massive", "3.0"]),
-    "massive-rtn-64x512": ("massive-rtn-16x512 on 4x the calibration (64 x 512 tokens, as defaults-64x512): does "
-                           "the rule still pay where GPTQ's damping is low (0.14 on down_proj)?",
-                           ["--nsamples", "64", "--seqlen", "512", "--rtn-massive", "3.5"]),
+    "massive-rtn-64x512": ("massive-rtn-16x512 on 4x the calibration (64 x 512 tokens, as defaults-64x512, more "
+                           "tokens than down_proj's inputs): does the rule still pay where GPTQ's Hessian has full "
+                           "rank? (run before --rtn-massive-thin existed, as the flag below now asks)",
+                           ["--nsamples", "64", "--seqlen", "512", "--rtn-massive", "3.5", "--no-rtn-massive-thin"]),
     "gptqmodel-16x512": ("GPTQModel 7.6.0 at broad-16x512's settings on the same calibration tokens (act-order, "
                          "static groups, its mse=2.4 range search, damp 0.01: it has no per-layer damping), made by "
                          "experiments/qwen_coder_accuracy.py quantize", None),

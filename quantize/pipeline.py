@@ -385,11 +385,11 @@ def _error_ratio(num: float, den: float) -> float:
 
 
 def quantize_weight(w: torch.Tensor, h: torch.Tensor, settings: QuantSettings, damp: float | None = None,
-                    input_peak: float = 0.0):
+                    method: str | None = None):
     """w [N, K] float32 (possibly the asymmetric target rather than the layer's own weights); damp defaults
-    to settings.damp (the pipeline passes settings.damp_for the layer's calibration tokens); input_peak decides
-    whether --rtn-massive rounds this layer to nearest."""
-    if settings.layer_method(input_peak) != "gptq":
+    to settings.damp (the pipeline passes settings.damp_for the layer's calibration tokens), method to the run's
+    (the pipeline passes settings.layer_method: --rtn-massive may round a layer of a GPTQ run to nearest)."""
+    if (method or settings.method) != "gptq":
         return gptq.rtn_quantize(w, settings.bits, settings.group_size, settings.sym, mse=settings.mse)
     result = gptq.gptq_quantize(w, h, bits=settings.bits, group_size=settings.group_size, sym=settings.sym,
                                 desc_act=settings.desc_act, static_groups=settings.static_groups,
@@ -416,7 +416,7 @@ def quantize_block(block: nn.Module, inputs: BlockInputs, layout: Layout, settin
         h, d, tokens, peak = collect_hessian(block, inputs, linears, fp_block=fp_block)
         h = h.to(block_device(block))
         damp = settings.damp_for(h.shape[0], tokens)
-        method = settings.layer_method(peak)
+        method = settings.layer_method(peak, h.shape[0], tokens)
         # The step's linears share H, and GPTQ treats each output row on its own given H: quantizing
         # their weights stacked along the output dimension is exactly quantizing each alone, with one
         # Cholesky and one column loop instead of several (q/k/v: 3x fewer Python-level steps).
@@ -425,7 +425,7 @@ def quantize_block(block: nn.Module, inputs: BlockInputs, layout: Layout, settin
         if d is not None and method == "gptq":  # round-to-nearest keeps the layer's own weights
             target = gptq.asymmetric_target(target, h, d, settings.gptaq_alpha, damp)
         del d
-        pieces = quantize_weight(target, h, settings, damp, peak).split([w.shape[0] for w in weights])
+        pieces = quantize_weight(target, h, settings, damp, method).split([w.shape[0] for w in weights])
         del target
         for (name, lin), w, res in zip(linears.items(), weights, pieces):
             q = res.weight.to(lin.weight.device)
@@ -514,17 +514,18 @@ def quantize_head(source, inputs: BlockInputs, settings: QuantSettings, device) 
     source.release_head()
     h = acc.hessian().to(device)
     damp, peak = settings.damp_for(h.shape[0], acc.tokens), acc.input_peak()
+    method = settings.layer_method(peak, h.shape[0], acc.tokens)
     slices, num, den = [], 0.0, 0.0
     for start in range(0, weight.shape[0], HEAD_ROWS):
         w = weight[start:start + HEAD_ROWS].to(device=device, dtype=torch.float32)
-        res = quantize_weight(w, h, settings, damp, peak)
+        res = quantize_weight(w, h, settings, damp, method)
         n, d = output_error_terms(w, res.weight, h)
         num, den = num + n, den + d
         slices.append(gptq_tensors(name, res, settings.bits))
     tensors = {key: slices[0][key] if key.endswith(".g_idx") else torch.cat([s[key] for s in slices], dim=1)
                for key in slices[0]}
     stats = LayerStats(name, weight.shape[1], weight.shape[0], _error_ratio(num, den), float(res.damp_used),
-                       res.fallback, time.perf_counter() - t0, round(peak, 3), settings.layer_method(peak))
+                       res.fallback, time.perf_counter() - t0, round(peak, 3), method)
     return tensors, stats
 
 

@@ -68,15 +68,20 @@ class QuantSettings:
                                      "inputs have outliers")
     # Massive activations (Sun et al. 2024, "Massive activations in large language models"): in a few layers a
     # few tokens (the attention sink at position 0) reach many times the typical token's input norm. On
-    # Qwen2.5-Coder-1.5B these are down_proj of layers 1, 2, 3, 26 and 27 (a sample's peak token norm over its
-    # median: 4.3-18.8; every other linear 2.9 or less), and GPTQ there cost ~3x round-to-nearest's loss end to end
-    # even with --damp-auto: rounding them to nearest took GPTQ's English loss from 0.96x to 0.79x RTN's
-    # (reports/qwen2.5-coder-1.5b-domains/DIAGNOSIS.md, section 3). pipeline.quantize_block applies it.
-    rtn_massive: float = _opt(0.0, "round to nearest the linears whose inputs carry massive activations: a "
-                                   "calibration sample's largest token input norm over its median, in the median "
-                                   "sample, above RATIO (e.g. 3.5; ordinary layers are 1.2-3). GPTQ's error "
-                                   "compensation, fitted to a few huge tokens, generalizes worse than RTN there. "
-                                   "0 = GPTQ everywhere (default)", metavar="RATIO")
+    # Qwen2.5-Coder-1.5B these are down_proj of layers 1, 2, 3, 26, 27 (a sample's peak token norm over its median:
+    # 3.5-15 on the calibration; every other linear 2.6 or less). There, with fewer calibration tokens than inputs
+    # (16 x 512 tokens, 8960 inputs: a rank-deficient Hessian), GPTQ cost ~3x round-to-nearest's loss end to end
+    # even with --damp-auto, and rounding them to nearest lowered GPTQ's loss on held-out English, Chinese and
+    # French (reports/qwen2.5-coder-1.5b-domains/DIAGNOSIS.md, section 4). With ample calibration GPTQ wins there:
+    # on the demo model (10x more tokens than inputs) the same rule cost perplexity, hence --rtn-massive-thin.
+    rtn_massive: float = _opt(0.0, "round to nearest the linears whose inputs carry massive activations: in the "
+                                   "median calibration sample, the largest token input norm is more than RATIO x the "
+                                   "median token's (ordinary layers: 1.2-2.6), where calibration is thin (see "
+                                   "--rtn-massive-thin). There GPTQ's error compensation, fitted to a few huge tokens, "
+                                   "generalizes worse than RTN. 0 = GPTQ everywhere (default)", metavar="RATIO")
+    rtn_massive_thin: bool = _opt(True, "--rtn-massive only where the layer has fewer calibration tokens than inputs "
+                                        "(its Hessian is rank-deficient; default on: with 128 x 2048 tokens it never "
+                                        "fires on Qwen-size layers); --no-rtn-massive-thin: whatever the calibration")
     # the output head after the blocks (GPTQModel's lm_head=True; vLLM and GPTQModel load it): on Qwen2.5-1.5B the
     # BF16 head is 0.47 GB, as much as a quarter of the Int4 model and of the bytes each decoded token reads
     lm_head: bool = _opt(False, "also quantize the output head (lm_head) with GPTQ on the final norm's outputs (default "
@@ -133,7 +138,7 @@ class QuantSettings:
             object.__setattr__(self, "rtn_massive", 0.0)  # every layer is round-to-nearest already
         for name, kind in (("damp", float), ("damp_auto", float), ("gptaq_alpha", float), ("rtn_massive", float),
                            ("desc_act", bool), ("static_groups", bool), ("sym", bool), ("mse", bool),
-                           ("refit_scales", bool), ("lm_head", bool)):
+                           ("refit_scales", bool), ("rtn_massive_thin", bool), ("lm_head", bool)):
             object.__setattr__(self, name, kind(getattr(self, name)))
 
     def damp_for(self, in_features: int, tokens: int) -> float:
@@ -142,12 +147,13 @@ class QuantSettings:
             return self.damp
         return min(max(self.damp, self.damp_auto * in_features / tokens), MAX_DAMP)
 
-    def layer_method(self, input_peak: float) -> str:
-        """How a layer whose inputs have this `HessianAccumulator.input_peak` is quantized: the run's method, or
-        "rtn-massive" where --rtn-massive rounds a GPTQ run's layer to nearest."""
-        if self.method == "gptq" and self.rtn_massive > 0 and input_peak > self.rtn_massive:
-            return "rtn-massive"
-        return self.method
+    def layer_method(self, input_peak: float, in_features: int, tokens: int) -> str:
+        """How a layer is quantized, given its inputs' `HessianAccumulator.input_peak`, its input features and its
+        calibration tokens: the run's method, or "rtn-massive" where --rtn-massive rounds a GPTQ run's layer to
+        nearest."""
+        massive = self.rtn_massive > 0 and input_peak > self.rtn_massive
+        thin = tokens < in_features or not self.rtn_massive_thin
+        return "rtn-massive" if self.method == "gptq" and massive and thin else self.method
 
     def quantization_config(self) -> dict:
         """The `quantization_config` keys of FORMAT.md (meta is added by the writer)."""
@@ -163,7 +169,10 @@ class QuantSettings:
         out = {"method": self.method, "mse": self.mse, "forward_dtype": self.forward_dtype}
         if self.method == "gptq":
             out["damp_auto"] = self.damp_auto
-        return out | {k: getattr(self, k) for k, off in OPT_IN_RUN_SETTINGS.items() if getattr(self, k) != off}
+        out |= {k: getattr(self, k) for k, off in OPT_IN_RUN_SETTINGS.items() if getattr(self, k) != off}
+        if self.rtn_massive:
+            out["rtn_massive_thin"] = self.rtn_massive_thin
+        return out
 
     # ---------------------------------------------------------------- the command line
 

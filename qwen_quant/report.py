@@ -236,10 +236,11 @@ def _damp_range(report: dict) -> str:
 
 
 def _massive_line(report: dict) -> str:
-    names = report["totals"].get("rtn_massive_layers") or []
+    names, settings = report["totals"].get("rtn_massive_layers") or [], report["settings"]
     return (f"- round-to-nearest instead of GPTQ where the inputs carry massive activations (a calibration sample's "
-            f"largest token norm over its median above {report['settings']['rtn_massive']}): "
-            + (f"{len(names)} linear(s), {', '.join(names)}" if names else "no linear here"))
+            f"largest token norm over its median above {settings['rtn_massive']})"
+            + (" and calibration is thin (fewer tokens than the layer's inputs)" if settings.get("rtn_massive_thin", False)
+               else "") + ": " + (f"{len(names)} linear(s), {', '.join(names)}" if names else "no linear here"))
 
 
 def model_card(report: dict) -> str:
