@@ -68,20 +68,23 @@ class QuantSettings:
                                      "inputs have outliers")
     # Massive activations (Sun et al. 2024, "Massive activations in large language models"): in a few layers a
     # few tokens (the attention sink at position 0) reach many times the typical token's input norm. On
-    # Qwen2.5-Coder-1.5B these are down_proj of layers 1, 2, 3, 26, 27 (a sample's peak token norm over its median:
-    # 3.5-15 on the calibration; every other linear 2.6 or less). There, with fewer calibration tokens than inputs
-    # (16 x 512 tokens, 8960 inputs: a rank-deficient Hessian), GPTQ cost ~3x round-to-nearest's loss end to end
-    # even with --damp-auto, and rounding them to nearest lowered GPTQ's loss on held-out English, Chinese and
-    # French (reports/qwen2.5-coder-1.5b-domains/DIAGNOSIS.md, section 4). With ample calibration GPTQ wins there:
-    # on the demo model (10x more tokens than inputs) the same rule cost perplexity, hence --rtn-massive-thin.
-    rtn_massive: float = _opt(0.0, "round to nearest the linears whose inputs carry massive activations: in the "
-                                   "median calibration sample, the largest token input norm is more than RATIO x the "
-                                   "median token's (ordinary layers: 1.2-2.6), where calibration is thin (see "
-                                   "--rtn-massive-thin). There GPTQ's error compensation, fitted to a few huge tokens, "
-                                   "generalizes worse than RTN. 0 = GPTQ everywhere (default)", metavar="RATIO")
+    # Qwen2.5-Coder-1.5B: down_proj of layers 1, 2, 3, 26, 27 (peak over median 3.5-15 on the calibration; every
+    # other linear 2.6 or less). There GPTQ lost ~3x round-to-nearest's loss end to end even with --damp-auto, and
+    # rounding those five to nearest took the 16 x 512 defaults from 0.99/0.67/0.75/1.05/1.18 to
+    # 0.86/0.63/0.75/0.93/1.09 x RTN's perplexity loss (English, Chinese, code, French, fiction). It is not universal:
+    # on the demo model (SmolLM2) GPTQ beats RTN in its massive layers at every calibration size measured, and the
+    # rule cost perplexity once calibration held 5x the inputs (reports/qwen2.5-coder-1.5b-domains/DIAGNOSIS.md,
+    # section 4). Hence --rtn-massive-thin: the rule waits for a rank-deficient Hessian (fewer tokens than inputs).
+    rtn_massive: float = _opt(3.0, "round to nearest the linears whose inputs carry massive activations where "
+                                   "calibration is thin (--rtn-massive-thin): in the median calibration sample, the "
+                                   "largest token input norm is more than RATIO x the median token's (default 3.0; "
+                                   "ordinary layers 1.1-2.6 on Qwen2.5-Coder-1.5B). There GPTQ's error compensation, "
+                                   "fitted to a few huge tokens, generalized worse than RTN. 0 = GPTQ everywhere",
+                              metavar="RATIO")
     rtn_massive_thin: bool = _opt(True, "--rtn-massive only where the layer has fewer calibration tokens than inputs "
-                                        "(its Hessian is rank-deficient; default on: with 128 x 2048 tokens it never "
-                                        "fires on Qwen-size layers); --no-rtn-massive-thin: whatever the calibration")
+                                        "(a rank-deficient Hessian: down_proj at 16 x 512 tokens; default on, so with "
+                                        "128 x 2048 tokens it never fires on Qwen-size layers); --no-rtn-massive-thin: "
+                                        "at any calibration size")
     # the output head after the blocks (GPTQModel's lm_head=True; vLLM and GPTQModel load it): on Qwen2.5-1.5B the
     # BF16 head is 0.47 GB, as much as a quarter of the Int4 model and of the bytes each decoded token reads
     lm_head: bool = _opt(False, "also quantize the output head (lm_head) with GPTQ on the final norm's outputs (default "
@@ -122,7 +125,7 @@ class QuantSettings:
         if self.forward_dtype not in FORWARD_DTYPES:
             raise UserError(f"unknown --forward-dtype {self.forward_dtype!r}: use {', '.join(FORWARD_DTYPES)}")
         if not (0 <= float(self.rtn_massive) < 1e6):
-            raise UserError(f"--rtn-massive {self.rtn_massive} is invalid: use 0 (off) or a ratio such as 3.5")
+            raise UserError(f"--rtn-massive {self.rtn_massive} is invalid: use 0 (off) or a ratio such as 3.0")
         if not (0 <= float(self.gptaq_alpha) <= 1):
             raise UserError(f"--gptaq {self.gptaq_alpha} is outside [0, 1]: 0 is plain GPTQ, 1 the full asymmetric "
                             f"correction, e.g. 0.25")

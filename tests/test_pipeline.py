@@ -380,9 +380,10 @@ def test_gptaq_resume_writes_the_same_bytes_and_rtn_refuses_it(tmp_path, monkeyp
 def test_rtn_massive_rounds_to_nearest_exactly_the_layers_whose_input_peak_exceeds_the_ratio(tmp_path):
     """--rtn-massive RATIO --no-rtn-massive-thin: a GPTQ run rounds to nearest the linears whose recorded input peak
     is above RATIO (the very bytes an RTN run gives them: RTN reads no inputs), GPTQ elsewhere; recorded per layer,
-    in the totals and in the model card; 0 (the default) changes nothing."""
+    in the totals and in the model card; 0 turns it off."""
     calib = calibration(n=8, seqlen=32)
-    plain = json.loads((run(tiny_hf_model("qwen2"), tmp_path / "g", calib=calib) / "quant_report.json").read_text())
+    plain = json.loads((run(tiny_hf_model("qwen2"), tmp_path / "g", calib=calib, rtn_massive=0)
+                        / "quant_report.json").read_text())
     peaks = {layer["name"]: layer["input_peak"] for layer in plain["layers"]}
     assert {layer["method"] for layer in plain["layers"]} == {"gptq"}
     ratio = 2.0  # q/k/v see RMS-normed inputs (peak 1.0); o_proj and down_proj spread more on random tokens
@@ -402,7 +403,7 @@ def test_rtn_massive_rounds_to_nearest_exactly_the_layers_whose_input_peak_excee
     qkv = "model.layers.0.self_attn.q_proj"  # block 0's first step: the same inputs as the plain run, GPTQ there
     assert methods[qkv] == "gptq" and torch.equal(mixed[f"{qkv}.qweight"], gptq_[f"{qkv}.qweight"])
     assert report["settings"]["rtn_massive"] == ratio and report["settings"]["rtn_massive_thin"] is False
-    assert "rtn_massive" not in plain["settings"]
+    assert "rtn_massive" not in plain["settings"] and "rtn_massive_thin" not in plain["settings"]
     assert "massive activations" in (out / "README.md").read_text()
     with pytest.raises(UserError, match="rtn-massive"):
         run(tiny_hf_model("qwen2"), tmp_path / "bad", rtn_massive=-1)
@@ -412,7 +413,7 @@ def test_rtn_massive_waits_for_thin_calibration_by_default(tmp_path):
     """--rtn-massive-thin (the default): the rule fires only where a layer has fewer calibration tokens than inputs.
     With 256 tokens against 64-96 inputs nothing changes; with 48 tokens the layers above the ratio are rounded."""
     ample = run(tiny_hf_model("qwen2"), tmp_path / "a", calib=calibration(n=8, seqlen=32), rtn_massive=2.0)
-    plain = run(tiny_hf_model("qwen2"), tmp_path / "g", calib=calibration(n=8, seqlen=32))
+    plain = run(tiny_hf_model("qwen2"), tmp_path / "g", calib=calibration(n=8, seqlen=32), rtn_massive=0)
     assert (ample / "model.safetensors").read_bytes() == (plain / "model.safetensors").read_bytes()
     thin = json.loads((run(tiny_hf_model("qwen2"), tmp_path / "t", calib=calibration(n=2, seqlen=24), rtn_massive=2.0)
                        / "quant_report.json").read_text())
@@ -420,6 +421,9 @@ def test_rtn_massive_waits_for_thin_calibration_by_default(tmp_path):
         assert (layer["method"] == "rtn-massive") == (layer["input_peak"] > 2.0 and 48 < layer["in_features"])
     assert thin["totals"]["rtn_massive_layers"]
     assert "calibration is thin" in (tmp_path / "t" / "README.md").read_text()
+    defaults = api.QuantSettings()  # qwen-quantize's defaults: the rule on at 3.0, waiting for thin calibration
+    assert (defaults.rtn_massive, defaults.rtn_massive_thin) == (3.0, True)
+    assert defaults.run_settings()["rtn_massive"] == 3.0 and defaults.run_settings()["rtn_massive_thin"] is True
 
 
 def test_refit_scales_lowers_every_layers_error_where_the_inputs_are_the_same_and_rtn_refuses_it(tmp_path):
