@@ -3,7 +3,8 @@
 
 Rows: fp (the GGUF's Q4_K_M weights dequantized: the only copy that ships offline), RTN, our GPTQ at
 qwen-quantize's defaults, GPTQModel 7.6.0 at identical settings on identical calibration tokens (in its own
-environment, .venv-peer), and any extra recipe named with --extra. Columns: perplexity on the five held-out
+environment, .venv-peer; it has nothing like --rtn-massive, so GPTQ runs in every layer there), and any extra
+recipe named with --extra. Columns: perplexity on the five held-out
 domains (32 windows of 512 tokens each), MMLU 0-shot (round robin over the 57 subjects), ARC-Challenge, and
 HumanEval pass@1 where its measured per-problem cost fits (--humaneval N problems).
 

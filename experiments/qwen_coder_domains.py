@@ -47,6 +47,8 @@ BROAD = ["--calib", "wiki+peoples-daily+code+chat"]
 # the settings this study changed, pinned to their values before it, so that every row says what it ran
 BEFORE = ["--calib", "wiki+peoples-daily", "--damp-auto", "0"]
 FIXED_DAMP = ["--damp-auto", "0"]
+# rows made before --rtn-massive became a default (2026-12-06): the flag that reproduces them today
+NO_RULE = ["--rtn-massive", "0"]
 
 # name -> (what the row is, qwen-quantize arguments beyond the model and --out)
 ROWS = {
@@ -56,36 +58,39 @@ ROWS = {
                                                                 "--seqlen", "512"]),
     "rtn-mse": ("round-to-nearest with the range search", ["--method", "rtn", "--nsamples", "4", "--seqlen", "512"]),
     "defaults-16x512": ("defaults before this study: act-order + static groups + range search, damp 0.01, "
-                        "wiki + People's Daily", SMALL + BEFORE),
-    "plain-16x512": ("plain GPTQ: no act-order, no range search", SMALL + BEFORE + PLAIN),
-    "defaults-damp0.1-16x512": ("defaults, damp 0.1", SMALL + BEFORE + ["--damp", "0.1"]),
-    "plain-damp0.1-16x512": ("plain GPTQ, damp 0.1", SMALL + BEFORE + PLAIN + ["--damp", "0.1"]),
-    "broad-16x512": ("defaults, broad calibration mix", SMALL + BROAD + FIXED_DAMP),
-    "broad-damp0.1-16x512": ("defaults, broad mix, damp 0.1", SMALL + BROAD + FIXED_DAMP + ["--damp", "0.1"]),
-    "broad-plain-damp0.1-16x512": ("plain GPTQ, broad mix, damp 0.1", SMALL + BROAD + FIXED_DAMP + PLAIN + ["--damp", "0.1"]),
-    "broad-auto-16x512": ("the defaults after this study: act-order + static groups + range search, damping raised "
-                          "where calibration is thin (--damp-auto 0.5), English + Chinese + code + chat (qwen-quantize's defaults "
-                          "at 16 x 512: the same run as the accuracy table's gptq row, whose checkpoint it may be)",
-                          SMALL + BROAD + ["--damp-auto", "0.5"]),
+                        "wiki + People's Daily", SMALL + BEFORE + NO_RULE),
+    "plain-16x512": ("plain GPTQ: no act-order, no range search", SMALL + BEFORE + PLAIN + NO_RULE),
+    "defaults-damp0.1-16x512": ("defaults, damp 0.1", SMALL + BEFORE + ["--damp", "0.1"] + NO_RULE),
+    "plain-damp0.1-16x512": ("plain GPTQ, damp 0.1", SMALL + BEFORE + PLAIN + ["--damp", "0.1"] + NO_RULE),
+    "broad-16x512": ("defaults, broad calibration mix", SMALL + BROAD + FIXED_DAMP + NO_RULE),
+    "broad-damp0.1-16x512": ("defaults, broad mix, damp 0.1",
+                             SMALL + BROAD + FIXED_DAMP + ["--damp", "0.1"] + NO_RULE),
+    "broad-plain-damp0.1-16x512": ("plain GPTQ, broad mix, damp 0.1",
+                                   SMALL + BROAD + FIXED_DAMP + PLAIN + ["--damp", "0.1"] + NO_RULE),
+    "broad-auto-16x512": ("the defaults after this study's first round: act-order + static groups + range search, "
+                          "damping raised where calibration is thin (--damp-auto 0.5), English + Chinese + code + chat "
+                          "(the accuracy table's gptq row until 2026-12-06, before --rtn-massive)",
+                          SMALL + BROAD + ["--damp-auto", "0.5"] + NO_RULE),
     "lmhead-16x512": ("the defaults (broad-auto-16x512's settings) with --lm-head: the output head quantized too",
-                      SMALL + ["--lm-head"]),
+                      SMALL + ["--lm-head"] + NO_RULE),
     "defaults-64x512": ("the defaults (broad-auto-16x512's settings) on 4x the calibration: 64 x 512 tokens, "
                         "more than every layer's inputs (damp-auto then gives down_proj 0.14, the rest 0.02)",
-                        ["--nsamples", "64", "--seqlen", "512"]),
+                        ["--nsamples", "64", "--seqlen", "512"] + NO_RULE),
     "defaults-128x2048": ("qwen-quantize's defaults as they are, calibration included (128 x 2048 tokens, the "
                           "literature's setting): about 32 x the 16 x 512 rows' forwards, some 5 h at one thread on "
                           "a 2-core CPU", []),
     "gptaq-16x512": ("the defaults (broad-auto-16x512's settings) with asymmetric calibration (GPTAQ, --gptaq 0.25, "
                      "the GPTAQ authors' value): each layer fit to the fp model's outputs",
-                     SMALL + ["--gptaq", "0.25"]),
+                     SMALL + ["--gptaq", "0.25"] + NO_RULE),
     "gptaq-refit-16x512": ("gptaq-16x512 with the scales refit by least squares once GPTQ has fixed the codes "
                            "(--refit-scales; on the demo model each helped, and with asym the pair did most)",
-                           SMALL + ["--gptaq", "0.25", "--refit-scales"]),
+                           SMALL + ["--gptaq", "0.25", "--refit-scales"] + NO_RULE),
     "massive-rtn-16x512": ("the defaults (broad-auto-16x512's settings) with the linears whose inputs carry massive "
                            "activations rounded to nearest (--rtn-massive 3.5: a sample's peak token norm over its "
-                           "median above 3.5; DIAGNOSIS.md section 3)", SMALL + ["--rtn-massive", "3.5"]),
+                           "median above 3.5; DIAGNOSIS.md sections 3-4)", SMALL + ["--rtn-massive", "3.5"]),
     "massive3-rtn-16x512": ("massive-rtn-16x512 at the ratio 3.0: its calibration stream put layer 27's down_proj at "
-                            "3.49, just under 3.5 (the next linear: 2.60)", SMALL + ["--rtn-massive", "3.0"]),
+                            "3.49, just under 3.5 (the next linear: 2.60). qwen-quantize's defaults at 16 x 512 now; "
+                            "its checkpoint is the accuracy table's gptq row", SMALL + ["--rtn-massive", "3.0"]),
     "massive-rtn-64x512": ("massive-rtn-16x512 on 4x the calibration (64 x 512 tokens, as defaults-64x512, more "
                            "tokens than down_proj's inputs): does the rule still pay where GPTQ's Hessian has full "
                            "rank? (run before --rtn-massive-thin existed, as the flag below now asks)",
