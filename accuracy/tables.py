@@ -319,6 +319,8 @@ def carry_rows(earlier: dict, joined: dict) -> dict:
     carried = [r for r in earlier.get("results", []) if (r["model"], r["task"]) not in remeasured]
     still_shown = {r["model"] for r in carried}
     runs = [r for r in earlier.get("runs", []) if set(r.get("models", [])) & still_shown] + joined["runs"]
+    # a run joined again (its results folder is still there when the table is rendered again) is listed once
+    runs = list({json.dumps(r, sort_keys=True): r for r in runs}.values())
     return {**joined, "models": models, "results": carried + joined["results"], "runs": runs}
 
 

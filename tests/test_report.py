@@ -241,3 +241,8 @@ def test_comparison_adds_a_task_to_a_kept_row_without_scoring_its_other_tasks_ag
     assert [r["env"]["command"] for r in joined["runs"]] == ["qwen-eval fp --tasks ppl-wiki,ppl-zh",
                                                              "qwen-eval fp --tasks ppl-zh,ppl-code"]
     assert [m["label"] for m in joined["models"]] == ["fp"]
+    # rendered again with the later results folder still there (the next session's render): each run once
+    write_comparison([later], tmp_path / "t3", keep=tmp_path / "t2" / "comparison.json")
+    again = json.loads((tmp_path / "t3" / "comparison.json").read_text())
+    assert [r["env"]["command"] for r in again["runs"]] == [r["env"]["command"] for r in joined["runs"]]
+    assert again["results"] == joined["results"]
