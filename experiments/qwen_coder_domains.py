@@ -95,6 +95,8 @@ ROWS = {
                            "tokens than down_proj's inputs): does the rule still pay where GPTQ's Hessian has full "
                            "rank? (run before --rtn-massive-thin existed, as the flag below now asks)",
                            ["--nsamples", "64", "--seqlen", "512", "--rtn-massive", "3.5", "--no-rtn-massive-thin"]),
+    "gptaq-massive-16x512": ("the defaults now (massive3-rtn-16x512's settings) with asymmetric calibration "
+                             "(--gptaq 0.25): do the two levers add up?", SMALL + ["--gptaq", "0.25"]),
     "gptqmodel-16x512": ("GPTQModel 7.6.0 at broad-16x512's settings on the same calibration tokens (act-order, "
                          "static groups, its mse=2.4 range search, damp 0.01: it has no per-layer damping), made by "
                          "experiments/qwen_coder_accuracy.py quantize", None),
