@@ -456,23 +456,17 @@ def test_input_peak_is_the_median_samples_largest_token_norm_over_its_median():
     """HessianAccumulator.input_peak: per batch, max token norm / median token norm; the median over batches,
     so one odd batch does not move it. A massive token (10x) in every batch shows; one in one batch of three
     does not; padding (mask False) never counts."""
-    acc = gptq.HessianAccumulator(4)
-    for scale in (10.0, 10.0, 10.0):
-        x = torch.ones(1, 9, 4)
-        x[0, 0] *= scale
-        acc.add_batch(x)
-    assert acc.input_peak() == pytest.approx(10.0)
-    one_odd = gptq.HessianAccumulator(4)
-    for scale in (50.0, 1.0, 1.0):
-        x = torch.ones(1, 9, 4)
-        x[0, 0] *= scale
-        one_odd.add_batch(x)
-    assert one_odd.input_peak() == pytest.approx(1.0)
-    padded = gptq.HessianAccumulator(4)
-    x = torch.ones(1, 9, 4)
-    x[0, -1] *= 100.0
-    mask = torch.ones(1, 9, dtype=torch.bool)
-    mask[0, -1] = False
-    padded.add_batch(x, mask=mask)
-    assert padded.input_peak() == pytest.approx(1.0)
-    assert gptq.HessianAccumulator(4).input_peak() == 0.0
+    def peak(first_token_scales, mask=None):
+        acc = gptq.HessianAccumulator(4)
+        for scale in first_token_scales:
+            x = torch.ones(1, 9, 4)
+            x[0, 0] *= scale
+            acc.add_batch(x, mask=mask)
+        return acc.input_peak()
+
+    assert peak((10.0, 10.0, 10.0)) == pytest.approx(10.0)
+    assert peak((50.0, 1.0, 1.0)) == pytest.approx(1.0)
+    padding = torch.ones(1, 9, dtype=torch.bool)
+    padding[0, 0] = False
+    assert peak((100.0,), mask=padding) == pytest.approx(1.0)
+    assert peak(()) == 0.0
