@@ -97,6 +97,13 @@ ROWS = {
                            ["--nsamples", "64", "--seqlen", "512", "--rtn-massive", "3.5", "--no-rtn-massive-thin"]),
     "gptaq-massive-16x512": ("the defaults now (massive3-rtn-16x512's settings) with asymmetric calibration "
                              "(--gptaq 0.25): do the two levers add up?", SMALL + ["--gptaq", "0.25"]),
+    "nomse-16x512": ("the defaults now (massive3-rtn-16x512's settings) with min-max scales (--no-mse): does the "
+                     "range search, chosen on weight error alone, cost out of domain?", SMALL + ["--no-mse"]),
+    "dampauto1-16x512": ("the defaults now with twice the thin-calibration damping (--damp-auto 1.0: 0.19 for the "
+                         "1536-input linears at 16 x 512): does more shrinkage toward the diagonal generalize better?",
+                         SMALL + ["--damp-auto", "1.0"]),
+    "gptaq0.1-16x512": ("the defaults now with a lighter asymmetric calibration (--gptaq 0.1): keep "
+                        "gptaq-massive-16x512's fiction gain without its code loss?", SMALL + ["--gptaq", "0.1"]),
     "gptqmodel-16x512": ("GPTQModel 7.6.0 at broad-16x512's settings on the same calibration tokens (act-order, "
                          "static groups, its mse=2.4 range search, damp 0.01: it has no per-layer damping), made by "
                          "experiments/qwen_coder_accuracy.py quantize", None),
