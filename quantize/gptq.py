@@ -134,19 +134,19 @@ class AsymmetricAccumulator(HessianAccumulator):
 
 
 def asymmetric_target(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, alpha: float = 1.0,
-                      damp: float = 0.01) -> torch.Tensor:
+                      damp: float = 0.01, shrink: float = 0.0) -> torch.Tensor:
     """The weights GPTQ should aim at so that Q X~ matches the fp model's W X (asymmetric calibration).
 
     With C = X X~^T = D + H: ||Q X~ - W X||^2 = ||(Q - W') X~||^2 + const for W' = W C H^-1 = W + W D H^-1,
     because the residual W' X~ - W X is orthogonal to the rows of X~. So GPTQ on (W', H) solves the
-    asymmetric problem exactly; H is damped here as GPTQ damps it, and alpha scales the correction
+    asymmetric problem exactly; H is damped (and shrunk) here as GPTQ treats it, and alpha scales the correction
     (1 = the exact target, 0 = W: plain GPTQ). Returns W' [N, K] in float32 (float64 for float64 W);
     W itself if H cannot be factorized even with damping (the correction is then skipped).
     """
     dtype = _compute_dtype(W)
     if alpha == 0:
         return W.to(dtype)
-    H = H.to(device=W.device, dtype=dtype).clone()
+    H = shrink_to_diagonal_(H.to(device=W.device, dtype=dtype).clone(), shrink)
     D = D.to(device=W.device, dtype=dtype)
     diag = torch.diagonal(H)
     diag[diag == 0] = 1  # dead inputs: their D rows and columns are 0, so they get no correction
@@ -159,7 +159,24 @@ def asymmetric_target(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, alpha: 
     return W.to(dtype) + alpha * correction
 
 
-def _check_args(W: torch.Tensor, bits: int, group_size: int, damp: float | None = None) -> None:
+def shrink_to_diagonal_(H: torch.Tensor, shrink: float) -> torch.Tensor:
+    """(1 - shrink) H + shrink diag(H), in place: every input's own energy kept, every correlation between two
+    inputs scaled by 1 - shrink (the shrinkage estimator of a covariance toward its diagonal, Ledoit & Wolf 2004).
+
+    Why: H is estimated from a few thousand calibration tokens, and GPTQ's error compensation trusts its
+    off-diagonal entries exactly; rounding error it moves along correlations the calibration text happened to
+    have comes back on other text. Damping adds the same constant to every input; shrinking keeps each input's
+    scale (activation outlier channels stay heavy). shrink 1 leaves no compensation between columns at all:
+    round-to-nearest under GPTQ's group parameters."""
+    if shrink:
+        diag = torch.diagonal(H).clone()
+        H.mul_(1 - shrink)
+        torch.diagonal(H).copy_(diag)
+    return H
+
+
+def _check_args(W: torch.Tensor, bits: int, group_size: int, damp: float | None = None,
+                shrink: float = 0.0) -> None:
     check_bits(bits)
     if W.dim() != 2:
         raise UserError(f"weight must be 2-D [out, in], got shape {tuple(W.shape)}")
@@ -167,6 +184,8 @@ def _check_args(W: torch.Tensor, bits: int, group_size: int, damp: float | None 
         raise UserError(f"group_size={group_size} is invalid: use -1 (one group) or a positive integer")
     if damp is not None and not 0 < damp < 1:
         raise UserError(f"damp={damp} must lie in (0, 1), e.g. 0.01")
+    if not 0 <= shrink <= 1:
+        raise UserError(f"shrink={shrink} must lie in [0, 1], e.g. 0.5")
 
 
 def _compute_dtype(W: torch.Tensor) -> torch.dtype:
@@ -260,16 +279,17 @@ def _fresh_rows(Wt, W1, Err1, Hinv, i1, i, end):
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True,
                   desc_act: bool = False, static_groups: bool = False, damp: float = 0.01,
-                  block_size: int = 128, mse: bool = False) -> QuantResult:
+                  block_size: int = 128, mse: bool = False, shrink: float = 0.0) -> QuantResult:
     """GPTQ one layer: W [N, K] (nn.Linear weight), H [K, K] from HessianAccumulator.
 
     group_size -1 = one group over all of K; K need not be a multiple of group_size (the last group
     is partial). desc_act quantizes columns in order of decreasing diag(H) (act-order); the result
     is stored in original order with g_idx saying which group each row was quantized in.
     static_groups computes every group's params up front from the original weights, so that
-    g_idx stays i // group_size even with act-order.
+    g_idx stays i // group_size even with act-order. shrink (0 = classic GPTQ) first shrinks H toward its
+    diagonal (`shrink_to_diagonal_`).
     """
-    _check_args(W, bits, group_size, damp)
+    _check_args(W, bits, group_size, damp, shrink)
     N, K = W.shape
     if H.shape != (K, K):
         raise UserError(f"Hessian has shape {tuple(H.shape)}, expected ({K}, {K}) for a weight of shape {(N, K)}")
@@ -289,6 +309,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1
     Wt[dead] = 0
+    shrink_to_diagonal_(H, shrink)
 
     static = [find_params(Wt[s:s + gs].T, bits, sym, mse) for s in range(0, K, gs)] if static_groups else None
     perm = None

@@ -393,7 +393,8 @@ def quantize_weight(w: torch.Tensor, h: torch.Tensor, settings: QuantSettings, d
         return gptq.rtn_quantize(w, settings.bits, settings.group_size, settings.sym, mse=settings.mse)
     result = gptq.gptq_quantize(w, h, bits=settings.bits, group_size=settings.group_size, sym=settings.sym,
                                 desc_act=settings.desc_act, static_groups=settings.static_groups,
-                                damp=settings.damp if damp is None else damp, mse=settings.mse)
+                                damp=settings.damp if damp is None else damp, mse=settings.mse,
+                                shrink=settings.shrink)
     if settings.refit_scales and result.fallback is None:
         result = gptq.refit_scales(w, h, result)
     return result
@@ -423,7 +424,7 @@ def quantize_block(block: nn.Module, inputs: BlockInputs, layout: Layout, settin
         weights = [lin.weight.detach().float() for lin in linears.values()]
         target = torch.cat(weights)
         if d is not None and method == "gptq":  # round-to-nearest keeps the layer's own weights
-            target = gptq.asymmetric_target(target, h, d, settings.gptaq_alpha, damp)
+            target = gptq.asymmetric_target(target, h, d, settings.gptaq_alpha, damp, settings.shrink)
         del d
         pieces = quantize_weight(target, h, settings, damp, method).split([w.shape[0] for w in weights])
         del target

@@ -268,6 +268,9 @@ def model_card(report: dict) -> str:
         f"range search (mse) {report['settings']['mse']}",
         *([f"- damping raised where calibration is thin: each layer max(damp, {report['settings']['damp_auto']} x "
            f"inputs / calibration tokens); used: {_damp_range(report)}"] if report["settings"].get("damp_auto") else []),
+        *([f"- Hessians shrunk toward their diagonal: every correlation between inputs scaled by "
+           f"{1 - report['settings']['shrink']:g} (shrink {report['settings']['shrink']:g})"]
+          if report["settings"].get("shrink") else []),
         *([f"- asymmetric calibration (GPTAQ): each layer fitted to the full-precision model's outputs, correction "
            f"scaled by alpha = {report['settings']['gptaq_alpha']}"] if report["settings"].get("gptaq_alpha") else []),
         *(["- scales refitted: after GPTQ chose the codes, each group's scale was moved to the least-squares optimum "

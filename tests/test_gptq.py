@@ -470,3 +470,54 @@ def test_input_peak_is_the_median_samples_largest_token_norm_over_its_median():
     padding[0, 0] = False
     assert peak((100.0,), mask=padding) == pytest.approx(1.0)
     assert peak(()) == 0.0
+
+
+@pytest.mark.parametrize("shrink,desc_act,static_groups", [(0.5, False, False), (0.3, True, True), (0.8, True, False)])
+def test_shrink_is_gptq_on_the_hessian_shrunk_toward_its_diagonal(shrink, desc_act, static_groups):
+    """shrink s quantizes exactly as the float64 reference does on (1 - s) H + s diag(H), a dead input included."""
+    K, N = 96, 16
+    X = correlated_inputs(300, K, dtype=torch.float64)
+    H, W = hessian_of(X), random_weight(N, K, dtype=torch.float64)
+    H[:, 5] = H[5, :] = 0
+    shrunk = (1 - shrink) * H + shrink * torch.diag(torch.diagonal(H))
+    res = gptq_quantize(W, H, bits=4, group_size=32, desc_act=desc_act, static_groups=static_groups, damp=0.01,
+                        block_size=32, shrink=shrink)
+    codes, scales, zeros, g_idx = reference_gptq(W, shrunk, 4, 32, True, desc_act, static_groups, 0.01)
+    assert torch.equal(res.codes.double(), codes) and torch.equal(res.scales.double(), scales)
+    assert torch.equal(res.zeros.double(), zeros) and torch.equal(res.g_idx.long(), g_idx)
+    plain = gptq_quantize(W, H, bits=4, group_size=32, desc_act=desc_act, static_groups=static_groups, damp=0.01,
+                          block_size=32)
+    assert not torch.equal(plain.codes, res.codes)  # the shrink changed the compensation
+    with pytest.raises(UserError, match="shrink"):
+        gptq_quantize(W, H, shrink=1.5)
+
+
+@pytest.mark.parametrize("mse", [False, True])
+def test_full_shrink_is_round_to_nearest_under_gptqs_groups(mse):
+    """shrink 1 leaves H diagonal: no error moves between columns, so GPTQ with static groups (scales from the
+    original weights, as RTN's) and act-order gives RTN's codes, scales and zeros exactly."""
+    K, N = 96, 16
+    X = correlated_inputs(300, K)
+    H, W = hessian_of(X), random_weight(N, K)
+    res = gptq_quantize(W, H, bits=4, group_size=32, desc_act=True, static_groups=True, damp=0.01, mse=mse,
+                        shrink=1.0)
+    rtn = rtn_quantize(W, bits=4, group_size=32, mse=mse)
+    assert torch.equal(res.codes, rtn.codes) and torch.equal(res.scales, rtn.scales)
+    assert torch.equal(res.zeros, rtn.zeros) and torch.equal(res.g_idx, rtn.g_idx)
+    almost = gptq_quantize(W, H, bits=4, group_size=32, desc_act=True, static_groups=True, damp=0.01, mse=mse,
+                           shrink=0.9)
+    assert not torch.equal(almost.codes, rtn.codes)
+
+
+def test_asymmetric_target_uses_the_shrunk_hessian():
+    from qwen_quant.quantize.gptq import asymmetric_target
+
+    X, Xq = asymmetric_pair()
+    W = random_weight(20, 48, dtype=torch.float64)
+    n = X.shape[0]
+    H, D = 2 * Xq.T @ Xq / n, 2 * (X - Xq).T @ Xq / n
+    shrunk = 0.6 * H + 0.4 * torch.diag(torch.diagonal(H))
+    torch.testing.assert_close(asymmetric_target(W, H, D, alpha=1.0, damp=0.01, shrink=0.4),
+                               asymmetric_target(W, shrunk, D, alpha=1.0, damp=0.01))
+    assert not torch.allclose(asymmetric_target(W, H, D, alpha=1.0, damp=0.01, shrink=0.4),
+                              asymmetric_target(W, H, D, alpha=1.0, damp=0.01))

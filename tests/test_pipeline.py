@@ -426,6 +426,22 @@ def test_rtn_massive_waits_for_thin_calibration_by_default(tmp_path):
     assert defaults.run_settings()["rtn_massive"] == 3.0 and defaults.run_settings()["rtn_massive_thin"] is True
 
 
+def test_shrink_is_recorded_changes_the_weights_and_rtn_refuses_it(tmp_path):
+    """--shrink reaches GPTQ (other bytes than a plain run), is named in run_settings and the model card only when
+    on, and is refused where there is no Hessian to shrink."""
+    shrunk = run(tiny_hf_model("qwen2"), tmp_path / "s", shrink=0.5)
+    plain = run(tiny_hf_model("qwen2"), tmp_path / "p")
+    assert (shrunk / "model.safetensors").read_bytes() != (plain / "model.safetensors").read_bytes()
+    assert json.loads((shrunk / "quant_report.json").read_text())["settings"]["shrink"] == 0.5
+    assert "shrink" not in json.loads((plain / "quant_report.json").read_text())["settings"]
+    assert "shrunk toward their diagonal" in (shrunk / "README.md").read_text()
+    assert "shrunk toward" not in (plain / "README.md").read_text()
+    with pytest.raises(UserError, match="--shrink"):
+        api.QuantSettings(method="rtn", shrink=0.5)
+    with pytest.raises(UserError, match="outside"):
+        api.QuantSettings(shrink=-0.1)
+
+
 def test_refit_scales_lowers_every_layers_error_where_the_inputs_are_the_same_and_rtn_refuses_it(tmp_path):
     """--refit-scales: the checkpoint still holds exactly the weights fed forward; on block 0's first step (inputs
     identical with and without the refit) every linear's output error is lower; recorded, and in the model card."""
