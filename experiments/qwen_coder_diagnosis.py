@@ -15,6 +15,11 @@ quotes them):
         one layer: down_proj of LAYER quantized by RTN and by GPTQ (calibration: the 16 x 512 English+Chinese
         samples of the study's rows) at several dampings; the relative output error on held-out wiki tokens
         (windows 16-23, which the study never scored), the attention-sink token (position 0) apart from the rest.
+    python experiments/qwen_coder_diagnosis.py proxy LAYERS [--variants defaults,shrink0.5,lw] [--classes qkv,gateup]
+        one layer, every linear class (q/k/v, o, gate/up, down): GPTQ calibrated on the defaults' 16 x 512
+        calibration (the fp model's inputs) in several variants, and each variant's output error on every held-out
+        domain's own Hessian (the last 8 windows of 512 of each domain's eval text) over RTN's; with the
+        calibration's Ledoit-Wolf shrinkage intensity (HessianAccumulator.shrinkage) per class.
 
 The fp model runs in bfloat16 and one torch thread; quantization math is qwen_quant.quantize.gptq itself.
 """
@@ -175,6 +180,96 @@ def tokens(layer: int, damps: list[float]) -> None:
                gptq.gptq_quantize(w, h, 4, 128, True, damp=damp, desc_act=True, static_groups=True, mse=True).weight)
 
 
+# linear class -> (the module whose input is the class's input, the linears that share it)
+CLASSES = {"qkv": ("self_attn.q_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+           "o": ("self_attn.o_proj", ("self_attn.o_proj",)),
+           "gateup": ("mlp.gate_proj", ("mlp.gate_proj", "mlp.up_proj")),
+           "down": ("mlp.down_proj", ("mlp.down_proj",))}
+HELDOUT = {"wiki": "wiki", "zh": "peoples-daily", "code": "humaneval-code", "fr": "wiki-fr", "fiction": "fiction"}
+# variant -> (damping: "auto" = the defaults' --damp-auto rule, or a fixed fraction; shrink: a number or "lw")
+VARIANTS = {"defaults": ("auto", 0.0), "shrink0.5": ("auto", 0.5), "shrink0.5-d.01": (0.01, 0.5),
+            "lw": ("auto", "lw"), "lw-d.01": (0.01, "lw"), "shrink0.8": ("auto", 0.8)}
+
+
+def last_windows(tok, corpus: str, count: int) -> torch.Tensor:
+    """The last `count` windows of a domain's eval text (the study scores its first 16, the accuracy table 32)."""
+    from qwen_quant import corpora
+
+    ids = tok("\n\n".join(corpora.corpus_by_name(corpus, "eval").texts))["input_ids"]
+    return torch.tensor(ids[len(ids) - count * SEQLEN:]).view(count, SEQLEN)
+
+
+@torch.no_grad()
+def class_inputs(model, layer: int, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every linear class's inputs in LAYER [samples, tokens, K], one forward per row stopped after down_proj."""
+    grabbed = {c: [] for c in CLASSES}
+
+    class Stop(Exception):
+        pass
+
+    def hook_for(cls):
+        def hook(_m, a):
+            grabbed[cls].append(a[0][0].float().clone())
+            if cls == "down":
+                raise Stop
+        return hook
+
+    block = model.model.layers[layer]
+    handles = [block.get_submodule(path).register_forward_pre_hook(hook_for(c)) for c, (path, _) in CLASSES.items()]
+    try:
+        for row in ids:
+            try:
+                model(input_ids=row[None])
+            except Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return {c: torch.stack(v) for c, v in grabbed.items()}
+
+
+def proxy(layers: list[int], variants: list[str], classes: list[str]) -> None:
+    from qwen_quant.quantize.calibration import build_calibration
+
+    model, tok = fp_model()
+    calib_ids = build_calibration(tok, "default", nsamples=16, seqlen=SEQLEN, seed=0).input_ids
+    held_ids = {d: last_windows(tok, c, 8) for d, c in HELDOUT.items()}
+    for layer in layers:
+        proxy_layer(model, layer, class_inputs(model, layer, calib_ids),
+                    {d: class_inputs(model, layer, ids) for d, ids in held_ids.items()}, variants, classes)
+
+
+def proxy_layer(model, layer, calib, held, variants, classes) -> None:
+    from qwen_quant.quantize import gptq
+    from qwen_quant.quantize.settings import QuantSettings
+
+    settings = QuantSettings()
+    block = model.model.layers[layer]
+    for cls in classes:
+        names = CLASSES[cls][1]
+        w = torch.cat([block.get_submodule(n).weight.detach().float() for n in names])
+        acc = gptq.HessianAccumulator(w.shape[1], spread=True)
+        for sample in calib[cls]:
+            acc.add_batch(sample)
+        h, lw = acc.hessian(), acc.shrinkage()
+        held_h = {d: 2 * x.reshape(-1, x.shape[-1]).T @ x.reshape(-1, x.shape[-1]) / (x.shape[0] * x.shape[1])
+                  for d, x in ((d, held[d][cls]) for d in HELDOUT)}
+
+        def errors(q):
+            return {d: float(((w - q) @ hd * (w - q)).sum()) for d, hd in held_h.items()}
+
+        rtn = errors(gptq.rtn_quantize(w, 4, 128, True).weight)
+        for name in variants:
+            damp, shrink = VARIANTS[name]
+            damp = settings.damp_for(w.shape[1], acc.tokens) if damp == "auto" else damp
+            shrink = lw if shrink == "lw" else shrink
+            q = gptq.gptq_quantize(w, h, 4, 128, True, desc_act=True, static_groups=True, damp=damp, mse=True,
+                                   shrink=shrink).weight
+            ratio = {d: round(e / rtn[d], 3) for d, e in errors(q).items()}
+            print(json.dumps({"layer": layer, "class": cls, "variant": name, "damp": round(damp, 4),
+                              "shrink": round(shrink, 4), "lw": round(lw, 4), "ratio_to_rtn": ratio}), flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="step", required=True)
@@ -190,12 +285,18 @@ def main(argv=None) -> int:
     t = sub.add_parser("tokens")
     t.add_argument("layer", type=int)
     t.add_argument("--damps", default="0.01,0.1,0.3,0.9")
+    x = sub.add_parser("proxy")
+    x.add_argument("layers", help="','-joined layer numbers, e.g. 1,14,27")
+    x.add_argument("--variants", default=",".join(VARIANTS), help=f"','-joined among: {', '.join(VARIANTS)}")
+    x.add_argument("--classes", default=",".join(CLASSES), help=f"','-joined among: {', '.join(CLASSES)}")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.step == "splice":
         splice(args.rtn, args.gptq, args.windows, [c for c in args.cases.split(';') if c])
     elif args.step == "attribute":
         attribute(args.rtn, args.gptq, args.windows)
+    elif args.step == "proxy":
+        proxy([int(v) for v in args.layers.split(",")], args.variants.split(","), args.classes.split(","))
     else:
         tokens(args.layer, [float(x) for x in args.damps.split(",")])
     return 0

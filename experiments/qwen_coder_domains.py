@@ -107,8 +107,9 @@ ROWS = {
     "shrink0.5-16x512": ("the defaults now with every Hessian shrunk halfway toward its diagonal (--shrink 0.5): "
                          "on layer 14 the best regularizer of gate/up and q/k/v held-out error (DIAGNOSIS.md, "
                          "section 2)", SMALL + ["--shrink", "0.5"]),
-    "shrink0.5-d01-16x512": ("shrink0.5-16x512 with the fixed 0.01 damping instead of --damp-auto's 0.09-0.55: is "
-                             "the shrink alone the better regularizer?", SMALL + ["--shrink", "0.5", "--damp-auto", "0"]),
+    "shrinkauto-16x512": ("the defaults now with every Hessian shrunk toward its diagonal by its own Ledoit-Wolf "
+                          "intensity (--shrink auto: how much the 16 calibration samples' Hessians disagree; 0.15-0.21 "
+                          "on layer 14)", SMALL + ["--shrink", "auto"]),
     "gptqmodel-16x512": ("GPTQModel 7.6.0 at broad-16x512's settings on the same calibration tokens (act-order, "
                          "static groups, its mse=2.4 range search, damp 0.01: it has no per-layer damping), made by "
                          "experiments/qwen_coder_accuracy.py quantize", None),

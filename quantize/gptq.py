@@ -63,11 +63,16 @@ class HessianAccumulator:
     largest token norm over its median token norm. Layers with massive activations (a few tokens, such as the
     attention sink at position 0, many times the typical norm) show it in every batch."""
 
-    def __init__(self, in_features: int, device: torch.device | str | None = None):
+    def __init__(self, in_features: int, device: torch.device | str | None = None, spread: bool = False):
         self.in_features = in_features
         self.tokens = 0
         self._xtx = None if device is None else torch.zeros(in_features, in_features, device=device)
         self._peaks: list[float] = []
+        # spread: also keep the sum over batches of each batch's own Hessian squared, element-wise, for
+        # `shrinkage` (one more K x K matrix, one more element-wise pass per batch)
+        self._spread = spread
+        self._h2 = None
+        self.batches = 0
 
     def _rows(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """x [..., K] as float32 token rows [n, K], padding tokens (mask False) left out."""
@@ -86,7 +91,14 @@ class HessianAccumulator:
         rows = self._rows(x, mask)
         if self._xtx is None:
             self._xtx = torch.zeros(self.in_features, self.in_features, device=rows.device)
-        self._xtx.addmm_(rows.T, rows)
+        if self._spread and rows.shape[0]:
+            own = rows.T @ rows
+            self._xtx += own
+            own.mul_(2.0 / rows.shape[0])  # this batch's own H
+            self._h2 = own.mul_(own) if self._h2 is None else self._h2.addcmul_(own, own)
+            self.batches += 1
+        else:
+            self._xtx.addmm_(rows.T, rows)
         self.tokens += rows.shape[0]
         if rows.shape[0] > 1:
             norms = rows.norm(dim=1)
@@ -99,6 +111,25 @@ class HessianAccumulator:
         if not self._peaks:
             return 0.0
         return float(torch.tensor(self._peaks).median())
+
+    def shrinkage(self) -> float:
+        """Ledoit-Wolf's shrinkage intensity toward the diagonal (Ledoit & Wolf 2004; Schaefer & Strimmer 2005,
+        target D): the estimated variance of H's off-diagonal entries over their squared size, in [0, 1].
+
+        The unit of sampling is the batch (a calibration sample), not the token: tokens of one text are
+        correlated, and counting them as independent would call a 512-token sample 512 observations. So
+        Var(H_ij) is estimated from the spread of the batches' own Hessians H_b: var_b(H_b,ij) / batches.
+        Few or heterogeneous samples give a large intensity; many similar ones drive it to 0 (needs spread=True)."""
+        if not self._spread:
+            raise RuntimeError("shrinkage needs HessianAccumulator(..., spread=True)")
+        H = self.hessian()
+        if self.batches < 2:
+            return 1.0  # one sample says nothing about how its correlations vary: trust none of them
+        n = self.batches
+        var = (self._h2 / n - H * H).clamp_min_(0).div_(n - 1)  # variance of the mean of n batch Hessians
+        num = float(var.sum(dtype=torch.float64) - torch.diagonal(var).sum(dtype=torch.float64))
+        den = float((H * H).sum(dtype=torch.float64) - (torch.diagonal(H) ** 2).sum(dtype=torch.float64))
+        return 1.0 if den <= 0 else min(1.0, num / den)
 
     def hessian(self) -> torch.Tensor:
         if self.tokens == 0:
@@ -114,8 +145,8 @@ class AsymmetricAccumulator(HessianAccumulator):
     layer at the fp model's outputs W X rather than at W X~.
     """
 
-    def __init__(self, in_features: int, device: torch.device | str | None = None):
-        super().__init__(in_features, device)
+    def __init__(self, in_features: int, device: torch.device | str | None = None, spread: bool = False):
+        super().__init__(in_features, device, spread)
         self._dxt = None if device is None else torch.zeros(in_features, in_features, device=device)
 
     def add_pair(self, x: torch.Tensor, x_fp: torch.Tensor, mask: torch.Tensor | None = None) -> None:

@@ -26,7 +26,7 @@ from qwen_quant.host_memory import keep_large_buffers_mapped, release_freed_memo
 from qwen_quant.kernels.format import pack_qweight, pack_qzeros
 from qwen_quant.quantize import gptq
 from qwen_quant.models.layouts import Layout, blocks_of
-from qwen_quant.quantize.settings import OPT_IN_RUN_SETTINGS, QuantSettings  # noqa: F401 (re-exported)
+from qwen_quant.quantize.settings import OPT_IN_RUN_SETTINGS, SHRINK_AUTO, QuantSettings  # noqa: F401 (re-exported)
 
 # Test hook: stop (as if interrupted) right after block k has been quantized and its state saved.
 STOP_AFTER_BLOCK_ENV = "QWEN_QUANT_STOP_AFTER_BLOCK"
@@ -49,6 +49,7 @@ class LayerStats:
     # --rtn-massive rounded it to nearest for that (None: a record written before these fields)
     input_peak: float | None = None
     method: str | None = None
+    shrink: float | None = None  # the --shrink GPTQ used on its Hessian (auto: this layer's intensity)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -339,18 +340,18 @@ def _input_of(block: nn.Module, name: str, inputs: BlockInputs, i: int, fp: bool
 
 @torch.no_grad()
 def collect_hessian(block: nn.Module, inputs: BlockInputs, linears: dict[str, nn.Module],
-                    fp_block: nn.Module | None = None):
-    """The Hessian shared by a step's linears (they see the same input, by the layout's definition).
+                    fp_block: nn.Module | None = None, spread: bool = False) -> gptq.HessianAccumulator:
+    """The accumulated Hessian shared by a step's linears (they see the same input, by the layout's definition).
 
     Only the step's first linear is hooked, and the forward stops right there: nothing after it is needed.
-    Returns (H, D, tokens, input peak): D as `gptq.AsymmetricAccumulator` defines it when `fp_block` (the block's
-    unquantized copy: asymmetric calibration) is given, so the same linear's inputs in the fp model are read too;
-    else None. The input peak is `gptq.HessianAccumulator.input_peak`.
+    With `fp_block` (the block's unquantized copy: asymmetric calibration) the same linear's inputs in the fp model
+    are read too, into a `gptq.AsymmetricAccumulator`; `spread` keeps what `shrinkage` needs.
     """
     first_name, first = next(iter(linears.items()))
     if len({lin.in_features for lin in linears.values()}) != 1:
         raise RuntimeError(f"the linears of step {list(linears)} have different inputs: fix the layout")
-    acc = (gptq.AsymmetricAccumulator if fp_block is not None else gptq.HessianAccumulator)(first.in_features)
+    kind = gptq.AsymmetricAccumulator if fp_block is not None else gptq.HessianAccumulator
+    acc = kind(first.in_features, spread=spread)
     for i in range(len(inputs.hidden)):
         mask = inputs.token_mask[i:i + 1]
         x = _input_of(block, first_name, inputs, i)
@@ -358,7 +359,13 @@ def collect_hessian(block: nn.Module, inputs: BlockInputs, linears: dict[str, nn
             acc.add_batch(x, mask=mask)
         else:
             acc.add_pair(x, _input_of(fp_block, first_name, inputs, i, fp=True), mask=mask)
-    return acc.hessian(), (acc.asymmetry() if fp_block is not None else None), acc.tokens, acc.input_peak()
+    return acc
+
+
+def shrink_for(settings: QuantSettings, acc: gptq.HessianAccumulator) -> float:
+    """The shrink GPTQ applies to one layer's Hessian: --shrink's number, or with auto the layer's own Ledoit-Wolf
+    intensity from its calibration samples (the accumulator must have been made with spread=True)."""
+    return acc.shrinkage() if settings.shrink == SHRINK_AUTO else float(settings.shrink)
 
 
 def relative_output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor, rows: int = 1024) -> float:
@@ -385,16 +392,16 @@ def _error_ratio(num: float, den: float) -> float:
 
 
 def quantize_weight(w: torch.Tensor, h: torch.Tensor, settings: QuantSettings, damp: float | None = None,
-                    method: str | None = None):
+                    method: str | None = None, shrink: float = 0.0):
     """w [N, K] float32 (possibly the asymmetric target rather than the layer's own weights); damp defaults
     to settings.damp (the pipeline passes settings.damp_for the layer's calibration tokens), method to the run's
-    (the pipeline passes settings.layer_method: --rtn-massive may round a layer of a GPTQ run to nearest)."""
+    (the pipeline passes settings.layer_method: --rtn-massive may round a layer of a GPTQ run to nearest), shrink
+    is the layer's (`shrink_for`)."""
     if (method or settings.method) != "gptq":
         return gptq.rtn_quantize(w, settings.bits, settings.group_size, settings.sym, mse=settings.mse)
     result = gptq.gptq_quantize(w, h, bits=settings.bits, group_size=settings.group_size, sym=settings.sym,
                                 desc_act=settings.desc_act, static_groups=settings.static_groups,
-                                damp=settings.damp if damp is None else damp, mse=settings.mse,
-                                shrink=settings.shrink)
+                                damp=settings.damp if damp is None else damp, mse=settings.mse, shrink=shrink)
     if settings.refit_scales and result.fallback is None:
         result = gptq.refit_scales(w, h, result)
     return result
@@ -414,19 +421,22 @@ def quantize_block(block: nn.Module, inputs: BlockInputs, layout: Layout, settin
     results, stats = {}, []
     for step in layout.steps:
         linears = {name: block.get_submodule(name) for name in step}
-        h, d, tokens, peak = collect_hessian(block, inputs, linears, fp_block=fp_block)
-        h = h.to(block_device(block))
-        damp = settings.damp_for(h.shape[0], tokens)
+        acc = collect_hessian(block, inputs, linears, fp_block=fp_block, spread=settings.shrink == SHRINK_AUTO)
+        h = acc.hessian().to(block_device(block))
+        d = acc.asymmetry() if fp_block is not None else None
+        tokens, peak = acc.tokens, acc.input_peak()
+        damp, shrink = settings.damp_for(h.shape[0], tokens), shrink_for(settings, acc)
         method = settings.layer_method(peak, h.shape[0], tokens)
+        del acc
         # The step's linears share H, and GPTQ treats each output row on its own given H: quantizing
         # their weights stacked along the output dimension is exactly quantizing each alone, with one
         # Cholesky and one column loop instead of several (q/k/v: 3x fewer Python-level steps).
         weights = [lin.weight.detach().float() for lin in linears.values()]
         target = torch.cat(weights)
         if d is not None and method == "gptq":  # round-to-nearest keeps the layer's own weights
-            target = gptq.asymmetric_target(target, h, d, settings.gptaq_alpha, damp, settings.shrink)
+            target = gptq.asymmetric_target(target, h, d, settings.gptaq_alpha, damp, shrink)
         del d
-        pieces = quantize_weight(target, h, settings, damp, method).split([w.shape[0] for w in weights])
+        pieces = quantize_weight(target, h, settings, damp, method, shrink).split([w.shape[0] for w in weights])
         del target
         for (name, lin), w, res in zip(linears.items(), weights, pieces):
             q = res.weight.to(lin.weight.device)
@@ -436,7 +446,8 @@ def quantize_block(block: nn.Module, inputs: BlockInputs, layout: Layout, settin
             res.weight = None  # the checkpoint needs codes/scales/zeros only: don't hold a float copy per linear
             results[name] = res
             stats.append(LayerStats(name, lin.in_features, lin.out_features, err, float(res.damp_used),
-                                    res.fallback, res.seconds, round(peak, 3), method))
+                                    res.fallback, res.seconds, round(peak, 3), method,
+                                    float(shrink) if method == "gptq" else None))
             if on_layer:
                 on_layer(name)
     return results, stats
@@ -509,24 +520,26 @@ def quantize_head(source, inputs: BlockInputs, settings: QuantSettings, device) 
     norm, weight = source.load_head(device)
     name = source.layout.lm_head
     t0 = time.perf_counter()
-    acc = gptq.HessianAccumulator(weight.shape[1])
+    acc = gptq.HessianAccumulator(weight.shape[1], spread=settings.shrink == SHRINK_AUTO)
     for i, hidden in enumerate(inputs.hidden):
         acc.add_batch(norm(hidden), mask=inputs.token_mask[i:i + 1])
     source.release_head()
     h = acc.hessian().to(device)
-    damp, peak = settings.damp_for(h.shape[0], acc.tokens), acc.input_peak()
+    damp, peak, shrink = settings.damp_for(h.shape[0], acc.tokens), acc.input_peak(), shrink_for(settings, acc)
     method = settings.layer_method(peak, h.shape[0], acc.tokens)
+    del acc
     slices, num, den = [], 0.0, 0.0
     for start in range(0, weight.shape[0], HEAD_ROWS):
         w = weight[start:start + HEAD_ROWS].to(device=device, dtype=torch.float32)
-        res = quantize_weight(w, h, settings, damp, method)
+        res = quantize_weight(w, h, settings, damp, method, shrink)
         n, d = output_error_terms(w, res.weight, h)
         num, den = num + n, den + d
         slices.append(gptq_tensors(name, res, settings.bits))
     tensors = {key: slices[0][key] if key.endswith(".g_idx") else torch.cat([s[key] for s in slices], dim=1)
                for key in slices[0]}
     stats = LayerStats(name, weight.shape[1], weight.shape[0], _error_ratio(num, den), float(res.damp_used),
-                       res.fallback, time.perf_counter() - t0, round(peak, 3), method)
+                       res.fallback, time.perf_counter() - t0, round(peak, 3), method,
+                       float(shrink) if method == "gptq" else None)
     return tensors, stats
 
 

@@ -51,11 +51,13 @@ class QuantSettings:
                             metavar="ALPHA")
     # Shrinkage toward the diagonal: damping's sibling. Damping adds one constant to every input's energy;
     # shrinking scales down every correlation between inputs and keeps each input's scale, so outlier channels
-    # stay heavy. On Qwen2.5-Coder-1.5B's layer 14 (held-out domains' own Hessians, one layer at a time) a 0.5
-    # shrink cut gate/up's and q/k/v's output error below what any damping did (DIAGNOSIS.md, section 2).
-    shrink: float = _opt(0.0, "shrink each Hessian toward its diagonal before GPTQ: (1 - S) H + S diag(H) scales every "
-                              "correlation between inputs by 1 - S (default 0 = classic GPTQ; 1 = no compensation "
-                              "between columns, round-to-nearest under GPTQ's group parameters)", metavar="S")
+    # stay heavy. "auto" takes each layer's Ledoit-Wolf intensity from the spread of its calibration samples'
+    # own Hessians (HessianAccumulator.shrinkage): large where calibration is thin or mixed, fading as it grows.
+    shrink: float | str = _opt(0.0, "shrink each Hessian toward its diagonal before GPTQ: (1 - S) H + S diag(H) scales "
+                                     "every correlation between inputs by 1 - S; auto: each layer's Ledoit-Wolf "
+                                     "intensity, from how much its calibration samples disagree (default 0 = classic "
+                                     "GPTQ; 1 = no compensation between columns, round-to-nearest under GPTQ's group "
+                                     "parameters)", metavar="S|auto", type=str)
     mse: bool = _opt(True, "search shrunken ranges per group for the lowest error (default on: on the demo model it "
                            "cut GPTQ's perplexity loss from 0.997x to 0.880x of RTN's; --no-mse is ~2x faster)")
     # asymmetric calibration (GPTAQ): 0 = classic GPTQ (each layer matches its own weights on the quantized
@@ -131,9 +133,7 @@ class QuantSettings:
             raise UserError(f"--damp-auto {self.damp_auto} is invalid: use 0 (off) or a small positive factor, e.g. 0.5")
         if self.forward_dtype not in FORWARD_DTYPES:
             raise UserError(f"unknown --forward-dtype {self.forward_dtype!r}: use {', '.join(FORWARD_DTYPES)}")
-        if not (0 <= float(self.shrink) <= 1):
-            raise UserError(f"--shrink {self.shrink} is outside [0, 1]: 0 is classic GPTQ, e.g. 0.5 halves every "
-                            f"correlation in the Hessian")
+        object.__setattr__(self, "shrink", _shrink_value(self.shrink))
         if not (0 <= float(self.rtn_massive) < 1e6):
             raise UserError(f"--rtn-massive {self.rtn_massive} is invalid: use 0 (off) or a ratio such as 3.0")
         if not (0 <= float(self.gptaq_alpha) <= 1):
@@ -142,7 +142,7 @@ class QuantSettings:
         if self.method == "rtn" and float(self.gptaq_alpha) > 0:
             raise UserError("--gptaq changes how GPTQ calibrates; round-to-nearest has no calibration: drop --gptaq "
                             "or use --method gptq")
-        if self.method == "rtn" and float(self.shrink) > 0:
+        if self.method == "rtn" and self.shrink != 0:
             raise UserError("--shrink regularizes GPTQ's Hessian; round-to-nearest uses none: drop --shrink or use "
                             "--method gptq")
         if self.method == "rtn" and self.refit_scales:
@@ -152,7 +152,7 @@ class QuantSettings:
             object.__setattr__(self, "desc_act", False)
             object.__setattr__(self, "static_groups", False)
             object.__setattr__(self, "rtn_massive", 0.0)  # every layer is round-to-nearest already
-        for name, kind in (("damp", float), ("damp_auto", float), ("shrink", float), ("gptaq_alpha", float), ("rtn_massive", float),
+        for name, kind in (("damp", float), ("damp_auto", float), ("gptaq_alpha", float), ("rtn_massive", float),
                            ("desc_act", bool), ("static_groups", bool), ("sym", bool), ("mse", bool),
                            ("refit_scales", bool), ("rtn_massive_thin", bool), ("lm_head", bool)):
             object.__setattr__(self, name, kind(getattr(self, name)))
@@ -209,12 +209,29 @@ class QuantSettings:
                 else:
                     group.add_argument(flag, dest=f.name, action="store_true", **meta)
                 continue
-            kind = {"int": int, "float": float, "str": str, "int | None": int}[str(f.type)]
+            kind = meta.pop("type", None) or {"int": int, "float": float, "str": str, "int | None": int}[str(f.type)]
             group.add_argument(flag, dest=f.name, type=kind, default=f.default, **meta)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "QuantSettings":
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+SHRINK_AUTO = "auto"
+
+
+def _shrink_value(value) -> float | str:
+    """--shrink as given (a number, a numeric string or "auto"): a float in [0, 1] or SHRINK_AUTO."""
+    if isinstance(value, str) and value.strip().lower() == SHRINK_AUTO:
+        return SHRINK_AUTO
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = None
+    if isinstance(value, bool) or number is None or not 0 <= number <= 1:
+        raise UserError(f"--shrink {value} is invalid: use a number in [0, 1] (0 is classic GPTQ; 0.5 halves every "
+                        f"correlation in the Hessian) or auto")
+    return number
 
 
 # The run settings a record names only when on (QuantSettings.run_settings), with the value that means off:

@@ -235,6 +235,15 @@ def _damp_range(report: dict) -> str:
     return "not recorded" if not used else f"{used[0]}" if len(used) == 1 else f"{used[0]} to {used[-1]} by layer"
 
 
+def _shrink_line(report: dict) -> str:
+    shrink = report["settings"]["shrink"]
+    if shrink != "auto":
+        return f"- Hessians shrunk toward their diagonal: every correlation between inputs scaled by {1 - shrink:g}"
+    used = sorted(layer["shrink"] for layer in report.get("layers", []) if layer.get("shrink") is not None)
+    return ("- Hessians shrunk toward their diagonal by each layer's Ledoit-Wolf intensity (how much its calibration "
+            "samples disagree): " + (f"{used[0]:g} to {used[-1]:g} by layer" if used else "not recorded"))
+
+
 def _massive_line(report: dict) -> str:
     names, settings = report["totals"].get("rtn_massive_layers") or [], report["settings"]
     return (f"- round-to-nearest instead of GPTQ where the inputs carry massive activations (a calibration sample's "
@@ -268,9 +277,7 @@ def model_card(report: dict) -> str:
         f"range search (mse) {report['settings']['mse']}",
         *([f"- damping raised where calibration is thin: each layer max(damp, {report['settings']['damp_auto']} x "
            f"inputs / calibration tokens); used: {_damp_range(report)}"] if report["settings"].get("damp_auto") else []),
-        *([f"- Hessians shrunk toward their diagonal: every correlation between inputs scaled by "
-           f"{1 - report['settings']['shrink']:g} (shrink {report['settings']['shrink']:g})"]
-          if report["settings"].get("shrink") else []),
+        *([_shrink_line(report)] if report["settings"].get("shrink") else []),
         *([f"- asymmetric calibration (GPTAQ): each layer fitted to the full-precision model's outputs, correction "
            f"scaled by alpha = {report['settings']['gptaq_alpha']}"] if report["settings"].get("gptaq_alpha") else []),
         *(["- scales refitted: after GPTQ chose the codes, each group's scale was moved to the least-squares optimum "

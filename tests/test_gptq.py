@@ -521,3 +521,30 @@ def test_asymmetric_target_uses_the_shrunk_hessian():
                                asymmetric_target(W, shrunk, D, alpha=1.0, damp=0.01))
     assert not torch.allclose(asymmetric_target(W, H, D, alpha=1.0, damp=0.01, shrink=0.4),
                               asymmetric_target(W, H, D, alpha=1.0, damp=0.01))
+
+
+def test_shrinkage_is_ledoit_wolf_over_calibration_samples():
+    """The intensity equals the formula computed directly from each sample's own Hessian; it falls as samples
+    are added, a single sample trusts no correlation, and the Hessian itself is unchanged by the tracking."""
+    K = 24
+    samples = correlated_inputs(64 * 40, K).split(64)  # 40 samples of one population
+    acc, plain = HessianAccumulator(K, spread=True), HessianAccumulator(K)
+    for x in samples[:8]:
+        acc.add_batch(x)
+        plain.add_batch(x)
+    torch.testing.assert_close(acc.hessian(), plain.hessian())
+    own = torch.stack([hessian_of(x.double()) for x in samples[:8]])
+    H = own.mean(0)
+    var = own.var(0, unbiased=True) / 8
+    off = ~torch.eye(K, dtype=torch.bool)
+    expected = float(var[off].sum() / (H[off] ** 2).sum())
+    assert 0 < expected < 1
+    assert acc.shrinkage() == pytest.approx(expected, rel=1e-4)
+    for x in samples[8:]:
+        acc.add_batch(x)
+    assert acc.shrinkage() < expected / 3  # 5x the samples: the correlations are known better
+    one = HessianAccumulator(K, spread=True)
+    one.add_batch(samples[0])
+    assert one.shrinkage() == 1.0
+    with pytest.raises(RuntimeError, match="spread"):
+        plain.shrinkage()

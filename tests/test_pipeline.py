@@ -438,8 +438,29 @@ def test_shrink_is_recorded_changes_the_weights_and_rtn_refuses_it(tmp_path):
     assert "shrunk toward" not in (plain / "README.md").read_text()
     with pytest.raises(UserError, match="--shrink"):
         api.QuantSettings(method="rtn", shrink=0.5)
-    with pytest.raises(UserError, match="outside"):
-        api.QuantSettings(shrink=-0.1)
+    for bad in (-0.1, 1.5, "half", True):
+        with pytest.raises(UserError, match="--shrink .* invalid"):
+            api.QuantSettings(shrink=bad)
+    assert api.QuantSettings(shrink="0.25").shrink == 0.25 and api.QuantSettings(shrink=" AUTO").shrink == "auto"
+
+
+def test_shrink_auto_gives_each_layer_its_calibrations_ledoit_wolf_intensity(tmp_path):
+    """--shrink auto: each GPTQ layer's recorded shrink is the intensity of its own calibration samples (in (0, 1),
+    differing between layers), the run equals one at that fixed value where the layer's value is the same, and the
+    model card gives the range."""
+    auto = run(tiny_hf_model("qwen2"), tmp_path / "a", shrink="auto")
+    report = json.loads((auto / "quant_report.json").read_text())
+    used = [layer["shrink"] for layer in report["layers"]]
+    assert report["settings"]["shrink"] == "auto"
+    assert all(0 < u < 1 for u in used) and len(set(used)) > 3
+    assert "Ledoit-Wolf intensity" in (auto / "README.md").read_text()
+    plain = json.loads((run(tiny_hf_model("qwen2"), tmp_path / "p") / "quant_report.json").read_text())
+    assert {layer["shrink"] for layer in plain["layers"]} == {0.0}
+    # block 0's first step sees the same inputs in both runs: a fixed shrink at its intensity gives its weights
+    first = report["layers"][0]
+    fixed = run(tiny_hf_model("qwen2"), tmp_path / "f", shrink=first["shrink"])
+    key = f"{first['name']}.qweight"
+    assert torch.equal(tensors_of(auto)[key], tensors_of(fixed)[key])
 
 
 def test_refit_scales_lowers_every_layers_error_where_the_inputs_are_the_same_and_rtn_refuses_it(tmp_path):
