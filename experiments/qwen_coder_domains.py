@@ -114,6 +114,8 @@ ROWS = {
                        "wiki+peoples-daily+code+chat+wiki-es): French, still held out, is GPTQ's worst layer-level "
                        "domain (DIAGNOSIS.md, section 5); does a related language in the calibration carry over?",
                        SMALL + ["--calib", "wiki+peoples-daily+code+chat+wiki-es"]),
+    "nomse-shrinkauto-16x512": ("nomse-16x512 with every Hessian shrunk by its own Ledoit-Wolf intensity (--shrink "
+                                "auto)", SMALL + ["--no-mse", "--shrink", "auto"]),
     "gptqmodel-16x512": ("GPTQModel 7.6.0 at broad-16x512's settings on the same calibration tokens (act-order, "
                          "static groups, its mse=2.4 range search, damp 0.01: it has no per-layer damping), made by "
                          "experiments/qwen_coder_accuracy.py quantize", None),
