@@ -49,6 +49,8 @@ BEFORE = ["--calib", "wiki+peoples-daily", "--damp-auto", "0"]
 FIXED_DAMP = ["--damp-auto", "0"]
 # rows made before --rtn-massive became a default (2026-12-06): the flag that reproduces them today
 NO_RULE = ["--rtn-massive", "0"]
+# rows made while the range search was a default (until 2026-12-06, the second default change that day)
+WITH_MSE = ["--mse"]
 
 # name -> (what the row is, qwen-quantize arguments beyond the model and --out)
 ROWS = {
@@ -56,69 +58,67 @@ ROWS = {
     "rtn": ("round-to-nearest, min-max scales (the baseline; no calibration, so the accuracy table's rtn checkpoint "
             "is the same weights and may stand in)", ["--method", "rtn", "--no-mse", "--nsamples", "4",
                                                                 "--seqlen", "512"]),
-    "rtn-mse": ("round-to-nearest with the range search", ["--method", "rtn", "--nsamples", "4", "--seqlen", "512"]),
+    "rtn-mse": ("round-to-nearest with the range search",
+                ["--method", "rtn", "--nsamples", "4", "--seqlen", "512"] + WITH_MSE),
     "defaults-16x512": ("defaults before this study: act-order + static groups + range search, damp 0.01, "
-                        "wiki + People's Daily", SMALL + BEFORE + NO_RULE),
+                        "wiki + People's Daily", SMALL + BEFORE + NO_RULE + WITH_MSE),
     "plain-16x512": ("plain GPTQ: no act-order, no range search", SMALL + BEFORE + PLAIN + NO_RULE),
-    "defaults-damp0.1-16x512": ("defaults, damp 0.1", SMALL + BEFORE + ["--damp", "0.1"] + NO_RULE),
+    "defaults-damp0.1-16x512": ("defaults, damp 0.1", SMALL + BEFORE + ["--damp", "0.1"] + NO_RULE + WITH_MSE),
     "plain-damp0.1-16x512": ("plain GPTQ, damp 0.1", SMALL + BEFORE + PLAIN + ["--damp", "0.1"] + NO_RULE),
-    "broad-16x512": ("defaults, broad calibration mix", SMALL + BROAD + FIXED_DAMP + NO_RULE),
+    "broad-16x512": ("defaults, broad calibration mix", SMALL + BROAD + FIXED_DAMP + NO_RULE + WITH_MSE),
     "broad-damp0.1-16x512": ("defaults, broad mix, damp 0.1",
-                             SMALL + BROAD + FIXED_DAMP + ["--damp", "0.1"] + NO_RULE),
+                             SMALL + BROAD + FIXED_DAMP + ["--damp", "0.1"] + NO_RULE + WITH_MSE),
     "broad-plain-damp0.1-16x512": ("plain GPTQ, broad mix, damp 0.1",
                                    SMALL + BROAD + FIXED_DAMP + PLAIN + ["--damp", "0.1"] + NO_RULE),
     "broad-auto-16x512": ("the defaults after this study's first round: act-order + static groups + range search, "
                           "damping raised where calibration is thin (--damp-auto 0.5), English + Chinese + code + chat "
                           "(the accuracy table's gptq row until 2026-12-06, before --rtn-massive)",
-                          SMALL + BROAD + ["--damp-auto", "0.5"] + NO_RULE),
+                          SMALL + BROAD + ["--damp-auto", "0.5"] + NO_RULE + WITH_MSE),
     "lmhead-16x512": ("the defaults (broad-auto-16x512's settings) with --lm-head: the output head quantized too",
-                      SMALL + ["--lm-head"] + NO_RULE),
+                      SMALL + ["--lm-head"] + NO_RULE + WITH_MSE),
     "defaults-64x512": ("the defaults (broad-auto-16x512's settings) on 4x the calibration: 64 x 512 tokens, "
                         "more than every layer's inputs (damp-auto then gives down_proj 0.14, the rest 0.02)",
-                        ["--nsamples", "64", "--seqlen", "512"] + NO_RULE),
-    "defaults-128x2048": ("qwen-quantize's defaults as they are, calibration included (128 x 2048 tokens, the "
-                          "literature's setting): about 32 x the 16 x 512 rows' forwards, some 5 h at one thread on "
-                          "a 2-core CPU", []),
+                        ["--nsamples", "64", "--seqlen", "512"] + NO_RULE + WITH_MSE),
     "gptaq-16x512": ("the defaults (broad-auto-16x512's settings) with asymmetric calibration (GPTAQ, --gptaq 0.25, "
                      "the GPTAQ authors' value): each layer fit to the fp model's outputs",
-                     SMALL + ["--gptaq", "0.25"] + NO_RULE),
+                     SMALL + ["--gptaq", "0.25"] + NO_RULE + WITH_MSE),
     "gptaq-refit-16x512": ("gptaq-16x512 with the scales refit by least squares once GPTQ has fixed the codes "
                            "(--refit-scales; on the demo model each helped, and with asym the pair did most)",
-                           SMALL + ["--gptaq", "0.25", "--refit-scales"] + NO_RULE),
+                           SMALL + ["--gptaq", "0.25", "--refit-scales"] + NO_RULE + WITH_MSE),
     "massive-rtn-16x512": ("the defaults (broad-auto-16x512's settings) with the linears whose inputs carry massive "
                            "activations rounded to nearest (--rtn-massive 3.5: a sample's peak token norm over its "
-                           "median above 3.5; DIAGNOSIS.md sections 3-4)", SMALL + ["--rtn-massive", "3.5"]),
+                           "median above 3.5; DIAGNOSIS.md sections 3-4)", SMALL + ["--rtn-massive", "3.5"] + WITH_MSE),
     "massive3-rtn-16x512": ("massive-rtn-16x512 at the ratio 3.0: its calibration stream put layer 27's down_proj at "
-                            "3.49, just under 3.5 (the next linear: 2.60). qwen-quantize's defaults at 16 x 512 now; "
-                            "its checkpoint is the accuracy table's gptq row", SMALL + ["--rtn-massive", "3.0"]),
+                            "3.49, just under 3.5 (the next linear: 2.60). the defaults at 16 x 512 "
+                            "until the range search went off; the accuracy table's gptq row until then",
+                            SMALL + ["--rtn-massive", "3.0"] + WITH_MSE),
     "massive-rtn-64x512": ("massive-rtn-16x512 on 4x the calibration (64 x 512 tokens, as defaults-64x512, more "
                            "tokens than down_proj's inputs): does the rule still pay where GPTQ's Hessian has full "
                            "rank? (run before --rtn-massive-thin existed, as the flag below now asks)",
-                           ["--nsamples", "64", "--seqlen", "512", "--rtn-massive", "3.5", "--no-rtn-massive-thin"]),
-    "gptaq-massive-16x512": ("the defaults now (massive3-rtn-16x512's settings) with asymmetric calibration "
-                             "(--gptaq 0.25): do the two levers add up?", SMALL + ["--gptaq", "0.25"]),
-    "nomse-16x512": ("the defaults now (massive3-rtn-16x512's settings) with min-max scales (--no-mse): does the "
-                     "range search, chosen on weight error alone, cost out of domain?", SMALL + ["--no-mse"]),
-    "dampauto1-16x512": ("the defaults now with twice the thin-calibration damping (--damp-auto 1.0: 0.19 for the "
-                         "1536-input linears at 16 x 512): does more shrinkage toward the diagonal generalize better?",
-                         SMALL + ["--damp-auto", "1.0"]),
-    "gptaq0.1-16x512": ("the defaults now with a lighter asymmetric calibration (--gptaq 0.1): keep "
-                        "gptaq-massive-16x512's fiction gain without its code loss?", SMALL + ["--gptaq", "0.1"]),
-    "shrink0.5-16x512": ("the defaults now with every Hessian shrunk halfway toward its diagonal (--shrink 0.5): "
-                         "on layer 14 the best regularizer of gate/up and q/k/v held-out error (DIAGNOSIS.md, "
-                         "section 2)", SMALL + ["--shrink", "0.5"]),
-    "shrinkauto-16x512": ("the defaults now with every Hessian shrunk toward its diagonal by its own Ledoit-Wolf "
-                          "intensity (--shrink auto: how much the 16 calibration samples' Hessians disagree; 0.15-0.21 "
-                          "on layer 14)", SMALL + ["--shrink", "auto"]),
+                           ["--nsamples", "64", "--seqlen", "512", "--rtn-massive", "3.5", "--no-rtn-massive-thin"]
+                           + WITH_MSE),
+    "gptaq-massive-16x512": ("massive3-rtn-16x512's settings with asymmetric calibration "
+                             "(--gptaq 0.25): do the two levers add up?", SMALL + ["--gptaq", "0.25"] + WITH_MSE),
+    "nomse-16x512": ("massive3-rtn-16x512's settings with min-max scales (--no-mse): does the range search, chosen "
+                     "on weight error alone, cost out of domain? (it did, on every domain: qwen-quantize's defaults "
+                     "at 16 x 512 since; its checkpoint is the accuracy table's gptq row)", SMALL + ["--no-mse"]),
+    "nomse-shrinkauto-16x512": ("the defaults now (nomse-16x512's settings) with every Hessian shrunk toward its "
+                                "diagonal by its own Ledoit-Wolf intensity (--shrink auto: how much the 16 calibration "
+                                "samples' Hessians disagree; 0.03-0.53 by layer, DIAGNOSIS.md section 5)",
+                                SMALL + ["--no-mse", "--shrink", "auto"]),
     "spanish-16x512": ("the defaults now with Spanish Wikipedia as a fifth calibration source (--calib "
                        "wiki+peoples-daily+code+chat+wiki-es): French, still held out, is GPTQ's worst layer-level "
                        "domain (DIAGNOSIS.md, section 5); does a related language in the calibration carry over?",
-                       SMALL + ["--calib", "wiki+peoples-daily+code+chat+wiki-es"]),
-    "nomse-shrinkauto-16x512": ("nomse-16x512 with every Hessian shrunk by its own Ledoit-Wolf intensity (--shrink "
-                                "auto)", SMALL + ["--no-mse", "--shrink", "auto"]),
+                       SMALL + ["--no-mse", "--calib", "wiki+peoples-daily+code+chat+wiki-es"]),
+    "defaults-128x2048": ("qwen-quantize's defaults, calibration included (128 x 2048 tokens, the literature's "
+                          "setting; --rtn-massive-thin then never fires): about 32 x the 16 x 512 rows' forwards, "
+                          "some 5 h at one thread on a 2-core CPU (resumable: the same command continues it)",
+                          ["--no-mse"]),
     "gptqmodel-16x512": ("GPTQModel 7.6.0 at broad-16x512's settings on the same calibration tokens (act-order, "
                          "static groups, its mse=2.4 range search, damp 0.01: it has no per-layer damping), made by "
-                         "experiments/qwen_coder_accuracy.py quantize", None),
+                         "experiments/qwen_coder_accuracy.py quantize while our defaults had the range search (that "
+                         "checkpoint is gone: the script now makes GPTQModel's at the defaults now, without it, for "
+                         "the accuracy table)", None),
 }
 # rows whose checkpoint is not made by `quantize` here: where they live
 MADE_ELSEWHERE = {"gptqmodel-16x512": lambda: study_dir() / "accuracy-ckpt" / "gptqmodel"}
