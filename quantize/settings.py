@@ -116,8 +116,9 @@ class QuantSettings:
     seqlen: int | None = _opt(None, "tokens per sample (default 2048, capped at the model's context)",
                               group="calibration")
     calib: str = _opt("default", "default (English, Chinese, code and chat, a quarter each), a package corpus (wiki, "
-                                 "peoples-daily, code, chat, wiki-fr, wiki-es) or a '+'-joined mix of them (wiki+code+chat), a "
-                                 ".txt/.jsonl FILE, or hf:<dataset id>[:config][:split]", group="calibration")
+                                 "peoples-daily, code, chat, wiki-fr, wiki-es) or a '+'-joined mix of them "
+                                 "(wiki+code+chat), a .txt/.jsonl FILE, or hf:<dataset id>[:config][:split]",
+                      group="calibration")
     seed: int = _opt(0, "seed for choosing calibration samples (default 0)", group="calibration")
 
     def __post_init__(self):
