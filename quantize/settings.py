@@ -64,7 +64,7 @@ class QuantSettings:
     # with it, 0.78/0.59/0.60/0.86/0.85 without (reports/qwen2.5-coder-1.5b-domains/, rows massive3-rtn and nomse).
     # Off, as in GPTQModel (mse=0), AutoGPTQ and Qwen's release.
     mse: bool = _opt(False, "search shrunken ranges per group for the lowest weight error (default off: on "
-                            "Qwen2.5-Coder-1.5B it cost held-out perplexity on every domain measured; ~2x slower)",
+                            "Qwen2.5-Coder-1.5B it cost held-out perplexity on every domain measured)",
                      negatable=True)  # --no-mse, the spelling of the years it was on, keeps working
     # asymmetric calibration (GPTAQ): 0 = classic GPTQ (each layer matches its own weights on the quantized
     # model's inputs); alpha > 0 aims each layer at the fp model's outputs instead, alpha scaling the
