@@ -124,28 +124,9 @@ def attribute(rtn: str, gptq_ckpt: str, windows: int) -> None:
         print_case(case, model, win)
 
 
-@torch.no_grad()
 def layer_inputs(model, layer: int, ids: torch.Tensor) -> torch.Tensor:
     """down_proj's inputs [samples, tokens, K] (the forward stops there)."""
-    grabbed = []
-
-    class Stop(Exception):
-        pass
-
-    def hook(_m, a):
-        grabbed.append(a[0][0].float().clone())
-        raise Stop
-
-    handle = model.model.layers[layer].mlp.down_proj.register_forward_pre_hook(hook)
-    try:
-        for row in ids:
-            try:
-                model(input_ids=row[None])
-            except Stop:
-                pass
-    finally:
-        handle.remove()
-    return torch.stack(grabbed)
+    return class_inputs(model, layer, ids)["down"]
 
 
 def tokens(layer: int, damps: list[float]) -> None:
@@ -181,7 +162,7 @@ def tokens(layer: int, damps: list[float]) -> None:
 
 
 # linear class -> (the module whose input is the class's input, the linears that share it)
-CLASSES = {"qkv": ("self_attn.q_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+INPUT_CLASSES = {"qkv": ("self_attn.q_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
            "o": ("self_attn.o_proj", ("self_attn.o_proj",)),
            "gateup": ("mlp.gate_proj", ("mlp.gate_proj", "mlp.up_proj")),
            "down": ("mlp.down_proj", ("mlp.down_proj",))}
@@ -202,7 +183,7 @@ def last_windows(tok, corpus: str, count: int) -> torch.Tensor:
 @torch.no_grad()
 def class_inputs(model, layer: int, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """Every linear class's inputs in LAYER [samples, tokens, K], one forward per row stopped after down_proj."""
-    grabbed = {c: [] for c in CLASSES}
+    grabbed = {c: [] for c in INPUT_CLASSES}
 
     class Stop(Exception):
         pass
@@ -215,7 +196,7 @@ def class_inputs(model, layer: int, ids: torch.Tensor) -> dict[str, torch.Tensor
         return hook
 
     block = model.model.layers[layer]
-    handles = [block.get_submodule(path).register_forward_pre_hook(hook_for(c)) for c, (path, _) in CLASSES.items()]
+    handles = [block.get_submodule(path).register_forward_pre_hook(hook_for(c)) for c, (path, _) in INPUT_CLASSES.items()]
     try:
         for row in ids:
             try:
@@ -246,7 +227,7 @@ def proxy_layer(model, layer, calib, held, variants, classes) -> None:
     settings = QuantSettings()
     block = model.model.layers[layer]
     for cls in classes:
-        names = CLASSES[cls][1]
+        names = INPUT_CLASSES[cls][1]
         w = torch.cat([block.get_submodule(n).weight.detach().float() for n in names])
         acc = gptq.HessianAccumulator(w.shape[1], spread=True)
         for sample in calib[cls]:
@@ -263,6 +244,7 @@ def proxy_layer(model, layer, calib, held, variants, classes) -> None:
             damp, shrink = VARIANTS[name]
             damp = settings.damp_for(w.shape[1], acc.tokens) if damp == "auto" else damp
             shrink = lw if shrink == "lw" else shrink
+            # mse=True: the range search was a default when DIAGNOSIS.md section 5 was measured with this
             q = gptq.gptq_quantize(w, h, 4, 128, True, desc_act=True, static_groups=True, damp=damp, mse=True,
                                    shrink=shrink).weight
             ratio = {d: round(e / rtn[d], 3) for d, e in errors(q).items()}
@@ -288,7 +270,7 @@ def main(argv=None) -> int:
     x = sub.add_parser("proxy")
     x.add_argument("layers", help="','-joined layer numbers, e.g. 1,14,27")
     x.add_argument("--variants", default=",".join(VARIANTS), help=f"','-joined among: {', '.join(VARIANTS)}")
-    x.add_argument("--classes", default=",".join(CLASSES), help=f"','-joined among: {', '.join(CLASSES)}")
+    x.add_argument("--classes", default=",".join(INPUT_CLASSES), help=f"','-joined among: {', '.join(INPUT_CLASSES)}")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.step == "splice":
