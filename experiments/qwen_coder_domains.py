@@ -89,7 +89,7 @@ ROWS = {
                            "activations rounded to nearest (--rtn-massive 3.5: a sample's peak token norm over its "
                            "median above 3.5; DIAGNOSIS.md sections 3-4)", SMALL + ["--rtn-massive", "3.5"] + WITH_MSE),
     "massive3-rtn-16x512": ("massive-rtn-16x512 at the ratio 3.0: its calibration stream put layer 27's down_proj at "
-                            "3.49, just under 3.5 (the next linear: 2.60). the defaults at 16 x 512 "
+                            "3.49, just under 3.5 (the next linear: 2.60). The defaults at 16 x 512 "
                             "until the range search went off; the accuracy table's gptq row until then",
                             SMALL + ["--rtn-massive", "3.0"] + WITH_MSE),
     "massive-rtn-64x512": ("massive-rtn-16x512 on 4x the calibration (64 x 512 tokens, as defaults-64x512, more "
