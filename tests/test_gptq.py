@@ -232,8 +232,11 @@ def test_dead_inputs_get_zero_weight():
     assert (res.weight[:, live] != 0).float().mean() > 0.5  # live inputs keep their weights
 
 
-def test_hessian_accumulator_excludes_padding():
-    K = 16
+@pytest.mark.parametrize("K, block", [(16, gptq.GRAM_BLOCK), (37, 8), (2 * gptq.GRAM_BLOCK + 3, gptq.GRAM_BLOCK)])
+def test_hessian_accumulator_excludes_padding(K, block, monkeypatch):
+    """Against float64 X^T X, for narrow layers (one full product) and wide ones, whose upper triangle is
+    accumulated in column blocks and mirrored (odd widths: a last block shorter than the rest)."""
+    monkeypatch.setattr(gptq, "GRAM_BLOCK", block)
     g = torch.Generator().manual_seed(8)
     x = torch.randn(3, 10, K, generator=g)
     mask = torch.ones(3, 10, dtype=torch.bool)
@@ -242,11 +245,14 @@ def test_hessian_accumulator_excludes_padding():
     x_padded = x.clone()
     x_padded[~mask] = 1e3  # huge padding activations must not leak into H
     acc = HessianAccumulator(K)
+    assert acc._upper_only == (K >= 2 * block)
     acc.add_batch(x_padded[:2], mask[:2])
     acc.add_batch(x_padded[2:], mask[2:])
     real = x[mask].double()
     assert acc.tokens == int(mask.sum()) == real.shape[0]
-    torch.testing.assert_close(acc.hessian().double(), 2 * real.T @ real / real.shape[0], rtol=1e-5, atol=1e-5)
+    H = acc.hessian()
+    torch.testing.assert_close(H.double(), 2 * real.T @ real / real.shape[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(H, H.T)
 
 
 def test_cholesky_failure_raises_damping_then_falls_back_to_rtn():
