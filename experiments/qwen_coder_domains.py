@@ -111,8 +111,10 @@ ROWS = {
                        "domain (DIAGNOSIS.md, section 5); does a related language in the calibration carry over?",
                        SMALL + ["--no-mse", "--calib", "wiki+peoples-daily+code+chat+wiki-es"]),
     "defaults-128x2048": ("qwen-quantize's defaults, calibration included (128 x 2048 tokens, the literature's "
-                          "setting; --rtn-massive-thin then never fires): about 32 x the 16 x 512 rows' forwards, "
-                          "some 5 h at one thread on a 2-core CPU (resumable: the same command continues it)",
+                          "setting; --rtn-massive-thin then never fires and --damp-auto gives 0.01-0.017): 2 h 05 min "
+                          "at two threads on the 2-core Xeon (steps.jsonl: a block took ~3.1 min alone, 7-8 min "
+                          "beside a one-thread eval; blocks 0-2 summed X^T X whole, the rest its upper triangle, the "
+                          "same float32 sums in another order; resumable: the same command continues it)",
                           ["--no-mse"]),
     "gptqmodel-16x512": ("GPTQModel 7.6.0 at broad-16x512's settings on the same calibration tokens (act-order, "
                          "static groups, its mse=2.4 range search, damp 0.01: it has no per-layer damping), made by "
@@ -200,12 +202,16 @@ def render() -> Path:
     legend += [f"- `{n}`: {what}" + (f" — `{' '.join(['qwen-quantize', 'MODEL', *args])}`" if args is not None else "")
                for n, (what, args) in ROWS.items() if label(n) in shown]
     if STEPS.is_file():
-        legend += ["", "Seconds of each step on a 2-core machine, one torch thread per step (load: the 1-minute "
-                   "load average before and after; other steps ran beside it; each line's machine in steps.jsonl):", ""]
+        legend += ["", "Seconds of each step on a 2-core machine, one torch thread per step unless the line says "
+                   "otherwise (load: the 1-minute load average before and after; other steps ran beside it; each "
+                   "line's machine in steps.jsonl; a stopped step was continued with --resume by the row's next "
+                   "line):", ""]
         for line in STEPS.read_text().splitlines():
             r = json.loads(line)
-            legend.append(f"- {r['row']} {r['step']}: {r['seconds']} s, load {r['load_before']} -> {r['load_after']}, "
-                          f"{r['date']}")
+            legend.append(f"- {r['row']} {r['step']}: {r['seconds']} s"
+                          + (f" at {r['threads']} threads" if str(r.get("threads", "1")) != "1" else "")
+                          + (f", stopped (exit {r['rc']})" if r.get("rc", 0) != 0 else "")
+                          + f", load {r['load_before']} -> {r['load_after']}, {r['date']}")
     write_text_atomic(REPORT / "ROWS.md", "\n".join(legend) + "\n")
     return REPORT / "README.md"
 
