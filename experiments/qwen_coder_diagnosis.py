@@ -163,9 +163,9 @@ def tokens(layer: int, damps: list[float]) -> None:
 
 # linear class -> (the module whose input is the class's input, the linears that share it)
 INPUT_CLASSES = {"qkv": ("self_attn.q_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-           "o": ("self_attn.o_proj", ("self_attn.o_proj",)),
-           "gateup": ("mlp.gate_proj", ("mlp.gate_proj", "mlp.up_proj")),
-           "down": ("mlp.down_proj", ("mlp.down_proj",))}
+                 "o": ("self_attn.o_proj", ("self_attn.o_proj",)),
+                 "gateup": ("mlp.gate_proj", ("mlp.gate_proj", "mlp.up_proj")),
+                 "down": ("mlp.down_proj", ("mlp.down_proj",))}
 HELDOUT = {"wiki": "wiki", "zh": "peoples-daily", "code": "humaneval-code", "fr": "wiki-fr", "fiction": "fiction"}
 # variant -> (damping: "auto" = the defaults' --damp-auto rule, or a fixed fraction; shrink: a number or "lw")
 VARIANTS = {"defaults": ("auto", 0.0), "shrink0.5": ("auto", 0.5), "shrink0.5-d.01": (0.01, 0.5),
