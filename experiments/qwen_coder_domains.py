@@ -44,6 +44,7 @@ WINDOWS = 16
 SMALL = ["--nsamples", "16", "--seqlen", "512"]  # what a CPU user can afford
 PLAIN = ["--no-desc-act", "--no-static-groups", "--no-mse"]
 BROAD = ["--calib", "wiki+peoples-daily+code+chat"]
+SPANISH = ["--calib", "wiki+peoples-daily+code+chat+wiki-es"]  # the default mix and Spanish Wikipedia
 # the settings this study changed, pinned to their values before it, so that every row says what it ran
 BEFORE = ["--calib", "wiki+peoples-daily", "--damp-auto", "0"]
 FIXED_DAMP = ["--damp-auto", "0"]
@@ -109,7 +110,14 @@ ROWS = {
     "spanish-16x512": ("the defaults now with Spanish Wikipedia as a fifth calibration source (--calib "
                        "wiki+peoples-daily+code+chat+wiki-es): French, still held out, is GPTQ's worst layer-level "
                        "domain (DIAGNOSIS.md, section 5); does a related language in the calibration carry over?",
-                       SMALL + ["--no-mse", "--calib", "wiki+peoples-daily+code+chat+wiki-es"]),
+                       SMALL + ["--no-mse"] + SPANISH),
+    "spanish-shrinkauto-16x512": ("spanish-16x512 with --shrink auto: the two rows nearest the 0.7x goal (French "
+                                  "from Spanish, fiction from the shrinkage): do they add up?",
+                                  SMALL + ["--no-mse", "--shrink", "auto"] + SPANISH),
+    "spanish-32x512": ("spanish-16x512 on twice the calibration (32 x 512 tokens, more than every layer's inputs: "
+                       "--rtn-massive-thin then stops firing and --damp-auto gives down_proj 0.27): does the Spanish "
+                       "mix still hold up at a second size, where the thin-calibration rules fade?",
+                       ["--nsamples", "32", "--seqlen", "512", "--no-mse"] + SPANISH),
     "defaults-128x2048": ("qwen-quantize's defaults, calibration included (128 x 2048 tokens, the literature's "
                           "setting; --rtn-massive-thin then never fires and --damp-auto gives 0.01-0.017): 2 h 05 min "
                           "at two threads on the 2-core Xeon (steps.jsonl: a block took ~3.1 min alone, 7-8 min "
