@@ -118,6 +118,8 @@ ROWS = {
                        "--rtn-massive-thin then stops firing and --damp-auto gives down_proj 0.27): does the Spanish "
                        "mix still hold up at a second size, where the thin-calibration rules fade?",
                        ["--nsamples", "32", "--seqlen", "512", "--no-mse"] + SPANISH),
+    "defaults-32x512": ("qwen-quantize's defaults at 32 x 512 tokens: spanish-32x512's pair, the same size without "
+                        "Spanish", ["--nsamples", "32", "--seqlen", "512", "--no-mse"]),
     "defaults-128x2048": ("qwen-quantize's defaults, calibration included (128 x 2048 tokens, the literature's "
                           "setting; --rtn-massive-thin then never fires and --damp-auto gives 0.01-0.017): 2 h 05 min "
                           "at two threads on the 2-core Xeon (steps.jsonl: a block took ~3.1 min alone, 7-8 min "
