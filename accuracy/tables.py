@@ -27,7 +27,8 @@ MEANINGS = {
                 "5-shot by the answer letter), GSM8K by exact match of the last number of a greedy completion. "
                 "± is the standard error of the mean over items; n is the item count. A Δ's ± is paired: "
                 "the standard error of the per-item differences on the same items (smaller than either "
-                "model's own ±, since both see the same questions).",
+                "model's own ±, since both see the same questions). A Δ marked (first k) is over the k items both "
+                "rows scored, where one row was scored on more items (a table grown across sessions).",
     "accuracy_norm": "Accuracy in % choosing by log-likelihood per character of the choice (lm-eval's acc_norm).",
     "accuracy_macro": "MMLU macro average: the mean of the per-subject accuracies (the micro average, "
                       "over all items, is `accuracy`).",
@@ -62,29 +63,59 @@ def format_value(row: dict | None) -> str:
     return f"{value:.{d}f} ± {err:.{d}f}" if _is_num(err) else f"{value:.{d}f}"
 
 
-def paired_stderr(row: dict | None, ref: dict | None) -> float | None:
-    """The standard error of row - ref over the same items (questions, or perplexity windows), when both
-    stored their per-item results."""
-    from qwen_quant.accuracy.multiple_choice import paired_delta
+def _on_common_items(*lists):
+    """The lists cut to the items all of them scored, and how many that is. qwen-eval scores a task's items in
+    one fixed order (doc id, round robin over subjects, window by window) and --limit takes the first n, so a
+    row evaluated with a larger --limit (a table grown across sessions) shares its first n items with a
+    smaller one: the common prefix is the same items, and only there is a difference paired."""
+    k = min(len(x) for x in lists)
+    return [x[:k] for x in lists], k
 
+
+def paired_comparison(row: dict | None, ref: dict | None) -> tuple[float, float | None, int | None] | None:
+    """(row - ref, its paired standard error, the items it is over) or None without two numbers.
+
+    On the same items: the values' difference, with the paired error where both stored per-item results.
+    Where one row scored more items than the other, the difference and its error are taken on the items both
+    scored (their per-item results), never between values over different items; without per-item results
+    there is then no difference to give."""
+    from qwen_quant.accuracy.multiple_choice import paired_delta
     from qwen_quant.accuracy.paired import perplexity_difference
 
-    if row is None or ref is None:
+    if row is None or ref is None or not _is_num(row.get("value")) or not _is_num(ref.get("value")):
         return None
     mine, theirs = row.get("details") or {}, ref.get("details") or {}
     nlls, ref_nlls = mine.get("per_window_nll"), theirs.get("per_window_nll")
-    if nlls and ref_nlls and len(nlls) == len(ref_nlls) > 1:
-        return perplexity_difference(ref_nlls, nlls)[1]
-    paired = paired_delta(theirs.get("per_item"), mine.get("per_item"))
-    return paired[1] if paired else None
+    items, ref_items = mine.get("per_item"), theirs.get("per_item")
+    same_n = row.get("n") == ref.get("n")
+    if nlls and ref_nlls and min(len(nlls), len(ref_nlls)) > 1:
+        (ref_nlls, nlls), k = _on_common_items(ref_nlls, nlls)
+        delta, err = perplexity_difference(ref_nlls, nlls)
+        return (row["value"] - ref["value"] if same_n else delta), err, k
+    if items and ref_items and min(len(items), len(ref_items)) > 1:
+        (ref_items, items), k = _on_common_items(ref_items, items)
+        delta, err = paired_delta(ref_items, items)
+        return (row["value"] - ref["value"] if same_n else delta), err, k
+    return (row["value"] - ref["value"], None, row.get("n")) if same_n else None
+
+
+def paired_stderr(row: dict | None, ref: dict | None) -> float | None:
+    """The standard error of row - ref over the same items (questions, or perplexity windows), when both
+    stored their per-item results."""
+    got = paired_comparison(row, ref)
+    return got[1] if got else None
 
 
 def format_delta(row: dict | None, ref: dict | None) -> str:
-    if row is None or ref is None or not _is_num(row.get("value")) or not _is_num(ref.get("value")):
+    """'+1.2 ± 0.4'; with ' (first 500)' when the rows scored different item counts and the difference is
+    over the items both scored."""
+    got = paired_comparison(row, ref)
+    if got is None:
         return ""
+    delta, err, k = got
     d = _digits(row["metric"])
-    err = paired_stderr(row, ref)
-    return f"{row['value'] - ref['value']:+.{d}f}" + (f" ± {err:.{d}f}" if _is_num(err) else "")
+    text = f"{delta:+.{d}f}" + (f" ± {err:.{d}f}" if _is_num(err) else "")
+    return text + (f" (first {k})" if k is not None and k != max(row.get("n") or 0, ref.get("n") or 0) else "")
 
 
 def _index(rows: list[dict]) -> dict[tuple[str, str, str], dict]:
@@ -265,14 +296,13 @@ def accuracy_csv(report: dict) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["model", "task", "metric", "value", "stderr", "n", "delta_vs_first", "delta_stderr_paired",
-                "details"])
+                "delta_n", "details"])
     for r in rows:
         ref = idx.get((models[0], r["task"], r["metric"])) if models else None
-        delta = r["value"] - ref["value"] if ref and _is_num(r.get("value")) and _is_num(ref.get("value")) else ""
-        paired = paired_stderr(r, ref) if delta != "" else None
+        delta, paired, items = paired_comparison(r, ref) or ("", None, "")
         w.writerow([r["model"], r["task"], r["metric"], "" if r.get("value") is None else r["value"],
                     "" if r.get("stderr") is None else r["stderr"], r.get("n"), delta,
-                    "" if paired is None else paired,
+                    "" if paired is None else paired, "" if items is None else items,
                     json.dumps(r.get("details") or {}, ensure_ascii=False, default=str)])
     return buf.getvalue()
 
@@ -342,8 +372,13 @@ def loss_ratio_table(report: dict, baseline: str) -> str | None:
         for t in tasks:
             rows = [idx.get((m, t, "perplexity")) for m in (ref, baseline, model)]
             nlls = [(r or {}).get("details", {}).get("per_window_nll") for r in rows]
-            got = loss_ratio(*nlls) if all(nlls) and len({len(x) for x in nlls}) == 1 else None
-            cells.append("—" if got is None else f"{got[0]:.2f} ± {got[1]:.2f}")
+            if not all(nlls):
+                cells.append("—")
+                continue
+            nlls, k = _on_common_items(*nlls)
+            got = loss_ratio(*nlls) if k > 1 else None
+            first = f" (first {k})" if k < max(len(r["details"]["per_window_nll"]) for r in rows) else ""
+            cells.append("—" if got is None else f"{got[0]:.2f} ± {got[1]:.2f}{first}")
         body.append([model] + cells)
     header = ["model"] + [f"{_title(t)}: loss / {baseline}'s" for t in tasks]
     return _md_table(header, body)

@@ -74,6 +74,38 @@ def test_deltas_on_the_same_items_carry_their_paired_stderr():
     assert "paired" in accuracy_markdown(report)
 
 
+def test_rows_on_different_item_counts_differ_only_on_the_items_both_scored():
+    """A table grown across sessions: fp scored 10 items, an older row 6 (qwen-eval's first 6 of the same
+    order). The Δ is paired over those 6, says so, and is never the values' difference over different items."""
+    fp_items, q_items = "1111100000", "101110"  # fp's first 6: 111110; q loses item 2, gains none
+    fp_nlls, q_nlls = [2.0, 2.2, 1.9, 2.1, 2.5, 2.4], [2.1, 2.3, 2.0, 2.2]
+    results = [row("fp", "piqa", "accuracy", 50.0, 16.7, 10, per_item=fp_items),
+               row("gptq-int4", "piqa", "accuracy", 66.7, 21.1, 6, per_item=q_items),
+               row("fp", "mmlu", "accuracy_macro", 40.0, None, 10),
+               row("gptq-int4", "mmlu", "accuracy_macro", 30.0, None, 6),
+               row("fp", "ppl-wiki", "perplexity", 9.0, 0.5, 6, per_window_nll=fp_nlls),
+               row("gptq-int4", "ppl-wiki", "perplexity", 8.5, 0.5, 4, per_window_nll=q_nlls)]
+    report = dict(EVAL, results=results)
+    gptq = next(ln for ln in accuracy_table(report).splitlines() if ln.startswith("| gptq-int4"))
+    # on the 6 common items: fp 5/6, q 4/6: Δ -16.7; differences (0,-1,0,0,0,0): sd sqrt(1/6) / sqrt(6)
+    assert "(Δ -16.7 ± 16.7 (first 6))" in gptq and "+16.7" not in gptq
+    assert "(first 4)" in gptq  # perplexity: 4 windows in common
+    csv_lines = accuracy_csv(report).splitlines()
+    assert csv_lines[0].startswith("model,task,metric,value,stderr,n,delta_vs_first,delta_stderr_paired,delta_n")
+    piqa = next(ln for ln in csv_lines if ln.startswith("gptq-int4,piqa,"))
+    assert piqa.split(",")[8] == "6" and float(piqa.split(",")[6]) == pytest.approx(-100 / 6)
+    macro = next(ln for ln in csv_lines if ln.startswith("gptq-int4,mmlu,accuracy_macro"))
+    assert macro.split(",")[6:9] == ["", "", ""]  # no per-item results: no difference across different items
+
+    from qwen_quant.accuracy.paired import loss_ratio
+    from qwen_quant.accuracy.tables import loss_ratio_table
+
+    rtn_nlls = [2.3, 2.45, 2.2, 2.4, 2.6]
+    report["results"].append(row("rtn", "ppl-wiki", "perplexity", 10.0, 0.5, 5, per_window_nll=rtn_nlls))
+    ratio, se = loss_ratio(fp_nlls[:4], rtn_nlls[:4], q_nlls)
+    assert f"{ratio:.2f} ± {se:.2f} (first 4)" in loss_ratio_table(report, "rtn")
+
+
 def test_csv_keeps_holes_empty_and_deltas():
     lines = accuracy_csv(EVAL).splitlines()
     assert lines[0].startswith("model,task,metric,value,stderr,n,delta_vs_first")
