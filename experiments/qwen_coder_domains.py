@@ -118,6 +118,10 @@ ROWS = {
                        "--rtn-massive-thin then stops firing and --damp-auto gives down_proj 0.27): does the Spanish "
                        "mix still hold up at a second size, where the thin-calibration rules fade?",
                        ["--nsamples", "32", "--seqlen", "512", "--no-mse"] + SPANISH),
+    "spanish-rule-32x512": ("spanish-32x512 with the massive-activation rule at any calibration size "
+                            "(--no-rtn-massive-thin): spanish-32x512 lost the 16 x 512 row's edge where the rule "
+                            "stopped firing; is the rule what fades?",
+                            ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin"] + SPANISH),
     "defaults-32x512": ("qwen-quantize's defaults at 32 x 512 tokens: spanish-32x512's pair, the same size without "
                         "Spanish", ["--nsamples", "32", "--seqlen", "512", "--no-mse"]),
     "defaults-128x2048": ("qwen-quantize's defaults, calibration included (128 x 2048 tokens, the literature's "
