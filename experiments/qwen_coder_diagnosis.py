@@ -4,10 +4,10 @@
 Three measurements, each printing one JSON line per case (reports/qwen2.5-coder-1.5b-domains/DIAGNOSIS.md
 quotes them):
 
-    python experiments/qwen_coder_diagnosis.py splice RTN_CKPT GPTQ_CKPT [--windows 8]
+    python experiments/qwen_coder_diagnosis.py splice RTN_CKPT GPTQ_CKPT [--windows 8] [--corpora wiki,wiki-fr]
         end to end: the fp model with every quantized linear taken from one checkpoint or the other, by
         rule (all RTN, all GPTQ, GPTQ except the four down_proj layers with outlier inputs, ...), and the
-        mean NLL of the first wiki eval windows (the study's own windows).
+        mean NLL of the first eval windows of each corpus (the study's own windows), the fp model's first.
     python experiments/qwen_coder_diagnosis.py attribute RTN_CKPT GPTQ_CKPT [--windows 8]
         where the loss lives: the fp model with one class of linears (q/k/v, o, gate/up, down_proj, the four
         outlier down_proj, all) from one checkpoint, every other linear fp; the same windows' mean NLL.
@@ -58,10 +58,10 @@ def fp_model():
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval(), AutoTokenizer.from_pretrained(folder)
 
 
-def wiki_windows(tok, first: int, count: int) -> torch.Tensor:
+def wiki_windows(tok, first: int, count: int, corpus: str = "wiki") -> torch.Tensor:
     from qwen_quant import corpora
 
-    ids = tok("\n\n".join(corpora.corpus_by_name("wiki", "eval").texts))["input_ids"]
+    ids = tok("\n\n".join(corpora.corpus_by_name(corpus, "eval").texts))["input_ids"]
     return torch.tensor(ids[first * SEQLEN:(first + count) * SEQLEN]).view(count, SEQLEN)
 
 
@@ -75,25 +75,29 @@ def dequantized(folder: str) -> dict[str, torch.Tensor]:
                                dtype=torch.bfloat16) for k in t if k.endswith(".qweight")}
 
 
-def print_case(case: str, model, win: torch.Tensor) -> None:
+def print_case(case: str, model, win: torch.Tensor, **extra) -> None:
     """One JSON line: the model's mean NLL over the windows, and each window's."""
     nll = [float(torch.nn.functional.cross_entropy(model(input_ids=w[None]).logits[0, :-1].float(), w[1:]))
            for w in win]
-    print(json.dumps({"case": case, "windows": len(win), "mean_nll": round(sum(nll) / len(nll), 5),
+    print(json.dumps({"case": case, **extra, "windows": len(win), "mean_nll": round(sum(nll) / len(nll), 5),
                       "nll": [round(x, 5) for x in nll]}), flush=True)
 
 
 @torch.no_grad()
-def splice(rtn: str, gptq_ckpt: str, windows: int, cases: list[str] | None = None) -> None:
+def splice(rtn: str, gptq_ckpt: str, windows: int, cases: list[str] | None = None,
+           corpora: tuple[str, ...] = ("wiki",)) -> None:
     model, tok = fp_model()
-    win = wiki_windows(tok, 0, windows)
+    wins = {c: wiki_windows(tok, 0, windows, c) for c in corpora}
+    for c, win in wins.items():  # the reference the cases' losses are measured from
+        print_case("fp", model, win, corpus=c)
     a, b = dequantized(rtn), dequantized(gptq_ckpt)
     for name, from_gptq in SPLICES.items():
         if cases and name not in cases:
             continue
         for p in a:
             model.get_submodule(p).weight.data.copy_(b[p] if from_gptq(p) else a[p])
-        print_case(name, model, win)
+        for c, win in wins.items():
+            print_case(name, model, win, corpus=c)
 
 
 CLASSES = {  # name -> which linears a case quantizes (the others keep their fp weights)
@@ -260,6 +264,8 @@ def main(argv=None) -> int:
     s.add_argument("gptq")
     s.add_argument("--windows", type=int, default=8)
     s.add_argument("--cases", default="", help=f"';'-joined names among: {'; '.join(SPLICES)} (default all)")
+    s.add_argument("--corpora", default="wiki", help="','-joined eval corpora (qwen_quant.corpora names: wiki, "
+                                                      "wiki-fr, fiction, ...; default wiki)")
     a = sub.add_parser("attribute")
     a.add_argument("rtn")
     a.add_argument("gptq")
@@ -274,7 +280,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.step == "splice":
-        splice(args.rtn, args.gptq, args.windows, [c for c in args.cases.split(';') if c])
+        splice(args.rtn, args.gptq, args.windows, [c for c in args.cases.split(';') if c],
+               tuple(args.corpora.split(",")))
     elif args.step == "attribute":
         attribute(args.rtn, args.gptq, args.windows)
     elif args.step == "proxy":
