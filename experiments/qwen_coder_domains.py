@@ -52,6 +52,9 @@ FIXED_DAMP = ["--damp-auto", "0"]
 NO_RULE = ["--rtn-massive", "0"]
 # rows made while the range search was a default (until 2026-12-06, the second default change that day)
 WITH_MSE = ["--mse"]
+# rows made while --rtn-massive waited for thin calibration (--rtn-massive-thin, a default until 2026-12-06 late):
+# the same at 16 x 512 (the rule fires there either way), not at 32 x 512 or 128 x 2048
+WAIT = ["--rtn-massive-thin"]
 
 # name -> (what the row is, qwen-quantize arguments beyond the model and --out)
 ROWS = {
@@ -92,44 +95,44 @@ ROWS = {
     "massive3-rtn-16x512": ("massive-rtn-16x512 at the ratio 3.0: its calibration stream put layer 27's down_proj at "
                             "3.49, just under 3.5 (the next linear: 2.60). The defaults at 16 x 512 "
                             "until the range search went off; the accuracy table's gptq row until then",
-                            SMALL + ["--rtn-massive", "3.0"] + WITH_MSE),
+                            SMALL + ["--rtn-massive", "3.0"] + WAIT + WITH_MSE),
     "massive-rtn-64x512": ("massive-rtn-16x512 on 4x the calibration (64 x 512 tokens, as defaults-64x512, more "
                            "tokens than down_proj's inputs): does the rule still pay where GPTQ's Hessian has full "
                            "rank? (run before --rtn-massive-thin existed, as the flag below now asks)",
                            ["--nsamples", "64", "--seqlen", "512", "--rtn-massive", "3.5", "--no-rtn-massive-thin"]
                            + WITH_MSE),
     "gptaq-massive-16x512": ("massive3-rtn-16x512's settings with asymmetric calibration "
-                             "(--gptaq 0.25): do the two levers add up?", SMALL + ["--gptaq", "0.25"] + WITH_MSE),
+                             "(--gptaq 0.25): do the two levers add up?", SMALL + ["--gptaq", "0.25"] + WAIT + WITH_MSE),
     "nomse-16x512": ("massive3-rtn-16x512's settings with min-max scales (--no-mse): does the range search, chosen "
                      "on weight error alone, cost out of domain? (it did, on every domain: qwen-quantize's defaults "
-                     "at 16 x 512 since; its checkpoint is the accuracy table's gptq row)", SMALL + ["--no-mse"]),
+                     "at 16 x 512 since; its checkpoint is the accuracy table's gptq row)", SMALL + ["--no-mse"] + WAIT),
     "nomse-shrinkauto-16x512": ("the defaults now (nomse-16x512's settings) with every Hessian shrunk toward its "
                                 "diagonal by its own Ledoit-Wolf intensity (--shrink auto: how much the 16 calibration "
                                 "samples' Hessians disagree; 0.03-0.53 by layer, DIAGNOSIS.md section 5)",
-                                SMALL + ["--no-mse", "--shrink", "auto"]),
+                                SMALL + ["--no-mse", "--shrink", "auto"] + WAIT),
     "spanish-16x512": ("the defaults now with Spanish Wikipedia as a fifth calibration source (--calib "
                        "wiki+peoples-daily+code+chat+wiki-es): French, still held out, is GPTQ's worst layer-level "
                        "domain (DIAGNOSIS.md, section 5); does a related language in the calibration carry over?",
-                       SMALL + ["--no-mse"] + SPANISH),
+                       SMALL + ["--no-mse"] + WAIT + SPANISH),
     "spanish-shrinkauto-16x512": ("spanish-16x512 with --shrink auto: the two rows nearest the 0.7x goal (French "
                                   "from Spanish, fiction from the shrinkage): do they add up?",
-                                  SMALL + ["--no-mse", "--shrink", "auto"] + SPANISH),
+                                  SMALL + ["--no-mse", "--shrink", "auto"] + WAIT + SPANISH),
     "spanish-32x512": ("spanish-16x512 on twice the calibration (32 x 512 tokens, more than every layer's inputs: "
                        "--rtn-massive-thin then stops firing and --damp-auto gives down_proj 0.27): does the Spanish "
                        "mix still hold up at a second size, where the thin-calibration rules fade?",
-                       ["--nsamples", "32", "--seqlen", "512", "--no-mse"] + SPANISH),
+                       ["--nsamples", "32", "--seqlen", "512", "--no-mse"] + WAIT + SPANISH),
     "spanish-rule-32x512": ("spanish-32x512 with the massive-activation rule at any calibration size "
                             "(--no-rtn-massive-thin): spanish-32x512 lost the 16 x 512 row's edge where the rule "
                             "stopped firing; is the rule what fades?",
                             ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin"] + SPANISH),
-    "defaults-32x512": ("qwen-quantize's defaults at 32 x 512 tokens: spanish-32x512's pair, the same size without "
-                        "Spanish", ["--nsamples", "32", "--seqlen", "512", "--no-mse"]),
-    "defaults-128x2048": ("qwen-quantize's defaults, calibration included (128 x 2048 tokens, the literature's "
-                          "setting; --rtn-massive-thin then never fires and --damp-auto gives 0.01-0.017): 2 h 05 min "
+    "defaults-32x512": ("qwen-quantize's defaults of the day at 32 x 512 tokens (the rule waiting for thin "
+                        "calibration, so not firing): spanish-32x512's pair, the same size without Spanish", ["--nsamples", "32", "--seqlen", "512", "--no-mse"] + WAIT),
+    "defaults-128x2048": ("qwen-quantize's defaults of 2026-12-06, calibration included (128 x 2048 tokens, the "
+                          "literature's setting; --rtn-massive-thin, then a default, never fires there and --damp-auto gives 0.01-0.017): 2 h 05 min "
                           "at two threads on the 2-core Xeon (steps.jsonl: a block took ~3.1 min alone, 7-8 min "
                           "beside a one-thread eval; blocks 0-2 summed X^T X whole, the rest its upper triangle, the "
                           "same float32 sums in another order; resumable: the same command continues it)",
-                          ["--no-mse"]),
+                          ["--no-mse"] + WAIT),
     "gptqmodel-16x512": ("GPTQModel 7.6.0 at broad-16x512's settings on the same calibration tokens (act-order, "
                          "static groups, its mse=2.4 range search, damp 0.01: it has no per-layer damping), made by "
                          "experiments/qwen_coder_accuracy.py quantize while our defaults had the range search (that "

@@ -89,17 +89,24 @@ class QuantSettings:
     # 0.86/0.63/0.75/0.93/1.09 x RTN's perplexity loss (English, Chinese, code, French, fiction). It is not universal:
     # on the demo model (SmolLM2) GPTQ beats RTN in its massive layers at every calibration size measured, and the
     # rule cost perplexity once calibration held 5x the inputs (reports/qwen2.5-coder-1.5b-domains/DIAGNOSIS.md,
-    # section 4). Hence --rtn-massive-thin: the rule waits for a rank-deficient Hessian (fewer tokens than inputs).
-    rtn_massive: float = _opt(3.0, "round to nearest the linears whose inputs carry massive activations where "
-                                   "calibration is thin (--rtn-massive-thin): in the median calibration sample, the "
-                                   "largest token input norm is more than RATIO x the median token's (default 3.0; "
-                                   "ordinary layers 1.1-2.6 on Qwen2.5-Coder-1.5B). There GPTQ's error compensation, "
-                                   "fitted to a few huge tokens, generalized worse than RTN. 0 = GPTQ everywhere",
+    # section 4). On Qwen it is not only thin calibration: the rule also paid at 32 x 512 (every domain, 1.3-4.7
+    # paired SE), 64 x 512 and, spliced into the 128 x 2048 checkpoint, at the default calibration (DIAGNOSIS.md,
+    # section 6), while waiting for thin calibration (--rtn-massive-thin, the default until 2026-12-06) left the
+    # defaults at 32 x 512 worse than RTN out of domain. So it fires at any calibration size; the default follows
+    # the real Qwen, and --rtn-massive-thin keeps the demo model's better choice available.
+    rtn_massive: float = _opt(3.0, "round to nearest the linears whose inputs carry massive activations: in the "
+                                   "median calibration sample, the largest token input norm is more than RATIO x the "
+                                   "median token's (default 3.0; ordinary layers 1.1-2.6 on Qwen2.5-Coder-1.5B). There "
+                                   "GPTQ's error compensation, fitted to a few huge tokens, generalized worse than "
+                                   "RTN at every calibration size measured on that model (128 x 2048 by splice). "
+                                   "0 = GPTQ everywhere",
                               metavar="RATIO")
-    rtn_massive_thin: bool = _opt(True, "--rtn-massive only where the layer has fewer calibration tokens than inputs "
-                                        "(a rank-deficient Hessian: down_proj at 16 x 512 tokens; default on, so with "
-                                        "128 x 2048 tokens it never fires on Qwen-size layers); --no-rtn-massive-thin: "
-                                        "at any calibration size")
+    rtn_massive_thin: bool = _opt(False, "--rtn-massive only where the layer has fewer calibration tokens than "
+                                         "inputs (a rank-deficient Hessian: down_proj at 16 x 512 tokens). Default "
+                                         "off: on Qwen2.5-Coder-1.5B the rule paid at every calibration size; on the "
+                                         "demo model (SmolLM2) GPTQ wins in its massive layers once calibration is "
+                                         "ample, and this flag keeps it there",
+                                  negatable=True)  # --no-rtn-massive-thin keeps working: the rows made while it was on spell it
     # the output head after the blocks (GPTQModel's lm_head=True; vLLM and GPTQModel load it): on Qwen2.5-1.5B the
     # BF16 head is 0.47 GB, as much as a quarter of the Int4 model and of the bytes each decoded token reads
     lm_head: bool = _opt(False, "also quantize the output head (lm_head) with GPTQ on the final norm's outputs (default "

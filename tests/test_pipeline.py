@@ -409,21 +409,28 @@ def test_rtn_massive_rounds_to_nearest_exactly_the_layers_whose_input_peak_excee
         run(tiny_hf_model("qwen2"), tmp_path / "bad", rtn_massive=-1)
 
 
-def test_rtn_massive_waits_for_thin_calibration_by_default(tmp_path):
-    """--rtn-massive-thin (the default): the rule fires only where a layer has fewer calibration tokens than inputs.
-    With 256 tokens against 64-96 inputs nothing changes; with 48 tokens the layers above the ratio are rounded."""
-    ample = run(tiny_hf_model("qwen2"), tmp_path / "a", calib=calibration(n=8, seqlen=32), rtn_massive=2.0)
+def test_rtn_massive_thin_waits_for_thin_calibration_and_the_default_does_not(tmp_path):
+    """--rtn-massive-thin: the rule fires only where a layer has fewer calibration tokens than inputs. With 256
+    tokens against 64-96 inputs nothing changes; with 48 tokens the layers above the ratio are rounded. The default
+    (the thin condition off) rounds them at any calibration size, as the test above runs it."""
+    ample = run(tiny_hf_model("qwen2"), tmp_path / "a", calib=calibration(n=8, seqlen=32), rtn_massive=2.0,
+                rtn_massive_thin=True)
     plain = run(tiny_hf_model("qwen2"), tmp_path / "g", calib=calibration(n=8, seqlen=32), rtn_massive=0)
     assert (ample / "model.safetensors").read_bytes() == (plain / "model.safetensors").read_bytes()
-    thin = json.loads((run(tiny_hf_model("qwen2"), tmp_path / "t", calib=calibration(n=2, seqlen=24), rtn_massive=2.0)
-                       / "quant_report.json").read_text())
+    thin = json.loads((run(tiny_hf_model("qwen2"), tmp_path / "t", calib=calibration(n=2, seqlen=24), rtn_massive=2.0,
+                           rtn_massive_thin=True) / "quant_report.json").read_text())
     for layer in thin["layers"]:
         assert (layer["method"] == "rtn-massive") == (layer["input_peak"] > 2.0 and 48 < layer["in_features"])
     assert thin["totals"]["rtn_massive_layers"]
     assert "calibration is thin" in (tmp_path / "t" / "README.md").read_text()
-    defaults = api.QuantSettings()  # qwen-quantize's defaults: the rule on at 3.0, waiting for thin calibration
-    assert (defaults.rtn_massive, defaults.rtn_massive_thin) == (3.0, True)
-    assert defaults.run_settings()["rtn_massive"] == 3.0 and defaults.run_settings()["rtn_massive_thin"] is True
+    defaults = api.QuantSettings()  # qwen-quantize's defaults: the rule on at 3.0, at any calibration size
+    assert (defaults.rtn_massive, defaults.rtn_massive_thin) == (3.0, False)
+    assert defaults.run_settings()["rtn_massive"] == 3.0 and defaults.run_settings()["rtn_massive_thin"] is False
+    from qwen_quant.quantize.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert api.QuantSettings.from_args(parse(["m", "--rtn-massive-thin"])).rtn_massive_thin is True
+    assert api.QuantSettings.from_args(parse(["m", "--no-rtn-massive-thin"])).rtn_massive_thin is False
 
 
 def test_shrink_is_recorded_changes_the_weights_and_rtn_refuses_it(tmp_path):
