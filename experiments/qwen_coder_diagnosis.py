@@ -58,7 +58,7 @@ def fp_model():
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval(), AutoTokenizer.from_pretrained(folder)
 
 
-def wiki_windows(tok, first: int, count: int, corpus: str = "wiki") -> torch.Tensor:
+def eval_windows(tok, first: int, count: int, corpus: str = "wiki") -> torch.Tensor:
     from qwen_quant import corpora
 
     ids = tok("\n\n".join(corpora.corpus_by_name(corpus, "eval").texts))["input_ids"]
@@ -87,7 +87,7 @@ def print_case(case: str, model, win: torch.Tensor, **extra) -> None:
 def splice(rtn: str, gptq_ckpt: str, windows: int, cases: list[str] | None = None,
            corpora: tuple[str, ...] = ("wiki",)) -> None:
     model, tok = fp_model()
-    wins = {c: wiki_windows(tok, 0, windows, c) for c in corpora}
+    wins = {c: eval_windows(tok, 0, windows, c) for c in corpora}
     for c, win in wins.items():  # the reference the cases' losses are measured from
         print_case("fp", model, win, corpus=c)
     a, b = dequantized(rtn), dequantized(gptq_ckpt)
@@ -116,7 +116,7 @@ def attribute(rtn: str, gptq_ckpt: str, windows: int) -> None:
     the RTN or the GPTQ checkpoint, the rest fp; the mean NLL of the first wiki eval windows. A class whose RTN
     case costs much and whose GPTQ case costs as much is where GPTQ's edge is missing."""
     model, tok = fp_model()
-    win = wiki_windows(tok, 0, windows)
+    win = eval_windows(tok, 0, windows)
     a, b = dequantized(rtn), dequantized(gptq_ckpt)
     fp = {p: model.get_submodule(p).weight.detach().clone() for p in a}
     cases = [("fp", None, None)] + [(f"{src} only in {cls}", src, rule) for cls, rule in CLASSES.items()
@@ -143,7 +143,7 @@ def tokens(layer: int, damps: list[float]) -> None:
     if cache.is_file():
         xc, xe = torch.load(cache)
     else:
-        xc, xe = layer_inputs(model, layer, calib), layer_inputs(model, layer, wiki_windows(tok, 16, 8))
+        xc, xe = layer_inputs(model, layer, calib), layer_inputs(model, layer, eval_windows(tok, 16, 8))
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save((xc, xe), cache)
     w = model.model.layers[layer].mlp.down_proj.weight.detach().float()
