@@ -99,13 +99,6 @@ def paired_comparison(row: dict | None, ref: dict | None) -> tuple[float, float 
     return (row["value"] - ref["value"], None, row.get("n")) if same_n else None
 
 
-def paired_stderr(row: dict | None, ref: dict | None) -> float | None:
-    """The standard error of row - ref over the same items (questions, or perplexity windows), when both
-    stored their per-item results."""
-    got = paired_comparison(row, ref)
-    return got[1] if got else None
-
-
 def format_delta(row: dict | None, ref: dict | None) -> str:
     """'+1.2 ± 0.4'; with ' (first 500)' when the rows scored different item counts and the difference is
     over the items both scored."""
