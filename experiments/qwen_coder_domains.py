@@ -133,6 +133,11 @@ ROWS = {
                           "beside a one-thread eval; blocks 0-2 summed X^T X whole, the rest its upper triangle, the "
                           "same float32 sums in another order; resumable: the same command continues it)",
                           ["--no-mse"] + WAIT),
+    "rule-128x2048": ("qwen-quantize's defaults now at 128 x 2048 tokens: defaults-128x2048 with the "
+                      "massive-activation rule at any calibration size (--no-rtn-massive-thin, the default since "
+                      "2026-12-06 late); DIAGNOSIS.md section 6's splice predicted English 0.74, French 0.86, "
+                      "fiction 0.95 from defaults-128x2048's 0.83 / 0.98 / 1.04",
+                      ["--no-mse", "--no-rtn-massive-thin"]),
     "gptqmodel-16x512": ("GPTQModel 7.6.0 at broad-16x512's settings on the same calibration tokens (act-order, "
                          "static groups, its mse=2.4 range search, damp 0.01: it has no per-layer damping), made by "
                          "experiments/qwen_coder_accuracy.py quantize while our defaults had the range search (that "
