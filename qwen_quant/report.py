@@ -291,7 +291,8 @@ def model_card(report: dict) -> str:
         f"({calib.get('tokens')} real tokens, {calib.get('padding_tokens', 0)} padding tokens masked out).",
         "",
         "```json",
-        json.dumps(calib.get("corpora", []), indent=1, ensure_ascii=False)[:2000],
+        # where the tokens came from: the corpora read, or how the model wrote them (--calib self)
+        json.dumps(calib.get("corpora") or calib.get("generation") or [], indent=1, ensure_ascii=False)[:2000],
         "```",
         "",
         "## What was lost where",

@@ -59,6 +59,7 @@ def test_quantize_with_self_calibration_records_it_and_reuses_the_generated_text
     calib = json.loads((out / "quant_report.json").read_text())["calibration"]
     assert calib["source"] == "self" and calib["tokens"] == 3 * 16 and calib["padding_tokens"] == 0
     assert calib["generation"]["start_token"] == 7 and calib["generation"]["temperature"] == 1.0
+    assert '"method": "self-calibration' in (out / "README.md").read_text()  # the model card says how it was made
     cached = list((tmp_path / "cache" / "self-calibration").glob("*.pt"))
     assert len(cached) == 1
 
