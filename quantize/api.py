@@ -410,10 +410,7 @@ def _self_calibration(opened, spec, settings, nsamples, seqlen, device, trust_re
     dtype = forward_autocast(settings, opened.source.dtype, device) or opened.source.dtype
     loaded = load_model(spec, dtype=dtype, device=str(device), trust_remote_code=trust_remote_code,
                         gguf_file=gguf_file, seed=settings.seed)
-    try:
-        return self_calibration(loaded.model, *args, say=progress.say, bar=not progress.quiet)
-    finally:
-        del loaded
+    return self_calibration(loaded.model, *args, say=progress.say, bar=not progress.quiet)  # freed on return
 
 
 def _check_seqlen_early(model, seqlen, gguf_file) -> None:

@@ -5,7 +5,7 @@ text the model samples from nothing follows the distribution it was trained on, 
 the domains someone picked; out of domain is where GPTQ's fit to its calibration costs (reports/qwen2.5-coder-1.5b-
 domains/). No corpus is needed, so it works for any model and any language the model knows.
 
-Each sample starts at a document boundary (the tokenizer's BOS token, else its EOS: Qwen's <|endoftext|>, which
+Each sample starts at a document boundary (the model's BOS token, else its EOS; on Qwen2.5 <|endoftext|>, which
 separates documents in pretraining) and continues for seqlen - 1 tokens sampled at temperature 1 (the model's own
 distribution) within nucleus 0.95 (the tail of a 150k vocabulary is where sampled text degenerates), in batches on
 the fast engine, seeded. The paper varies the temperature over the first tokens to diversify the openings; here

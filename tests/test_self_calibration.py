@@ -26,7 +26,7 @@ def model_with_boundary(bos=None, eos=7):
 
 def test_start_token_is_bos_else_eos_and_must_be_a_token_of_the_model():
     assert start_token(model_with_boundary(bos=3, eos=7)) == 3
-    assert start_token(model_with_boundary(bos=None, eos=7)) == 7  # Qwen: no BOS, <|endoftext|> is its EOS
+    assert start_token(model_with_boundary(bos=None, eos=7)) == 7  # no BOS (Qwen-7B): its EOS, <|endoftext|>
     assert start_token(model_with_boundary(bos=None, eos=[9, 7])) == 9
     with pytest.raises(UserError, match="--calib self needs a BOS or EOS"):
         start_token(model_with_boundary(bos=None, eos=None))
