@@ -92,8 +92,9 @@ class QuantSettings:
     # section 4). On Qwen it is not only thin calibration: the rule also paid at 32 x 512 (every domain, 1.3-4.7
     # paired SE), 64 x 512 and at the default 128 x 2048 (a full quantize run: English 2.7, French 4.7 paired SE
     # better, the other three within 1.3 SE; DIAGNOSIS.md, section 6), while waiting for thin calibration
-    # (--rtn-massive-thin, the default until 2026-12-06) left the defaults at 32 x 512 worse than RTN out of domain. So it fires at any calibration size; the default follows
-    # the real Qwen, and --rtn-massive-thin keeps the demo model's better choice available.
+    # (--rtn-massive-thin, the default until 2026-12-06) left the defaults at 32 x 512 worse than RTN out of domain.
+    # So it fires at any calibration size; the default follows the real Qwen, and --rtn-massive-thin keeps the demo
+    # model's better choice available.
     rtn_massive: float = _opt(3.0, "round to nearest the linears whose inputs carry massive activations: in the "
                                    "median calibration sample, the largest token input norm is more than RATIO x the "
                                    "median token's (default 3.0; ordinary layers 1.1-2.6 on Qwen2.5-Coder-1.5B). There "
