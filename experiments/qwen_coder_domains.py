@@ -136,16 +136,18 @@ ROWS = {
     "rule-128x2048": ("qwen-quantize's defaults now at 128 x 2048 tokens: defaults-128x2048 with the "
                       "massive-activation rule at any calibration size (--no-rtn-massive-thin, the default since "
                       "2026-12-06 late); DIAGNOSIS.md section 6's splice predicted English 0.74, French 0.86, "
-                      "fiction 0.95 from defaults-128x2048's 0.83 / 0.98 / 1.04",
+                      "fiction 0.95 from defaults-128x2048's 0.83 / 0.98 / 1.04 (the run: English and French as predicted, "
+                      "fiction not; DIAGNOSIS.md section 6)",
                       ["--no-mse", "--no-rtn-massive-thin"]),
     "self-16x512": ("the defaults now at 16 x 512 (nomse-16x512's settings) calibrated on text the model writes "
                     "itself (--calib self: 16 samples sampled from <|endoftext|> at temperature 1, top-p 0.95, bf16; "
                     "self-calibration, Williams et al. 2025): does the model's own distribution hold up out of "
-                    "domain better than a mix we picked?", SMALL + ["--no-mse", "--calib", "self"]),
+                    "domain better than a mix we picked? (no: level with RTN on every domain, 1.6-5.0 SE worse than "
+                    "nomse-16x512)", SMALL + ["--no-mse", "--calib", "self"]),
     "spanish-codefirst-16x512": ("spanish-16x512 with code first in the mix (code 4 samples, the others 3): the "
                                  "Spanish mix took code's fourth sample and code got worse in every pair; this moves "
                                  "one sample from wiki back to code, the rest identical (each corpus's samples are the "
-                                 "first n of one seeded permutation)",
+                                 "first n of one seeded permutation; code stayed where it was, English lost 2.3 SE)",
                                  SMALL + ["--no-mse", "--calib", "code+wiki+peoples-daily+chat+wiki-es"]),
     "gptqmodel-16x512": ("GPTQModel 7.6.0 at broad-16x512's settings on the same calibration tokens (act-order, "
                          "static groups, its mse=2.4 range search, damp 0.01: it has no per-layer damping), made by "
