@@ -139,6 +139,9 @@ ROWS = {
                       "fiction 0.95 from defaults-128x2048's 0.83 / 0.98 / 1.04 (the run: English and French as predicted, "
                       "fiction not; DIAGNOSIS.md section 6)",
                       ["--no-mse", "--no-rtn-massive-thin"]),
+    "rule-32x512": ("the defaults now at 32 x 512 (defaults-32x512 with the rule at any calibration size): with "
+                    "nomse-16x512 and rule-128x2048, what more calibration tokens buy at the defaults",
+                    ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin"]),
     "self-16x512": ("the defaults now at 16 x 512 (nomse-16x512's settings) calibrated on text the model writes "
                     "itself (--calib self: 16 samples sampled from <|endoftext|> at temperature 1, top-p 0.95, bf16; "
                     "self-calibration, Williams et al. 2025): does the model's own distribution hold up out of "
