@@ -34,18 +34,14 @@ BATCH = 16  # sequences generated together: the KV cache of 16 x 2048 positions 
 
 def start_token(model, tokenizer=None) -> int:
     """The document-boundary token a sample starts from: BOS if the model has one, else EOS."""
-    candidates = []
-    for owner in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
-        for key in ("bos_token_id", "eos_token_id"):
-            value = getattr(owner, key, None) if owner is not None else None
-            if isinstance(value, (list, tuple)):
-                value = value[0] if value else None
-            if isinstance(value, int):
-                candidates.append((key, value))
     vocab = model.get_input_embeddings().weight.shape[0]
+    owners = [o for o in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer)
+              if o is not None]
     for key in ("bos_token_id", "eos_token_id"):
-        for k, value in candidates:
-            if k == key and 0 <= value < vocab:
+        for owner in owners:
+            value = getattr(owner, key, None)
+            value = value[0] if isinstance(value, (list, tuple)) and value else value  # several EOS: the first
+            if isinstance(value, int) and 0 <= value < vocab:
                 return value
     raise UserError("--calib self needs a BOS or EOS token to start from, and this model's config and tokenizer "
                     "name none: calibrate on a corpus or a file instead (--calib default, --calib my_text.jsonl)")
