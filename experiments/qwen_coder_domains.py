@@ -142,6 +142,14 @@ ROWS = {
     "rule-32x512": ("the defaults now at 32 x 512 (defaults-32x512 with the rule at any calibration size): with "
                     "nomse-16x512 and rule-128x2048, what more calibration tokens buy at the defaults",
                     ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin"]),
+    "rule-128x512": ("the defaults at 128 x 512 (65,536 tokens, a quarter of 128 x 2048's, at 32 x 512's sample length): "
+                     "with rule-32x2048, which of more tokens or longer samples costs fiction at 128 x 2048 "
+                     "(4.8 SE worse than rule-32x512)",
+                     ["--nsamples", "128", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin"]),
+    "rule-32x2048": ("the defaults at 32 x 2048 (rule-128x512's 65,536 tokens in 2048-token samples): against "
+                     "rule-128x512, what sample length alone does; against rule-128x2048, what four times the "
+                     "tokens does at 2048",
+                     ["--nsamples", "32", "--seqlen", "2048", "--no-mse", "--no-rtn-massive-thin"]),
     "self-16x512": ("the defaults now at 16 x 512 (nomse-16x512's settings) calibrated on text the model writes "
                     "itself (--calib self: 16 samples sampled from <|endoftext|> at temperature 1, top-p 0.95, bf16; "
                     "self-calibration, Williams et al. 2025): does the model's own distribution hold up out of "
