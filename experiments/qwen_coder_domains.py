@@ -15,6 +15,8 @@ skipped, a stopped one continues with --resume, qwen-eval's item store keeps eve
     python experiments/qwen_coder_domains.py quantize defaults-16x512 plain-16x512   # one thread each
     python experiments/qwen_coder_domains.py eval fp rtn defaults-16x512
     python experiments/qwen_coder_domains.py render      # reports/qwen2.5-coder-1.5b-domains/ (qwen-report --compare)
+    python experiments/qwen_coder_domains.py eval --long fp rtn rule-32x512 rule-32x2048   # 2048-token windows
+    python experiments/qwen_coder_domains.py render --long   # reports/qwen2.5-coder-1.5b-domains/windows-2048/
 Checkpoints and evaluation outputs go to $QWEN_QUANT_WORK (default ~/.cache/qwen_quant/qwen-coder-study);
 the rendered table, the JSON it was made from (every row's per-window losses) and each step's seconds
 (steps.jsonl) go to reports/. The work folder does not outlive a session's machine: `render` keeps the
@@ -48,6 +50,13 @@ SPANISH = ["--calib", "wiki+peoples-daily+code+chat+wiki-es"]  # the default mix
 # the settings this study changed, pinned to their values before it, so that every row says what it ran
 BEFORE = ["--calib", "wiki+peoples-daily", "--damp-auto", "0"]
 FIXED_DAMP = ["--damp-auto", "0"]
+# --long: the question 512-token windows cannot answer, whether calibration in 2048-token samples (the default)
+# costs text read in 2048-token windows (qwen-eval's default) too: the held-out domains only (English is wiki's
+# eval split), 2048 tokens a window, batch 2 (a batch's logits are ~1.2 GB a row in float32)
+LONG = 2048
+LONG_DOMAINS = ("ppl-wiki", "ppl-fr", "ppl-fiction")
+LONG_EVAL_ARGS = ["--seqlen", str(LONG), "--dtype", "bf16", "--batch", "2", "--quiet"]
+LONG_REPORT = REPORT / f"windows-{LONG}"
 # rows made before --rtn-massive became a default (2026-12-06): the flag that reproduces them today
 NO_RULE = ["--rtn-massive", "0"]
 # rows made while the range search was a default (until 2026-12-06, the second default change that day)
@@ -194,12 +203,31 @@ def quantize(names: list[str]) -> None:
         _run(name, "quantize", cmd)
 
 
-def evaluate(names: list[str], windows: int = WINDOWS) -> None:
+def evaluate(names: list[str], windows: int = WINDOWS, long: bool = False) -> None:
+    """qwen-eval of each row on the study's windows of 512 (or with long, the held-out domains in windows of
+    LONG tokens, into their own folders)."""
     for name in names:
-        model = str(fp_folder() if name == "fp" else MADE_ELSEWHERE[name]() if name in MADE_ELSEWHERE
-                    else study_dir() / "ckpt" / name)
-        _run(name, "eval", [_bin("qwen-eval"), model, "--tasks", ",".join(DOMAINS), *EVAL_ARGS,
-                            "--ppl-windows", str(windows), "--out", str(study_dir() / "eval" / name)])
+        model = str(model_path(name))
+        domains, args = (LONG_DOMAINS, LONG_EVAL_ARGS) if long else (DOMAINS, EVAL_ARGS)
+        _run(name, f"eval {LONG}" if long else "eval",
+             [_bin("qwen-eval"), model, "--tasks", ",".join(domains), *args, "--ppl-windows", str(windows),
+              "--out", str(eval_dir(long) / name)])
+
+
+def model_path(name: str) -> Path:
+    """A row's model folder: fp's fp32 folder, a checkpoint made here or where MADE_ELSEWHERE says; RTN's may be the
+    accuracy table's (experiments/qwen_coder_accuracy.py: the same weights, RTN takes no calibration)."""
+    if name == "fp":
+        return fp_folder()
+    if name in MADE_ELSEWHERE:
+        return MADE_ELSEWHERE[name]()
+    own = study_dir() / "ckpt" / name
+    shared = study_dir() / "accuracy-ckpt" / "rtn"
+    return shared if name == "rtn" and not own.is_dir() and shared.is_dir() else own
+
+
+def eval_dir(long: bool) -> Path:
+    return study_dir() / (f"eval-{LONG}" if long else "eval")
 
 
 def _run(name: str, step: str, cmd: list[str]) -> None:
@@ -225,6 +253,17 @@ def _run(name: str, step: str, cmd: list[str]) -> None:
 def label(name: str) -> str:
     """The row's label in the table: qwen-eval names a model by its folder (fp_folder() is .../fp32)."""
     return "fp32" if name == "fp" else MADE_ELSEWHERE[name]().name if name in MADE_ELSEWHERE else name
+
+
+def render_long() -> Path:
+    """The windows-of-LONG table: qwen-report --compare over the rows evaluated so, fp first, RTN the baseline."""
+    present = [n for n in ROWS if (eval_dir(True) / n / "results.json").is_file()]
+    earlier = LONG_REPORT / "comparison.json"
+    subprocess.run([_bin("qwen-report"), "--compare", *[str(eval_dir(True) / n) for n in present],
+                    *(["--keep", str(earlier)] if earlier.is_file() else []), "--baseline", "rtn",
+                    "--out", str(LONG_REPORT), "--title", f"Qwen2.5-Coder-1.5B-Instruct Int4 g128, held-out text in "
+                    f"{LONG}-token windows: does calibration's sample length matter?"], check=True)
+    return LONG_REPORT / "README.md"
 
 
 def render() -> Path:
@@ -264,7 +303,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("step", choices=["quantize", "eval", "render"])
     p.add_argument("rows", nargs="*", help=f"rows ({', '.join(ROWS)})")
-    p.add_argument("--windows", type=int, default=WINDOWS, help=f"eval: windows of 512 per domain (default {WINDOWS})")
+    p.add_argument("--windows", type=int, default=WINDOWS, help=f"eval: windows per domain (default {WINDOWS})")
+    p.add_argument("--long", action="store_true", help=f"eval / render: the held-out domains in {LONG}-token windows "
+                   f"({', '.join(LONG_DOMAINS)})")
     args = p.parse_args(argv)
     unknown = [r for r in args.rows if r not in ROWS]
     if unknown:
@@ -272,9 +313,9 @@ def main(argv=None) -> int:
     if args.step == "quantize":
         quantize([r for r in args.rows if r != "fp"])
     elif args.step == "eval":
-        evaluate(args.rows, args.windows)
+        evaluate(args.rows, args.windows, args.long)
     else:
-        print(f"wrote {render()}")
+        print(f"wrote {render_long() if args.long else render()}")
     return 0
 
 
