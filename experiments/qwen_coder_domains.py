@@ -15,7 +15,7 @@ skipped, a stopped one continues with --resume, qwen-eval's item store keeps eve
     python experiments/qwen_coder_domains.py quantize defaults-16x512 plain-16x512   # one thread each
     python experiments/qwen_coder_domains.py eval fp rtn defaults-16x512
     python experiments/qwen_coder_domains.py render      # reports/qwen2.5-coder-1.5b-domains/ (qwen-report --compare)
-    python experiments/qwen_coder_domains.py eval --long fp rtn rule-32x512 rule-32x2048   # 2048-token windows
+    python experiments/qwen_coder_domains.py eval fp rtn rule-32x512 rule-32x2048 --long   # 2048-token windows
     python experiments/qwen_coder_domains.py render --long   # reports/qwen2.5-coder-1.5b-domains/windows-2048/
 Checkpoints and evaluation outputs go to $QWEN_QUANT_WORK (default ~/.cache/qwen_quant/qwen-coder-study);
 the rendered table, the JSON it was made from (every row's per-window losses) and each step's seconds
