@@ -35,6 +35,18 @@ def perplexity_difference(ref_nlls: Sequence[float], nlls: Sequence[float]) -> t
     return p - p_ref, _delta_method([-p_ref, p], cov, len(nlls))
 
 
+def contrast(columns: Sequence[Sequence[float]], weights: Sequence[float]) -> tuple[float, float]:
+    """sum_i weights[i] * mean(columns[i]) over the same windows, and its paired stderr.
+
+    The per-window contrast is formed first and its spread gives the error, so what every model shares (a
+    window's difficulty) cancels: (-1, 1) is B's mean NLL minus A's; (-0.5, 0.5, -0.5, 0.5) is a 2x2 design's
+    main effect, the average of two paired differences."""
+    if len(columns) != len(weights) or not columns:
+        raise ValueError("one weight per column")
+    means, cov = _means_and_cov(columns)
+    return sum(w * m for w, m in zip(weights, means)), _delta_method(weights, cov, len(columns[0]))
+
+
 def loss_ratio(fp_nlls: Sequence[float], baseline_nlls: Sequence[float],
                nlls: Sequence[float]) -> tuple[float, float] | None:
     """(ppl - ppl_fp) / (ppl_baseline - ppl_fp) over the same windows, and its paired stderr.

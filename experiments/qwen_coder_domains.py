@@ -17,6 +17,7 @@ skipped, a stopped one continues with --resume, qwen-eval's item store keeps eve
     python experiments/qwen_coder_domains.py render      # reports/qwen2.5-coder-1.5b-domains/ (qwen-report --compare)
     python experiments/qwen_coder_domains.py eval fp rtn rule-32x512 rule-32x2048 --long   # 2048-token windows
     python experiments/qwen_coder_domains.py render --long   # reports/qwen2.5-coder-1.5b-domains/windows-2048/
+    python experiments/qwen_coder_domains.py factorial [--long]   # more calibration samples or longer ones?
 Checkpoints and evaluation outputs go to $QWEN_QUANT_WORK (default ~/.cache/qwen_quant/qwen-coder-study);
 the rendered table, the JSON it was made from (every row's per-window losses) and each step's seconds
 (steps.jsonl) go to reports/. The work folder does not outlive a session's machine: `render` keeps the
@@ -153,11 +154,13 @@ ROWS = {
                     ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin"]),
     "rule-128x512": ("the defaults at 128 x 512 (65,536 tokens, a quarter of 128 x 2048's, at 32 x 512's sample length): "
                      "with rule-32x2048, which of more tokens or longer samples costs fiction at 128 x 2048 "
-                     "(4.8 SE worse than rule-32x512)",
+                     "(4.8 SE worse than rule-32x512). French's best row at the defaults (0.79); fiction 1.3 SE worse "
+                     "than at 32 x 512 (calibration-factorial.md, DIAGNOSIS.md section 7)",
                      ["--nsamples", "128", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin"]),
     "rule-32x2048": ("the defaults at 32 x 2048 (rule-128x512's 65,536 tokens in 2048-token samples): against "
                      "rule-128x512, what sample length alone does; against rule-128x2048, what four times the "
-                     "tokens does at 2048",
+                     "tokens does at 2048. Fiction 3.1 SE worse than rule-32x512, 1.3 SE worse than rule-128x512: "
+                     "fiction's cost grows with the tokens, the length at most a part (DIAGNOSIS.md section 7)",
                      ["--nsamples", "32", "--seqlen", "2048", "--no-mse", "--no-rtn-massive-thin"]),
     "self-16x512": ("the defaults now at 16 x 512 (nomse-16x512's settings) calibrated on text the model writes "
                     "itself (--calib self: 16 samples sampled from <|endoftext|> at temperature 1, top-p 0.95, bf16; "
@@ -274,10 +277,13 @@ def render() -> Path:
 
     present = [n for n in ROWS if (study_dir() / "eval" / n / "results.json").is_file()]
     earlier = REPORT / "comparison.json"
-    subprocess.run([_bin("qwen-report"), "--compare", *[str(study_dir() / "eval" / n) for n in present],
-                    *(["--keep", str(earlier)] if earlier.is_file() else []),
-                    "--baseline", "rtn", "--out", str(REPORT), "--title",
-                    "Qwen2.5-Coder-1.5B-Instruct Int4 g128: which GPTQ settings hold up out of domain"], check=True)
+    if present:  # else nothing new to table (a fresh machine): the committed table stands, the legend is rewritten
+        subprocess.run([_bin("qwen-report"), "--compare", *[str(study_dir() / "eval" / n) for n in present],
+                        *(["--keep", str(earlier)] if earlier.is_file() else []),
+                        "--baseline", "rtn", "--out", str(REPORT), "--title",
+                        "Qwen2.5-Coder-1.5B-Instruct Int4 g128: which GPTQ settings hold up out of domain"], check=True)
+    elif not earlier.is_file():
+        raise SystemExit(f"no rows evaluated under {study_dir() / 'eval'} and no table at {REPORT}: run `eval` first")
     shown = [m["label"] for m in json.loads(earlier.read_text())["models"]]
     legend = ["# The rows of the domain study", "", "Each row is a `qwen-quantize` run of the offline Qwen's fp32 folder "
               "(experiments/qwen_coder_domains.py); its checkpoint's quant_report.json (under the study's work folder) "
@@ -299,12 +305,77 @@ def render() -> Path:
     return REPORT / "README.md"
 
 
+# ---------------------------------------------------------------- calibration size against sample length
+
+# the 2x2 design at the defaults now: (samples, tokens per sample) -> row
+CELLS = {(32, 512): "rule-32x512", (128, 512): "rule-128x512", (32, 2048): "rule-32x2048", (128, 2048): "rule-128x2048"}
+# what each contrast estimates, and its weights on the cells' mean per-window NLL
+CONTRASTS = [
+    ("sample length 512 -> 2048, at 32 samples", {(32, 2048): 1, (32, 512): -1}),
+    ("sample length 512 -> 2048, at 128 samples", {(128, 2048): 1, (128, 512): -1}),
+    ("samples 32 -> 128, at 512 tokens", {(128, 512): 1, (32, 512): -1}),
+    ("samples 32 -> 128, at 2048 tokens", {(128, 2048): 1, (32, 2048): -1}),
+    # equal tokens (65,536), so equal --damp-auto: the one contrast where only the samples' shape differs
+    ("128 x 512 -> 32 x 2048 (the same tokens, longer samples)", {(32, 2048): 1, (128, 512): -1}),
+    ("sample length, main effect (mean of the two)", {(32, 2048): .5, (128, 2048): .5, (32, 512): -.5, (128, 512): -.5}),
+    ("samples, main effect (mean of the two)", {(128, 512): .5, (128, 2048): .5, (32, 512): -.5, (32, 2048): -.5}),
+    ("interaction (length's effect at 128 minus at 32)", {(128, 2048): 1, (128, 512): -1, (32, 2048): -1, (32, 512): 1}),
+]
+
+
+def factorial(long: bool = False) -> Path:
+    """The paired contrasts of the 2x2 design (CELLS) on each domain, from the committed table's per-window
+    losses: what longer calibration samples and what more of them do to held-out text, in nats per token (the
+    per-window contrast's mean and stderr; positive: worse). Writes calibration-factorial.{md,json} beside
+    the table; a contrast whose rows are not all evaluated is left out."""
+    from qwen_quant.accuracy.paired import contrast
+    from qwen_quant.files import write_text_atomic
+
+    report = LONG_REPORT if long else REPORT
+    if not (report / "comparison.json").is_file():
+        raise SystemExit(f"no table at {report}: run `render{' --long' if long else ''}` first")
+    table = json.loads((report / "comparison.json").read_text())
+    nlls = {(r["model"], r["task"]): r["details"]["per_window_nll"] for r in table["results"]
+            if r.get("details", {}).get("per_window_nll")}
+    domains = LONG_DOMAINS if long else DOMAINS
+    rows = []
+    for what, weights in CONTRASTS:
+        cells = {CELLS[c]: w for c, w in weights.items()}
+        per_domain = {}
+        for d in domains:
+            if all((row, d) in nlls for row in cells):
+                mean, se = contrast([nlls[row, d] for row in cells], list(cells.values()))
+                per_domain[d] = {"nats": round(mean, 5), "stderr": round(se, 5), "n": len(nlls[next(iter(cells)), d])}
+        if per_domain:
+            rows.append({"contrast": what, "weights": cells, "domains": per_domain})
+    window = LONG if long else 512
+    head = [f"# Calibration: more samples or longer ones? (held-out text in {window}-token windows)", "",
+            "Paired contrasts of the four `rule-*` rows (the defaults now at 32 or 128 samples of 512 or 2048 tokens), "
+            "in nats per token of mean per-window NLL: positive means the change costs that domain. Each stderr is "
+            "the per-window contrast's (the evaluation windows' noise); the calibration draw's own noise is not in "
+            "it (32 x 512's samples are the first 32 of 128 x 512's, the 2048-token samples other text). Written by "
+            f"`experiments/qwen_coder_domains.py factorial{' --long' if long else ''}` from comparison.json.", "",
+            "| contrast | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]
+    for r in rows:
+        cells = [r["domains"].get(d) for d in domains]
+        head.append(f"| {r['contrast']} | " + " | ".join(
+            "—" if c is None else f"{c['nats']:+.4f} ± {c['stderr']:.4f}"
+            + (f" ({c['nats'] / c['stderr']:+.1f} SE)" if c["stderr"] > 0 else "") for c in cells) + " |")
+    n = {c["n"] for r in rows for c in r["domains"].values()}
+    head += ["", f"Windows per domain: {', '.join(map(str, sorted(n)))}."]
+    write_text_atomic(report / "calibration-factorial.json", json.dumps(
+        {"window": window, "cells": {f"{s}x{t}": row for (s, t), row in CELLS.items()}, "contrasts": rows},
+        indent=1) + "\n")
+    write_text_atomic(report / "calibration-factorial.md", "\n".join(head) + "\n")
+    return report / "calibration-factorial.md"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("step", choices=["quantize", "eval", "render"])
+    p.add_argument("step", choices=["quantize", "eval", "render", "factorial"])
     p.add_argument("rows", nargs="*", help=f"rows ({', '.join(ROWS)})")
     p.add_argument("--windows", type=int, default=WINDOWS, help=f"eval: windows per domain (default {WINDOWS})")
-    p.add_argument("--long", action="store_true", help=f"eval / render: the held-out domains in {LONG}-token windows "
+    p.add_argument("--long", action="store_true", help=f"eval / render / factorial: the held-out domains in {LONG}-token windows "
                    f"({', '.join(LONG_DOMAINS)})")
     args = p.parse_args(argv)
     unknown = [r for r in args.rows if r not in ROWS]
@@ -314,6 +385,8 @@ def main(argv=None) -> int:
         quantize([r for r in args.rows if r != "fp"])
     elif args.step == "eval":
         evaluate(args.rows, args.windows, args.long)
+    elif args.step == "factorial":
+        print(f"wrote {factorial(args.long)}")
     else:
         print(f"wrote {render_long() if args.long else render()}")
     return 0

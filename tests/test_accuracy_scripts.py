@@ -113,3 +113,41 @@ def test_goal_summary_counts_metrics_within_two_points_and_their_intervals():
     assert lines[-1] == "| `a` | 3 | 2 of 3 | 1 / 1 / 1 | arc-easy accuracy -3.0 |"
     assert not any("only-300" in line for line in lines)
     assert levers.goal_summary(rows[1:]) == []
+
+
+def test_contrast_is_the_per_window_contrast_and_its_spread():
+    from qwen_quant.accuracy.paired import contrast
+
+    a, b = [2.0, 3.0, 4.0, 5.0], [2.5, 3.0, 4.75, 5.25]   # b - a per window: 0.5, 0, 0.75, 0.25
+    mean, se = contrast([a, b], [-1, 1])
+    assert mean == pytest.approx(0.375)
+    # sample variance of (0.5, 0, 0.75, 0.25) is 0.104167; stderr sqrt(var / 4): a's own spread (var 1.67) cancels
+    assert se == pytest.approx((0.3125 / 3 / 4) ** 0.5)
+    # a 2x2 main effect is the mean of two paired differences, its error that of their per-window mean
+    c, d = [1.0, 1.0, 1.0, 1.0], [1.5, 1.0, 1.0, 1.5]     # d - c: 0.5, 0, 0, 0.5
+    main, main_se = contrast([a, b, c, d], [-.5, .5, -.5, .5])
+    per_window = [(0.5 + 0.5) / 2, 0.0, 0.75 / 2, (0.25 + 0.5) / 2]
+    m = sum(per_window) / 4
+    assert main == pytest.approx(m)
+    assert main_se == pytest.approx((sum((x - m) ** 2 for x in per_window) / 3 / 4) ** 0.5)
+    with pytest.raises(ValueError):
+        contrast([a, b[:3]], [-1, 1])
+
+
+def test_domain_study_factorial_pairs_the_four_cells_per_domain(tmp_path, monkeypatch):
+    study = load_script("qwen_coder_domains")
+    monkeypatch.setattr(study, "REPORT", tmp_path)
+    base = [2.0, 2.2, 1.8, 2.4]
+    shift = {"rule-32x512": 0.0, "rule-128x512": 0.01, "rule-32x2048": 0.03, "rule-128x2048": 0.04}
+    results = [{"model": row, "task": "ppl-fiction", "details": {"per_window_nll": [x + s for x in base]}}
+               for row, s in shift.items()]
+    results.append({"model": "rule-32x512", "task": "ppl-fr", "details": {"per_window_nll": base}})  # one cell only
+    (tmp_path / "comparison.json").write_text(json.dumps({"results": results}))
+    text = study.factorial().read_text()
+    out = json.loads((tmp_path / "calibration-factorial.json").read_text())
+    effects = {c["contrast"]: c["domains"] for c in out["contrasts"]}
+    assert effects["sample length, main effect (mean of the two)"]["ppl-fiction"]["nats"] == pytest.approx(0.03)
+    assert effects["samples, main effect (mean of the two)"]["ppl-fiction"]["nats"] == pytest.approx(0.01)
+    assert effects["interaction (length's effect at 128 minus at 32)"]["ppl-fiction"]["nats"] == pytest.approx(0)
+    assert all("ppl-fr" not in d for d in effects.values())   # French lacks three cells: no contrast there
+    assert "| samples 32 -> 128, at 512 tokens |" in text and "Windows per domain: 4." in text
