@@ -162,6 +162,21 @@ ROWS = {
                      "tokens does at 2048. Fiction 3.1 SE worse than rule-32x512, 1.3 SE worse than rule-128x512: "
                      "fiction's cost grows with the tokens, the length at most a part (DIAGNOSIS.md section 7)",
                      ["--nsamples", "32", "--seqlen", "2048", "--no-mse", "--no-rtn-massive-thin"]),
+    "lowdamp-32x512": ("rule-32x512 at rule-128x512's damping: --damp-auto 0.125 gives every layer max(0.01, 0.125 x "
+                       "inputs / 16,384), the 0.5 x inputs / 65,536 of 128 x 512 (down_proj 0.068, the rest 0.012): "
+                       "against rule-32x512, what the damping that fades with more tokens does at fixed tokens; "
+                       "against rule-128x512, what four times the tokens do at fixed damping (DIAGNOSIS.md section 7)",
+                       ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin", "--damp-auto", "0.125"]),
+    "mindamp-32x512": ("rule-32x512 at rule-128x2048's damping: --damp-auto 0.03125 gives max(0.01, 0.03125 x inputs / "
+                       "16,384), the 0.5 x inputs / 262,144 of 128 x 2048 (down_proj 0.017, the rest 0.01): the whole "
+                       "fade of --damp-auto from 32 x 512 to 128 x 2048 at 32 x 512's tokens (DIAGNOSIS.md section 7)",
+                       ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin", "--damp-auto",
+                        "0.03125"]),
+    "damp32-128x512": ("rule-128x512 at rule-32x512's damping: --damp-auto 2.0 gives every layer max(0.01, 2.0 x "
+                       "inputs / 65,536), the 0.5 x inputs / 16,384 of 32 x 512 (down_proj 0.27, the rest 0.047): "
+                       "lowdamp-32x512 showed the damping, not the tokens, costing fiction; does 128 x 512 keep its "
+                       "gains on English and French and lose fiction's cost at 32 x 512's damping?",
+                       ["--nsamples", "128", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin", "--damp-auto", "2.0"]),
     "self-16x512": ("the defaults now at 16 x 512 (nomse-16x512's settings) calibrated on text the model writes "
                     "itself (--calib self: 16 samples sampled from <|endoftext|> at temperature 1, top-p 0.95, bf16; "
                     "self-calibration, Williams et al. 2025): does the model's own distribution hold up out of "
@@ -307,24 +322,30 @@ def render() -> Path:
 
 # ---------------------------------------------------------------- calibration size against sample length
 
-# the 2x2 design at the defaults now: (samples, tokens per sample) -> row
-CELLS = {(32, 512): "rule-32x512", (128, 512): "rule-128x512", (32, 2048): "rule-32x2048", (128, 2048): "rule-128x2048"}
-# what each contrast estimates, and its weights on the cells' mean per-window NLL
+# the 2x2 design at the defaults now, 32 or 128 samples of 512 or 2048 tokens, and two rows at 32 x 512 with the
+# damping --damp-auto gives more tokens; what each contrast estimates, and its weights on the rows' mean per-window NLL
+R32_512, R128_512, R32_2048, R128_2048 = "rule-32x512", "rule-128x512", "rule-32x2048", "rule-128x2048"
 CONTRASTS = [
-    ("sample length 512 -> 2048, at 32 samples", {(32, 2048): 1, (32, 512): -1}),
-    ("sample length 512 -> 2048, at 128 samples", {(128, 2048): 1, (128, 512): -1}),
-    ("samples 32 -> 128, at 512 tokens", {(128, 512): 1, (32, 512): -1}),
-    ("samples 32 -> 128, at 2048 tokens", {(128, 2048): 1, (32, 2048): -1}),
-    # equal tokens (65,536), so equal --damp-auto: the one contrast where only the samples' shape differs
-    ("128 x 512 -> 32 x 2048 (the same tokens, longer samples)", {(32, 2048): 1, (128, 512): -1}),
-    ("sample length, main effect (mean of the two)", {(32, 2048): .5, (128, 2048): .5, (32, 512): -.5, (128, 512): -.5}),
-    ("samples, main effect (mean of the two)", {(128, 512): .5, (128, 2048): .5, (32, 512): -.5, (32, 2048): -.5}),
-    ("interaction (length's effect at 128 minus at 32)", {(128, 2048): 1, (128, 512): -1, (32, 2048): -1, (32, 512): 1}),
+    ("sample length 512 -> 2048, at 32 samples", {R32_2048: 1, R32_512: -1}),
+    ("sample length 512 -> 2048, at 128 samples", {R128_2048: 1, R128_512: -1}),
+    ("samples 32 -> 128, at 512 tokens", {R128_512: 1, R32_512: -1}),
+    ("samples 32 -> 128, at 2048 tokens", {R128_2048: 1, R32_2048: -1}),
+    # equal tokens (65,536), so equal --damp-auto: the one contrast of the four rows where only the samples' shape differs
+    ("128 x 512 -> 32 x 2048 (the same tokens, longer samples)", {R32_2048: 1, R128_512: -1}),
+    ("sample length, main effect (mean of the two)", {R32_2048: .5, R128_2048: .5, R32_512: -.5, R128_512: -.5}),
+    ("samples, main effect (mean of the two)", {R128_512: .5, R128_2048: .5, R32_512: -.5, R32_2048: -.5}),
+    ("interaction (length's effect at 128 minus at 32)", {R128_2048: 1, R128_512: -1, R32_2048: -1, R32_512: 1}),
+    # the damping that fades with the tokens, apart from the tokens
+    ("32 x 512, damping of 128 x 512 (down_proj 0.27 -> 0.068)", {"lowdamp-32x512": 1, R32_512: -1}),
+    ("32 x 512, damping of 128 x 2048 (down_proj 0.27 -> 0.017)", {"mindamp-32x512": 1, R32_512: -1}),
+    ("4x the samples at fixed damping (lowdamp-32x512 -> 128 x 512)", {R128_512: 1, "lowdamp-32x512": -1}),
+    ("4x the samples at 32 x 512's damping (32 x 512 -> damp32-128x512)", {"damp32-128x512": 1, R32_512: -1}),
+    ("128 x 512, damping of 32 x 512 (down_proj 0.068 -> 0.27)", {"damp32-128x512": 1, R128_512: -1}),
 ]
 
 
 def factorial(long: bool = False) -> Path:
-    """The paired contrasts of the 2x2 design (CELLS) on each domain, from the committed table's per-window
+    """The paired contrasts of the calibration rows (CONTRASTS) on each domain, from the committed table's per-window
     losses: what longer calibration samples and what more of them do to held-out text, in nats per token (the
     per-window contrast's mean and stderr; positive: worse). Writes calibration-factorial.{md,json} beside
     the table; a contrast whose rows are not all evaluated is left out."""
@@ -340,7 +361,7 @@ def factorial(long: bool = False) -> Path:
     domains = LONG_DOMAINS if long else DOMAINS
     rows = []
     for what, weights in CONTRASTS:
-        cells = {CELLS[c]: w for c, w in weights.items()}
+        cells = weights
         per_domain = {}
         for d in domains:
             if all((row, d) in nlls for row in cells):
@@ -350,7 +371,8 @@ def factorial(long: bool = False) -> Path:
             rows.append({"contrast": what, "weights": cells, "domains": per_domain})
     window = LONG if long else 512
     head = [f"# Calibration: more samples or longer ones? (held-out text in {window}-token windows)", "",
-            "Paired contrasts of the four `rule-*` rows (the defaults now at 32 or 128 samples of 512 or 2048 tokens), "
+            "Paired contrasts of the four `rule-*` rows (the defaults now at 32 or 128 samples of 512 or 2048 tokens) "
+            "and of two rows at 32 x 512 with the damping `--damp-auto` gives more tokens (ROWS.md), "
             "in nats per token of mean per-window NLL: positive means the change costs that domain. Each stderr is "
             "the per-window contrast's (the evaluation windows' noise); the calibration draw's own noise is not in "
             "it (32 x 512's samples are the first 32 of 128 x 512's, the 2048-token samples other text). Written by "
@@ -364,7 +386,7 @@ def factorial(long: bool = False) -> Path:
     n = {c["n"] for r in rows for c in r["domains"].values()}
     head += ["", f"Windows per domain: {', '.join(map(str, sorted(n)))}."]
     write_text_atomic(report / "calibration-factorial.json", json.dumps(
-        {"window": window, "cells": {f"{s}x{t}": row for (s, t), row in CELLS.items()}, "contrasts": rows},
+        {"window": window, "contrasts": rows},
         indent=1) + "\n")
     write_text_atomic(report / "calibration-factorial.md", "\n".join(head) + "\n")
     return report / "calibration-factorial.md"
