@@ -162,6 +162,12 @@ ROWS = {
                      "tokens does at 2048. Fiction 3.1 SE worse than rule-32x512, 1.3 SE worse than rule-128x512: "
                      "fiction's cost grows with the tokens, the length at most a part (DIAGNOSIS.md section 7)",
                      ["--nsamples", "32", "--seqlen", "2048", "--no-mse", "--no-rtn-massive-thin"]),
+    "amd-32x512": ("rule-32x512 quantized and evaluated again, the same command on the 2-core AMD EPYC (rule-32x512 is "
+                   "the Xeon's): what one recipe moves between two machines (float32 sums in another order, GPTQ's "
+                   "rounding decisions cascading from them), and the same-machine reference of lowdamp-32x512, "
+                   "mindamp-32x512 and damp32-128x512 (its quantize is steps.jsonl's rule-32x512 line on the AMD "
+                   "EPYC, the folder renamed after)",
+                   ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin"]),
     "lowdamp-32x512": ("rule-32x512 at rule-128x512's damping: --damp-auto 0.125 gives every layer max(0.01, 0.125 x "
                        "inputs / 16,384), the 0.5 x inputs / 65,536 of 128 x 512 (down_proj 0.068, the rest 0.012): "
                        "against rule-32x512, what the damping that fades with more tokens does at fixed tokens; "
@@ -322,9 +328,10 @@ def render() -> Path:
 
 # ---------------------------------------------------------------- calibration size against sample length
 
-# the 2x2 design at the defaults now, 32 or 128 samples of 512 or 2048 tokens, and two rows at 32 x 512 with the
-# damping --damp-auto gives more tokens; what each contrast estimates, and its weights on the rows' mean per-window NLL
+# the 2x2 design at the defaults now, 32 or 128 samples of 512 or 2048 tokens, one recipe on two machines, and rows
+# with the damping --damp-auto gives other token counts; what each contrast estimates, and its weights on the rows' mean per-window NLL
 R32_512, R128_512, R32_2048, R128_2048 = "rule-32x512", "rule-128x512", "rule-32x2048", "rule-128x2048"
+AMD = "amd-32x512"  # rule-32x512's recipe, quantized and evaluated on the other machine
 CONTRASTS = [
     ("sample length 512 -> 2048, at 32 samples", {R32_2048: 1, R32_512: -1}),
     ("sample length 512 -> 2048, at 128 samples", {R128_2048: 1, R128_512: -1}),
@@ -335,12 +342,12 @@ CONTRASTS = [
     ("sample length, main effect (mean of the two)", {R32_2048: .5, R128_2048: .5, R32_512: -.5, R128_512: -.5}),
     ("samples, main effect (mean of the two)", {R128_512: .5, R128_2048: .5, R32_512: -.5, R32_2048: -.5}),
     ("interaction (length's effect at 128 minus at 32)", {R128_2048: 1, R128_512: -1, R32_2048: -1, R32_512: 1}),
-    # the damping that fades with the tokens, apart from the tokens
-    ("32 x 512, damping of 128 x 512 (down_proj 0.27 -> 0.068)", {"lowdamp-32x512": 1, R32_512: -1}),
-    ("32 x 512, damping of 128 x 2048 (down_proj 0.27 -> 0.017)", {"mindamp-32x512": 1, R32_512: -1}),
-    ("4x the samples at fixed damping (lowdamp-32x512 -> 128 x 512)", {R128_512: 1, "lowdamp-32x512": -1}),
-    ("4x the samples at 32 x 512's damping (32 x 512 -> damp32-128x512)", {"damp32-128x512": 1, R32_512: -1}),
-    ("128 x 512, damping of 32 x 512 (down_proj 0.068 -> 0.27)", {"damp32-128x512": 1, R128_512: -1}),
+    # one recipe quantized and evaluated on two machines: the spread the rows' paired errors leave out
+    ("the same recipe on another machine (rule-32x512, Xeon -> AMD)", {AMD: 1, R32_512: -1}),
+    # the damping that fades with the tokens, apart from the tokens: rows made on the AMD machine, against its own 32 x 512
+    ("32 x 512, damping of 128 x 512 (down_proj 0.27 -> 0.068; AMD)", {"lowdamp-32x512": 1, AMD: -1}),
+    ("32 x 512, damping of 128 x 2048 (down_proj 0.27 -> 0.017; AMD)", {"mindamp-32x512": 1, AMD: -1}),
+    ("4x the samples at 32 x 512's damping (AMD)", {"damp32-128x512": 1, AMD: -1}),
 ]
 
 
@@ -370,12 +377,13 @@ def factorial(long: bool = False) -> Path:
         if per_domain:
             rows.append({"contrast": what, "weights": cells, "domains": per_domain})
     window = LONG if long else 512
-    head = [f"# Calibration: more samples or longer ones? (held-out text in {window}-token windows)", "",
-            "Paired contrasts of the four `rule-*` rows (the defaults now at 32 or 128 samples of 512 or 2048 tokens) "
-            "and of two rows at 32 x 512 with the damping `--damp-auto` gives more tokens (ROWS.md), "
-            "in nats per token of mean per-window NLL: positive means the change costs that domain. Each stderr is "
-            "the per-window contrast's (the evaluation windows' noise); the calibration draw's own noise is not in "
-            "it (32 x 512's samples are the first 32 of 128 x 512's, the 2048-token samples other text). Written by "
+    head = [f"# Calibration: more samples, longer ones, or less damping? (held-out text in {window}-token windows)",
+            "", "Paired contrasts of the four `rule-*` rows (the defaults now at 32 or 128 samples of 512 or 2048 "
+            "tokens), of one recipe on two machines, and of rows with the damping `--damp-auto` gives other token "
+            "counts (ROWS.md), in nats per token of mean per-window NLL: positive means the change costs that domain. "
+            "Each stderr is the per-window contrast's (the evaluation windows' noise); a second run's is not in it "
+            "(the machine row shows its size: up to 0.011 nats), nor the calibration draw's (32 x 512's samples are "
+            "the first 32 of 128 x 512's, the 2048-token samples other text). Written by "
             f"`experiments/qwen_coder_domains.py factorial{' --long' if long else ''}` from comparison.json.", "",
             "| contrast | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]
     for r in rows:
