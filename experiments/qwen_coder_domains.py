@@ -163,8 +163,8 @@ ROWS = {
                      "fiction's cost grows with the tokens, the length at most a part (DIAGNOSIS.md section 7)",
                      ["--nsamples", "32", "--seqlen", "2048", "--no-mse", "--no-rtn-massive-thin"]),
     "amd-32x512": ("rule-32x512 quantized and evaluated again, the same command on the 2-core AMD EPYC (rule-32x512 is "
-                   "the Xeon's): what one recipe moves between two machines (float32 sums in another order, GPTQ's "
-                   "rounding decisions cascading from them), and the same-machine reference of lowdamp-32x512, "
+                   "the Xeon's): what one recipe moves between two machines (other CPU kernels, slightly different "
+                   "calibration forwards and sums, GPTQ's rounding decisions cascading from them), and the same-machine reference of lowdamp-32x512, "
                    "mindamp-32x512 and damp32-128x512 (its quantize is steps.jsonl's rule-32x512 line on the AMD "
                    "EPYC, the folder renamed after)",
                    ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin"]),
