@@ -164,15 +164,17 @@ ROWS = {
                      ["--nsamples", "32", "--seqlen", "2048", "--no-mse", "--no-rtn-massive-thin"]),
     "amd-32x512": ("rule-32x512 quantized and evaluated again, the same command on the 2-core AMD EPYC (rule-32x512 is "
                    "the Xeon's): what one recipe moves between two machines (other CPU kernels, slightly different "
-                   "calibration forwards and sums, GPTQ's rounding decisions cascading from them), and the same-machine reference of lowdamp-32x512, "
-                   "mindamp-32x512 and damp32-128x512 (its quantize is steps.jsonl's rule-32x512 line on the AMD "
+                   "calibration forwards and sums, GPTQ's rounding decisions cascading from them), and the "
+                   "same-machine reference of lowdamp-32x512, mindamp-32x512 and damp32-128x512 (its quantize is "
+                   "steps.jsonl's rule-32x512 line on the AMD "
                    "EPYC, the folder renamed after)",
                    ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin"]),
     "lowdamp-32x512": ("rule-32x512 at rule-128x512's damping: --damp-auto 0.125 gives every layer max(0.01, 0.125 x "
                        "inputs / 16,384), the 0.5 x inputs / 65,536 of 128 x 512 (down_proj 0.068, the rest 0.012): "
-                       "against rule-32x512, what the damping that fades with more tokens does at fixed tokens; "
-                       "against rule-128x512, what four times the tokens do at fixed damping (DIAGNOSIS.md section 7)",
-                       ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin", "--damp-auto", "0.125"]),
+                       "against amd-32x512 (the same machine), what the damping that fades with more tokens does at "
+                       "fixed tokens (DIAGNOSIS.md section 7)",
+                       ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin", "--damp-auto",
+                        "0.125"]),
     "mindamp-32x512": ("rule-32x512 at rule-128x2048's damping: --damp-auto 0.03125 gives max(0.01, 0.03125 x inputs / "
                        "16,384), the 0.5 x inputs / 262,144 of 128 x 2048 (down_proj 0.017, the rest 0.01): the whole "
                        "fade of --damp-auto from 32 x 512 to 128 x 2048 at 32 x 512's tokens (DIAGNOSIS.md section 7)",
@@ -180,9 +182,11 @@ ROWS = {
                         "0.03125"]),
     "damp32-128x512": ("rule-128x512 at rule-32x512's damping: --damp-auto 2.0 gives every layer max(0.01, 2.0 x "
                        "inputs / 65,536), the 0.5 x inputs / 16,384 of 32 x 512 (down_proj 0.27, the rest 0.047): "
-                       "lowdamp-32x512 showed the damping, not the tokens, costing fiction; does 128 x 512 keep its "
-                       "gains on English and French and lose fiction's cost at 32 x 512's damping?",
-                       ["--nsamples", "128", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin", "--damp-auto", "2.0"]),
+                       "against amd-32x512 (the same machine), what four times the samples do at fixed damping; "
+                       "does 128 x 512 keep its gains on English and French without the fiction it cost? (not "
+                       "measured yet)",
+                       ["--nsamples", "128", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin", "--damp-auto",
+                        "2.0"]),
     "self-16x512": ("the defaults now at 16 x 512 (nomse-16x512's settings) calibrated on text the model writes "
                     "itself (--calib self: 16 samples sampled from <|endoftext|> at temperature 1, top-p 0.95, bf16; "
                     "self-calibration, Williams et al. 2025): does the model's own distribution hold up out of "
@@ -279,32 +283,34 @@ def label(name: str) -> str:
     return "fp32" if name == "fp" else MADE_ELSEWHERE[name]().name if name in MADE_ELSEWHERE else name
 
 
-def render_long() -> Path:
-    """The windows-of-LONG table: qwen-report --compare over the rows evaluated so, fp first, RTN the baseline."""
-    present = [n for n in ROWS if (eval_dir(True) / n / "results.json").is_file()]
-    earlier = LONG_REPORT / "comparison.json"
-    subprocess.run([_bin("qwen-report"), "--compare", *[str(eval_dir(True) / n) for n in present],
+def _compare(long: bool, report: Path, title: str) -> None:
+    """qwen-report --compare over every row evaluated here, on top of the committed table (--keep: rows of earlier
+    sessions stay, their per-window losses with them, after their work folders are gone), RTN the baseline. With
+    nothing evaluated here (a fresh machine) the committed table stands."""
+    present = [n for n in ROWS if (eval_dir(long) / n / "results.json").is_file()]
+    earlier = report / "comparison.json"
+    if not present:
+        if not earlier.is_file():
+            raise SystemExit(f"no rows evaluated under {eval_dir(long)} and no table at {report}: run `eval` first")
+        return
+    subprocess.run([_bin("qwen-report"), "--compare", *[str(eval_dir(long) / n) for n in present],
                     *(["--keep", str(earlier)] if earlier.is_file() else []), "--baseline", "rtn",
-                    "--out", str(LONG_REPORT), "--title", f"Qwen2.5-Coder-1.5B-Instruct Int4 g128, held-out text in "
-                    f"{LONG}-token windows: does calibration's sample length matter?"], check=True)
+                    "--out", str(report), "--title", title], check=True)
+
+
+def render_long() -> Path:
+    """The windows-of-LONG table."""
+    _compare(True, LONG_REPORT, f"Qwen2.5-Coder-1.5B-Instruct Int4 g128, held-out text in {LONG}-token windows: does "
+             "calibration's sample length matter?")
     return LONG_REPORT / "README.md"
 
 
 def render() -> Path:
-    """qwen-report --compare over every row evaluated here, on top of the committed table (--keep: rows of
-    earlier sessions stay, their per-window losses with them, after their work folders are gone), fp first,
-    RTN the baseline; and the rows' legend."""
+    """The study's table (_compare: fp first, RTN the baseline) and the rows' legend."""
     from qwen_quant.files import write_text_atomic
 
-    present = [n for n in ROWS if (study_dir() / "eval" / n / "results.json").is_file()]
+    _compare(False, REPORT, "Qwen2.5-Coder-1.5B-Instruct Int4 g128: which GPTQ settings hold up out of domain")
     earlier = REPORT / "comparison.json"
-    if present:  # else nothing new to table (a fresh machine): the committed table stands, the legend is rewritten
-        subprocess.run([_bin("qwen-report"), "--compare", *[str(study_dir() / "eval" / n) for n in present],
-                        *(["--keep", str(earlier)] if earlier.is_file() else []),
-                        "--baseline", "rtn", "--out", str(REPORT), "--title",
-                        "Qwen2.5-Coder-1.5B-Instruct Int4 g128: which GPTQ settings hold up out of domain"], check=True)
-    elif not earlier.is_file():
-        raise SystemExit(f"no rows evaluated under {study_dir() / 'eval'} and no table at {REPORT}: run `eval` first")
     shown = [m["label"] for m in json.loads(earlier.read_text())["models"]]
     legend = ["# The rows of the domain study", "", "Each row is a `qwen-quantize` run of the offline Qwen's fp32 folder "
               "(experiments/qwen_coder_domains.py); its checkpoint's quant_report.json (under the study's work folder) "
@@ -329,7 +335,8 @@ def render() -> Path:
 # ---------------------------------------------------------------- calibration size against sample length
 
 # the 2x2 design at the defaults now, 32 or 128 samples of 512 or 2048 tokens, one recipe on two machines, and rows
-# with the damping --damp-auto gives other token counts; what each contrast estimates, and its weights on the rows' mean per-window NLL
+# with the damping --damp-auto gives other token counts; what each contrast estimates, and its weights on the rows'
+# mean per-window NLL
 R32_512, R128_512, R32_2048, R128_2048 = "rule-32x512", "rule-128x512", "rule-32x2048", "rule-128x2048"
 AMD = "amd-32x512"  # rule-32x512's recipe, quantized and evaluated on the other machine
 CONTRASTS = [
