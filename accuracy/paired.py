@@ -80,3 +80,70 @@ def interval_vs_goal(interval: list[float] | None, points: float = 2.0) -> str:
     if hi < -points or lo > points:
         return "outside"
     return "across (more items needed)"
+
+
+def draw_spread(columns: Sequence[Sequence[float]]) -> dict:
+    """How far one recipe's rows move between runs (calibration draws, machines), beyond the windows' noise.
+
+    columns are k runs of one recipe scored on the same n windows. A two-way analysis of variance with the runs and
+    the windows as factors (no replication): each window's value is its difficulty, plus the run's shift shared by
+    every window (variance sigma_draw^2), plus the run x window interaction (sigma_window^2). A paired stderr between
+    two runs sees only the interaction, sqrt(2 sigma_window^2 / n); a shift shared by all windows is invisible to it.
+    ms_draw estimates sigma_window^2 + n sigma_draw^2 and ms_window sigma_window^2; F = ms_draw / ms_window tests
+    sigma_draw = 0 (p: its upper tail on (k - 1, (k - 1)(n - 1)) degrees of freedom). sigma_draw is the moment
+    estimate, 0 where ms_draw < ms_window. A contrast sum_i w_i * mean_i of single runs of different recipes then
+    carries the variance sum_i w_i^2 * sigma_draw^2 beside its paired stderr's (`with_draws`)."""
+    k, n = len(columns), len(columns[0]) if columns else 0
+    if k < 2 or n < 2 or any(len(c) != n for c in columns):
+        raise ValueError("draw_spread needs two or more runs scored on the same two or more windows")
+    grand = sum(map(sum, columns)) / (k * n)
+    run_means = [sum(c) / n for c in columns]
+    window_means = [sum(c[w] for c in columns) / k for w in range(n)]
+    ms_draw = n * sum((m - grand) ** 2 for m in run_means) / (k - 1)
+    resid = sum((c[w] - rm - window_means[w] + grand) ** 2 for c, rm in zip(columns, run_means) for w in range(n))
+    df1, df2 = k - 1, (k - 1) * (n - 1)
+    ms_window = resid / df2
+    f = ms_draw / ms_window if ms_window > 0 else math.inf
+    return {"runs": k, "windows": n, "ms_draw": ms_draw, "ms_window": ms_window, "f": f, "df": [df1, df2],
+            "p": f_upper_tail(f, df1, df2), "sigma_draw": math.sqrt(max(ms_draw - ms_window, 0.0) / n),
+            "sigma_window": math.sqrt(ms_window)}
+
+
+def with_draws(stderr: float, weights: Sequence[float], sigma_draw: float) -> float:
+    """A paired contrast's stderr widened by the run-to-run shift of each single run it weighs (draw_spread)."""
+    return math.sqrt(stderr ** 2 + sum(w * w for w in weights) * sigma_draw ** 2)
+
+
+def f_upper_tail(f: float, df1: int, df2: int) -> float:
+    """P(F > f) for Fisher's F on (df1, df2) degrees of freedom: the regularized incomplete beta
+    I_x(df2 / 2, df1 / 2) at x = df2 / (df2 + df1 f)."""
+    if f <= 0:
+        return 1.0
+    if math.isinf(f):
+        return 0.0
+    return _betainc(df2 / 2, df1 / 2, df2 / (df2 + df1 * f))
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b) by its continued fraction (modified Lentz), taken on the
+    side where it converges fast (x < (a + 1) / (a + b + 2)), the other side by symmetry."""
+    if x <= 0 or x >= 1:
+        return 0.0 if x <= 0 else 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    frac = d
+    for m in range(1, 500):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            frac *= c * d
+        if abs(c * d - 1.0) < 1e-14:
+            break
+    return math.exp(log_front) * frac / a

@@ -187,6 +187,13 @@ ROWS = {
                        "measured yet)",
                        ["--nsamples", "128", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin", "--damp-auto",
                         "2.0"]),
+    # other draws of amd-32x512's calibration samples (--seed picks each corpus's samples): with amd-32x512 (seed 0),
+    # three draws of one recipe on one machine, the spread between rows that the windows' paired errors leave out
+    **{f"seed{k}-32x512": (f"amd-32x512 with --seed {k}: the same recipe on the same machine, another draw of the "
+                           "calibration samples (each corpus's windows chosen by torch.randperm(seed)): with amd-32x512 "
+                           "and the other seed rows, how far rows move between draws (DIAGNOSIS.md section 8)",
+                           ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin", "--seed",
+                            str(k)]) for k in (1, 2, 3)},
     "self-16x512": ("the defaults now at 16 x 512 (nomse-16x512's settings) calibrated on text the model writes "
                     "itself (--calib self: 16 samples sampled from <|endoftext|> at temperature 1, top-p 0.95, bf16; "
                     "self-calibration, Williams et al. 2025): does the model's own distribution hold up out of "
@@ -346,6 +353,7 @@ CONTRASTS = [
     ("samples 32 -> 128, at 2048 tokens", {R128_2048: 1, R32_2048: -1}),
     # equal tokens (65,536), so equal --damp-auto: the one contrast of the four rows where only the samples' shape differs
     ("128 x 512 -> 32 x 2048 (the same tokens, longer samples)", {R32_2048: 1, R128_512: -1}),
+    ("32 x 512 -> 128 x 2048 (the default calibration: 16x the tokens)", {R128_2048: 1, R32_512: -1}),
     ("sample length, main effect (mean of the two)", {R32_2048: .5, R128_2048: .5, R32_512: -.5, R128_512: -.5}),
     ("samples, main effect (mean of the two)", {R128_512: .5, R128_2048: .5, R32_512: -.5, R32_2048: -.5}),
     ("interaction (length's effect at 128 minus at 32)", {R128_2048: 1, R128_512: -1, R32_2048: -1, R32_512: 1}),
@@ -355,15 +363,30 @@ CONTRASTS = [
     ("32 x 512, damping of 128 x 512 (down_proj 0.27 -> 0.068; AMD)", {"lowdamp-32x512": 1, AMD: -1}),
     ("32 x 512, damping of 128 x 2048 (down_proj 0.27 -> 0.017; AMD)", {"mindamp-32x512": 1, AMD: -1}),
     ("4x the samples at 32 x 512's damping (AMD)", {"damp32-128x512": 1, AMD: -1}),
+    # another draw of the calibration samples, the recipe and the machine the same
+    ("another draw of the calibration (seed 0 -> 1; AMD)", {"seed1-32x512": 1, AMD: -1}),
+    ("another draw of the calibration (seed 0 -> 2; AMD)", {"seed2-32x512": 1, AMD: -1}),
+    ("another draw of the calibration (seed 0 -> 3; AMD)", {"seed3-32x512": 1, AMD: -1}),
 ]
+# runs of one recipe: how far its rows move between runs beyond the windows' noise (accuracy.paired.draw_spread). The
+# seeds' spread widens every contrast above (with_draws): each row in them is a single run of its recipe.
+SEEDS = [AMD, "seed1-32x512", "seed2-32x512", "seed3-32x512"]
+REPLICATES = [("rule-32x512's recipe, calibration seeds 0-3 (AMD)", SEEDS),
+              ("rule-32x512's recipe on two machines (Xeon, AMD; seed 0)", [R32_512, AMD])]
+
+
+def _p_value(p: float) -> str:
+    return f"{p:.3f}" if p >= 0.001 else "< 0.001"
 
 
 def factorial(long: bool = False) -> Path:
     """The paired contrasts of the calibration rows (CONTRASTS) on each domain, from the committed table's per-window
     losses: what longer calibration samples and what more of them do to held-out text, in nats per token (the
-    per-window contrast's mean and stderr; positive: worse). Writes calibration-factorial.{md,json} beside
-    the table; a contrast whose rows are not all evaluated is left out."""
-    from qwen_quant.accuracy.paired import contrast
+    per-window contrast's mean and stderr; positive: worse), and how far one recipe moves between runs (REPLICATES):
+    each contrast's stderr is given again widened by the seeds' run-to-run spread. Writes
+    calibration-factorial.{md,json} beside the table; a contrast or replicate set whose rows are not all evaluated
+    is left out."""
+    from qwen_quant.accuracy.paired import contrast, draw_spread, with_draws
     from qwen_quant.files import write_text_atomic
 
     report = LONG_REPORT if long else REPORT
@@ -373,36 +396,69 @@ def factorial(long: bool = False) -> Path:
     nlls = {(r["model"], r["task"]): r["details"]["per_window_nll"] for r in table["results"]
             if r.get("details", {}).get("per_window_nll")}
     domains = LONG_DOMAINS if long else DOMAINS
-    rows = []
-    for what, weights in CONTRASTS:
-        cells = weights
+    spreads = []
+    for what, runs in REPLICATES:
         per_domain = {}
         for d in domains:
-            if all((row, d) in nlls for row in cells):
-                mean, se = contrast([nlls[row, d] for row in cells], list(cells.values()))
-                per_domain[d] = {"nats": round(mean, 5), "stderr": round(se, 5), "n": len(nlls[next(iter(cells)), d])}
+            present = [r for r in runs if (r, d) in nlls]
+            if len(present) >= 2:
+                out = draw_spread([nlls[r, d] for r in present])
+                per_domain[d] = {"rows": present, **{k: (round(v, 6) if isinstance(v, float) else v)
+                                                     for k, v in out.items()}}
         if per_domain:
-            rows.append({"contrast": what, "weights": cells, "domains": per_domain})
+            spreads.append({"replicates": what, "domains": per_domain})
+    seeds = spreads[0]["domains"] if spreads and spreads[0]["replicates"] == REPLICATES[0][0] else {}
+    rows = []
+    for what, weights in CONTRASTS:
+        per_domain = {}
+        for d in domains:
+            if all((row, d) in nlls for row in weights):
+                mean, se = contrast([nlls[row, d] for row in weights], list(weights.values()))
+                cell = {"nats": round(mean, 5), "stderr": round(se, 5), "n": len(nlls[next(iter(weights)), d])}
+                if d in seeds and not set(weights) <= set(SEEDS):   # the seed pairs are the draws themselves
+                    cell["stderr_with_draws"] = round(with_draws(se, list(weights.values()), seeds[d]["sigma_draw"]), 5)
+                per_domain[d] = cell
+        if per_domain:
+            rows.append({"contrast": what, "weights": weights, "domains": per_domain})
     window = LONG if long else 512
     head = [f"# Calibration: more samples, longer ones, or less damping? (held-out text in {window}-token windows)",
             "", "Paired contrasts of the four `rule-*` rows (the defaults now at 32 or 128 samples of 512 or 2048 "
-            "tokens), of one recipe on two machines, and of rows with the damping `--damp-auto` gives other token "
-            "counts (ROWS.md), in nats per token of mean per-window NLL: positive means the change costs that domain. "
-            "Each stderr is the per-window contrast's (the evaluation windows' noise); a second run's is not in it "
-            "(the machine row shows its size: up to 0.011 nats), nor the calibration draw's (32 x 512's samples are "
-            "the first 32 of 128 x 512's, the 2048-token samples other text). Written by "
+            "tokens), of one recipe on two machines and on other draws of its calibration samples (`--seed`), and of "
+            "rows with the damping `--damp-auto` gives other token counts (ROWS.md), in nats per token of mean "
+            "per-window NLL: positive means the change costs that domain. Each stderr is the per-window contrast's "
+            "(the evaluation windows' noise); where the seed rows are evaluated, \"with draws\" widens it by their "
+            "run-to-run shift (the table below: 32 x 512 on one machine; a contrast across the two machines may move "
+            "more, one at 128 x 2048 less), which every row here has once. Written by "
             f"`experiments/qwen_coder_domains.py factorial{' --long' if long else ''}` from comparison.json.", "",
             "| contrast | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]
+
+    def cell_text(c):
+        if c is None:
+            return "—"
+        text = f"{c['nats']:+.4f} ± {c['stderr']:.4f}"
+        if c["stderr"] > 0:
+            text += f" ({c['nats'] / c['stderr']:+.1f} SE"
+            text += f"; {c['nats'] / c['stderr_with_draws']:+.1f} with draws)" if "stderr_with_draws" in c else ")"
+        return text
     for r in rows:
-        cells = [r["domains"].get(d) for d in domains]
-        head.append(f"| {r['contrast']} | " + " | ".join(
-            "—" if c is None else f"{c['nats']:+.4f} ± {c['stderr']:.4f}"
-            + (f" ({c['nats'] / c['stderr']:+.1f} SE)" if c["stderr"] > 0 else "") for c in cells) + " |")
+        head.append(f"| {r['contrast']} | " + " | ".join(cell_text(r["domains"].get(d)) for d in domains) + " |")
     n = {c["n"] for r in rows for c in r["domains"].values()}
     head += ["", f"Windows per domain: {', '.join(map(str, sorted(n)))}."]
+    if spreads:
+        head += ["", "## How far one recipe moves between runs", "",
+                 "Runs of one recipe on the same windows, a two-way analysis of variance (runs x windows; "
+                 "`accuracy.paired.draw_spread`): sigma_draw is the shift a run shares across every window, which a "
+                 "paired stderr cannot see (0 where the runs differ no more than the windows' noise predicts); F tests "
+                 "it against the run x window noise (sigma_window, per window), p its upper tail.", "",
+                 "| runs | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]
+        for sp in spreads:
+            cells = [sp["domains"].get(d) for d in domains]
+            head.append(f"| {sp['replicates']} | " + " | ".join(
+                "—" if c is None else f"sigma_draw {c['sigma_draw']:.4f} (F {c['f']:.2f}, p {_p_value(c['p'])}; "
+                f"sigma_window {c['sigma_window']:.4f}; {c['runs']} runs)"
+                for c in cells) + " |")
     write_text_atomic(report / "calibration-factorial.json", json.dumps(
-        {"window": window, "contrasts": rows},
-        indent=1) + "\n")
+        {"window": window, "contrasts": rows, "replicates": spreads}, indent=1) + "\n")
     write_text_atomic(report / "calibration-factorial.md", "\n".join(head) + "\n")
     return report / "calibration-factorial.md"
 

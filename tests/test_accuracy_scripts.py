@@ -134,6 +134,35 @@ def test_contrast_is_the_per_window_contrast_and_its_spread():
         contrast([a, b[:3]], [-1, 1])
 
 
+def test_draw_spread_separates_a_shared_shift_from_the_windows_noise():
+    from qwen_quant.accuracy.paired import draw_spread, f_upper_tail, with_draws
+
+    # three runs of one recipe on 4 windows: run 2 is shifted by 0.1 on every window, the rest is the same
+    # interaction pattern (+e, -e) that a paired stderr sees
+    base = [2.0, 3.0, 4.0, 5.0]
+    e = [0.01, -0.01, 0.01, -0.01]
+    runs = [[b + x for b, x in zip(base, e)], [b - x for b, x in zip(base, e)], [b + 0.1 for b in base]]
+    out = draw_spread(runs)
+    # by hand: run means 3.5, 3.5, 3.6 (grand 3.5333); ms_draw = 4 * (2 * 0.0333^2 + 0.0667^2) / 2
+    assert out["ms_draw"] == pytest.approx(4 * (2 * (0.1 / 3) ** 2 + (0.2 / 3) ** 2) / 2)
+    # residuals: +-e around the window means for runs 0 and 1 (run 2 has none); 8 * 1e-4 over (2 * 3) df
+    assert out["ms_window"] == pytest.approx(8e-4 / 6)
+    assert out["sigma_draw"] == pytest.approx(((out["ms_draw"] - out["ms_window"]) / 4) ** 0.5)
+    assert out["df"] == [2, 6] and out["p"] < 0.001
+    # no shift at all: sigma_draw 0, p large
+    flat = draw_spread(runs[:2] + [[b + x for b, x in zip(base, e)]])
+    assert flat["sigma_draw"] == 0 and flat["p"] > 0.5
+    # F's tail: closed form at df1 = 2, (d2 / (d2 + 2 f)) ** (d2 / 2); tabulated 5 % points at other df
+    assert f_upper_tail(3.316, 2, 30) == pytest.approx((30 / (30 + 2 * 3.316)) ** 15, rel=1e-9)
+    assert f_upper_tail(4.171, 1, 30) == pytest.approx(0.05, abs=2e-4)
+    assert f_upper_tail(2.812, 3, 45) == pytest.approx(0.05, abs=2e-4)
+    assert f_upper_tail(1.0, 5, 5) == pytest.approx(0.5)
+    # a 2x2 main effect weighs four single runs by 1/2: their shifts add sigma_draw^2 in all
+    assert with_draws(0.003, [.5, .5, -.5, -.5], 0.004) == pytest.approx(0.005)
+    with pytest.raises(ValueError):
+        draw_spread([base])
+
+
 def test_domain_study_factorial_pairs_the_four_cells_per_domain(tmp_path, monkeypatch):
     study = load_script("qwen_coder_domains")
     monkeypatch.setattr(study, "REPORT", tmp_path)
@@ -142,6 +171,11 @@ def test_domain_study_factorial_pairs_the_four_cells_per_domain(tmp_path, monkey
     results = [{"model": row, "task": "ppl-fiction", "details": {"per_window_nll": [x + s for x in base]}}
                for row, s in shift.items()]
     results.append({"model": "rule-32x512", "task": "ppl-fr", "details": {"per_window_nll": base}})  # one cell only
+    # two calibration seeds of rule-32x512's recipe: seed 1 shifted by 0.05 on every window, plus a little noise
+    wobble = [0.001, -0.001, 0.001, -0.001]
+    for row, s in {"amd-32x512": 0.0, "seed1-32x512": 0.05}.items():
+        results.append({"model": row, "task": "ppl-fiction",
+                        "details": {"per_window_nll": [x + s + (w if s else -w) for x, w in zip(base, wobble)]}})
     (tmp_path / "comparison.json").write_text(json.dumps({"results": results}))
     text = study.factorial().read_text()
     out = json.loads((tmp_path / "calibration-factorial.json").read_text())
@@ -151,3 +185,11 @@ def test_domain_study_factorial_pairs_the_four_cells_per_domain(tmp_path, monkey
     assert effects["interaction (length's effect at 128 minus at 32)"]["ppl-fiction"]["nats"] == pytest.approx(0)
     assert all("ppl-fr" not in d for d in effects.values())   # French lacks three cells: no contrast there
     assert "| samples 32 -> 128, at 512 tokens |" in text and "Windows per domain: 4." in text
+    seeds = out["replicates"][0]
+    assert seeds["domains"]["ppl-fiction"]["rows"] == ["amd-32x512", "seed1-32x512"]
+    assert seeds["domains"]["ppl-fiction"]["sigma_draw"] == pytest.approx(0.05 / 2 ** 0.5, rel=0.01)
+    # the 2x2 rows are single runs: the seeds' shift widens their contrasts (exactly 0 paired error here)
+    main = effects["sample length, main effect (mean of the two)"]["ppl-fiction"]
+    assert main["stderr"] == pytest.approx(0) and main["stderr_with_draws"] == pytest.approx(0.05 / 2 ** 0.5, rel=0.01)
+    assert effects["another draw of the calibration (seed 0 -> 1; AMD)"]["ppl-fiction"]["nats"] == pytest.approx(0.05)
+    assert "## How far one recipe moves between runs" in text
