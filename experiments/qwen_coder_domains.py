@@ -183,12 +183,13 @@ ROWS = {
     "damp32-128x512": ("rule-128x512 at rule-32x512's damping: --damp-auto 2.0 gives every layer max(0.01, 2.0 x "
                        "inputs / 65,536), the 0.5 x inputs / 16,384 of 32 x 512 (down_proj 0.27, the rest 0.047): "
                        "against amd-32x512 (the same machine), what four times the samples do at fixed damping; "
-                       "does 128 x 512 keep its gains on English and French without the fiction it cost? (not "
-                       "measured yet)",
+                       "does 128 x 512 keep its gains on English and French without the fiction it cost? (code 2.3 SE "
+                       "better; French better and fiction worse by amounts inside the calibration draw's spread: "
+                       "DIAGNOSIS.md section 8)",
                        ["--nsamples", "128", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin", "--damp-auto",
                         "2.0"]),
     # other draws of amd-32x512's calibration samples (--seed picks each corpus's samples): with amd-32x512 (seed 0),
-    # three draws of one recipe on one machine, the spread between rows that the windows' paired errors leave out
+    # four draws of one recipe on one machine, the spread between rows that the windows' paired errors leave out
     **{f"seed{k}-32x512": (f"amd-32x512 with --seed {k}: the same recipe on the same machine, another draw of the "
                            "calibration samples (each corpus's windows chosen by torch.randperm(seed)): with amd-32x512 "
                            "and the other seed rows, how far rows move between draws (DIAGNOSIS.md section 8)",
@@ -427,8 +428,9 @@ def factorial(long: bool = False) -> Path:
             "rows with the damping `--damp-auto` gives other token counts (ROWS.md), in nats per token of mean "
             "per-window NLL: positive means the change costs that domain. Each stderr is the per-window contrast's "
             "(the evaluation windows' noise); where the seed rows are evaluated, \"with draws\" widens it by their "
-            "run-to-run shift (the table below: 32 x 512 on one machine; a contrast across the two machines may move "
-            "more, one at 128 x 2048 less), which every row here has once. Written by "
+            "run-to-run shift (the table below, measured at 32 x 512, where a draw weighs most: at 128 samples it "
+            "should move less), which every row here has once; 32 x 512's samples at seed 0 are the first 32 of 128 x "
+            "512's, so those rows share part of a draw. Written by "
             f"`experiments/qwen_coder_domains.py factorial{' --long' if long else ''}` from comparison.json.", "",
             "| contrast | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]
 
