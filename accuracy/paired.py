@@ -103,7 +103,7 @@ def draw_spread(columns: Sequence[Sequence[float]]) -> dict:
     resid = sum((c[w] - rm - window_means[w] + grand) ** 2 for c, rm in zip(columns, run_means) for w in range(n))
     df1, df2 = k - 1, (k - 1) * (n - 1)
     ms_window = resid / df2
-    f = ms_draw / ms_window if ms_window > 0 else math.inf
+    f = ms_draw / ms_window if ms_window > 0 else (math.inf if ms_draw > 0 else 0.0)   # identical runs: no shift
     return {"runs": k, "windows": n, "ms_draw": ms_draw, "ms_window": ms_window, "f": f, "df": [df1, df2],
             "p": f_upper_tail(f, df1, df2), "sigma_draw": math.sqrt(max(ms_draw - ms_window, 0.0) / n),
             "sigma_window": math.sqrt(ms_window)}

@@ -159,6 +159,7 @@ def test_draw_spread_separates_a_shared_shift_from_the_windows_noise():
     assert f_upper_tail(1.0, 5, 5) == pytest.approx(0.5)
     # a 2x2 main effect weighs four single runs by 1/2: their shifts add sigma_draw^2 in all
     assert with_draws(0.003, [.5, .5, -.5, -.5], 0.004) == pytest.approx(0.005)
+    assert draw_spread([base, base])["p"] == 1.0   # identical runs: nothing to test, no shift
     with pytest.raises(ValueError):
         draw_spread([base])
 
