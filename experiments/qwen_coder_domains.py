@@ -408,7 +408,7 @@ def factorial(long: bool = False) -> Path:
                                                      for k, v in out.items()}}
         if per_domain:
             spreads.append({"replicates": what, "domains": per_domain})
-    seeds = spreads[0]["domains"] if spreads and spreads[0]["replicates"] == REPLICATES[0][0] else {}
+    seeds = next((sp["domains"] for sp in spreads if sp["replicates"] == REPLICATES[0][0]), {})  # what widens
     rows = []
     for what, weights in CONTRASTS:
         per_domain = {}
