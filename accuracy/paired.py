@@ -93,20 +93,57 @@ def draw_spread(columns: Sequence[Sequence[float]]) -> dict:
     sigma_draw = 0 (p: its upper tail on (k - 1, (k - 1)(n - 1)) degrees of freedom). sigma_draw is the moment
     estimate, 0 where ms_draw < ms_window. A contrast sum_i w_i * mean_i of single runs of different recipes then
     carries the variance sum_i w_i^2 * sigma_draw^2 beside its paired stderr's (`with_draws`)."""
-    k, n = len(columns), len(columns[0]) if columns else 0
-    if k < 2 or n < 2 or any(len(c) != n for c in columns):
-        raise ValueError("draw_spread needs two or more runs scored on the same two or more windows")
-    grand = sum(map(sum, columns)) / (k * n)
-    run_means = [sum(c) / n for c in columns]
-    window_means = [sum(c[w] for c in columns) / k for w in range(n)]
-    ms_draw = n * sum((m - grand) ** 2 for m in run_means) / (k - 1)
-    resid = sum((c[w] - rm - window_means[w] + grand) ** 2 for c, rm in zip(columns, run_means) for w in range(n))
+    a = _two_way(columns)
+    k, n, ms_draw, ms_window = a["k"], a["n"], a["ms_runs"], a["ms_resid"]
     df1, df2 = k - 1, (k - 1) * (n - 1)
-    ms_window = resid / df2
     f = ms_draw / ms_window if ms_window > 0 else (math.inf if ms_draw > 0 else 0.0)   # identical runs: no shift
     return {"runs": k, "windows": n, "ms_draw": ms_draw, "ms_window": ms_window, "f": f, "df": [df1, df2],
             "p": f_upper_tail(f, df1, df2), "sigma_draw": math.sqrt(max(ms_draw - ms_window, 0.0) / n),
             "sigma_window": math.sqrt(ms_window)}
+
+
+def _two_way(columns: Sequence[Sequence[float]]) -> dict:
+    """The mean squares of a runs x windows table without replication: runs, windows, and their interaction
+    (the residual), on k - 1, n - 1 and (k - 1)(n - 1) degrees of freedom."""
+    k, n = len(columns), len(columns[0]) if columns else 0
+    if k < 2 or n < 2 or any(len(c) != n for c in columns):
+        raise ValueError("two or more runs scored on the same two or more windows are needed")
+    grand = sum(map(sum, columns)) / (k * n)
+    run_means = [sum(c) / n for c in columns]
+    window_means = [sum(c[w] for c in columns) / k for w in range(n)]
+    resid = sum((c[w] - rm - window_means[w] + grand) ** 2 for c, rm in zip(columns, run_means) for w in range(n))
+    return {"k": k, "n": n, "grand": grand, "run_means": run_means,
+            "ms_runs": n * sum((m - grand) ** 2 for m in run_means) / (k - 1),
+            "ms_windows": k * sum((m - grand) ** 2 for m in window_means) / (n - 1),
+            "ms_resid": resid / ((k - 1) * (n - 1))}
+
+
+def replicated_contrast(differences: Sequence[Sequence[float]]) -> dict:
+    """A change of recipe measured on k calibration draws, each draw made with and without it and scored on the
+    same n windows: its effect averaged over draws and windows, with an error that counts both as samples.
+
+    differences[j][w] is draw j's per-window contrast (e.g. with minus without, NLL) on window w. A paired stderr
+    of one draw sees the windows only; how much the effect itself changes with the draw is the spread between the
+    draws' means. In the two-way random-effects model (draw, window, and their interaction) the grand mean's
+    variance is tau_draw^2 / k + tau_window^2 / n + sigma_e^2 / (k n) (tau: how far the effect itself moves from
+    draw to draw and from window to window; a draw's shift of the rows it makes with and without the change, shared,
+    cancels in the difference), estimated by (MS_draws + MS_windows -
+    MS_e) / (k n) from the mean squares' expectations; a component whose estimate is negative is taken as 0 (its
+    mean square then drops out, with MS_e's share), and the degrees of freedom are Satterthwaite's. t = mean /
+    stderr, p its two-sided tail (t^2 is F on (1, df)). per_draw: each draw's own effect (its mean over windows)."""
+    a = _two_way(differences)
+    k, n, ms_d, ms_w, ms_e = a["k"], a["n"], a["ms_runs"], a["ms_windows"], a["ms_resid"]
+    # the variance of the grand mean, k n x: c_d MS_draws + c_w MS_windows + c_e MS_e (kept components only)
+    c_d, c_w = float(ms_d > ms_e), float(ms_w > ms_e)
+    terms = [(c_d, ms_d, k - 1), (c_w, ms_w, n - 1), (1.0 - c_d - c_w, ms_e, (k - 1) * (n - 1))]
+    var_kn = sum(c * ms for c, ms, _ in terms)
+    stderr = math.sqrt(max(var_kn, 0.0) / (k * n))
+    denom = sum((c * ms) ** 2 / df for c, ms, df in terms if c)
+    df = var_kn ** 2 / denom if denom > 0 else math.inf
+    t = a["grand"] / stderr if stderr > 0 else (math.copysign(math.inf, a["grand"]) if a["grand"] else 0.0)
+    p = 1.0 if t == 0 else (0.0 if math.isinf(t) else f_upper_tail(t * t, 1, df))
+    return {"mean": a["grand"], "stderr": stderr, "df": df, "t": t, "p": p, "draws": k, "windows": n,
+            "per_draw": a["run_means"]}
 
 
 def with_draws(stderr: float, weights: Sequence[float], sigma_draw: float) -> float:
@@ -114,9 +151,9 @@ def with_draws(stderr: float, weights: Sequence[float], sigma_draw: float) -> fl
     return math.sqrt(stderr ** 2 + sum(w * w for w in weights) * sigma_draw ** 2)
 
 
-def f_upper_tail(f: float, df1: int, df2: int) -> float:
+def f_upper_tail(f: float, df1: float, df2: float) -> float:
     """P(F > f) for Fisher's F on (df1, df2) degrees of freedom: the regularized incomplete beta
-    I_x(df2 / 2, df1 / 2) at x = df2 / (df2 + df1 f)."""
+    I_x(df2 / 2, df1 / 2) at x = df2 / (df2 + df1 f); real degrees of freedom (Satterthwaite's) work as well."""
     if f <= 0:
         return 1.0
     if math.isinf(f):

@@ -195,6 +195,14 @@ ROWS = {
                            "and the other seed rows, how far rows move between draws (DIAGNOSIS.md section 8)",
                            ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin", "--seed",
                             str(k)]) for k in (1, 2, 3)},
+    # amd-32x512's recipe and its four draws with --shrink auto (each layer's Hessian shrunk toward its diagonal by
+    # its own Ledoit-Wolf intensity): paired seed by seed with the rows above, does shrinking help out of domain on
+    # average over draws, and does it make a row move less with its draw?
+    **{f"shrink-seed{k}-32x512": (f"{'amd-32x512' if k == 0 else f'seed{k}-32x512'} with --shrink auto: with the other "
+                                  "shrink-seed rows, --shrink auto's effect averaged over four calibration draws and "
+                                  "its own draw spread (DIAGNOSIS.md section 9)",
+                                  ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin", "--seed",
+                                   str(k), "--shrink", "auto"]) for k in (0, 1, 2, 3)},
     "self-16x512": ("the defaults now at 16 x 512 (nomse-16x512's settings) calibrated on text the model writes "
                     "itself (--calib self: 16 samples sampled from <|endoftext|> at temperature 1, top-p 0.95, bf16; "
                     "self-calibration, Williams et al. 2025): does the model's own distribution hold up out of "
@@ -372,8 +380,13 @@ CONTRASTS = [
 # runs of one recipe: how far its rows move between runs beyond the windows' noise (accuracy.paired.draw_spread). The
 # seeds' spread widens every contrast above (with_draws): each row in them is a single run of its recipe.
 SEEDS = [AMD, "seed1-32x512", "seed2-32x512", "seed3-32x512"]
+SHRINK_SEEDS = [f"shrink-seed{k}-32x512" for k in range(4)]   # the same four draws with --shrink auto
 REPLICATES = [("rule-32x512's recipe, calibration seeds 0-3 (AMD)", SEEDS),
-              ("rule-32x512's recipe on two machines (Xeon, AMD; seed 0)", [R32_512, AMD])]
+              ("rule-32x512's recipe on two machines (Xeon, AMD; seed 0)", [R32_512, AMD]),
+              ("rule-32x512's recipe with --shrink auto, seeds 0-3 (AMD)", SHRINK_SEEDS)]
+# a change made on several draws, each draw with and without it (rows paired by seed): its effect averaged over the
+# draws, with the draws and the windows both counted as samples (accuracy.paired.replicated_contrast)
+REPLICATED_CHANGES = [("--shrink auto at 32 x 512, over seeds 0-3 (AMD)", SHRINK_SEEDS, SEEDS)]
 
 
 def _p_value(p: float) -> str:
@@ -387,7 +400,7 @@ def factorial(long: bool = False) -> Path:
     each contrast's stderr is given again widened by the seeds' run-to-run spread. Writes
     calibration-factorial.{md,json} beside the table; a contrast or replicate set whose rows are not all evaluated
     is left out."""
-    from qwen_quant.accuracy.paired import contrast, draw_spread, with_draws
+    from qwen_quant.accuracy.paired import contrast, draw_spread, replicated_contrast, with_draws
     from qwen_quant.files import write_text_atomic
 
     report = LONG_REPORT if long else REPORT
@@ -421,6 +434,18 @@ def factorial(long: bool = False) -> Path:
                 per_domain[d] = cell
         if per_domain:
             rows.append({"contrast": what, "weights": weights, "domains": per_domain})
+    changes = []
+    for what, with_rows, without_rows in REPLICATED_CHANGES:
+        per_domain = {}
+        for d in domains:
+            pairs = [(a, b) for a, b in zip(with_rows, without_rows) if (a, d) in nlls and (b, d) in nlls]
+            if len(pairs) >= 2:
+                out = replicated_contrast([[x - y for x, y in zip(nlls[a, d], nlls[b, d])] for a, b in pairs])
+                per_domain[d] = {"pairs": pairs, **{k: (round(v, 6) if isinstance(v, float) else v)
+                                                    for k, v in out.items() if k != "per_draw"},
+                                 "per_draw": [round(v, 5) for v in out["per_draw"]]}
+        if per_domain:
+            changes.append({"change": what, "domains": per_domain})
     window = LONG if long else 512
     head = [f"# Calibration: more samples, longer ones, or less damping? (held-out text in {window}-token windows)",
             "", "Paired contrasts of the four `rule-*` rows (the defaults now at 32 or 128 samples of 512 or 2048 "
@@ -459,8 +484,22 @@ def factorial(long: bool = False) -> Path:
                 "—" if c is None else f"sigma_draw {c['sigma_draw']:.4f} (F {c['f']:.2f}, p {_p_value(c['p'])}; "
                 f"sigma_window {c['sigma_window']:.4f}; {c['runs']} runs)"
                 for c in cells) + " |")
+    if changes:
+        head += ["", "## A change averaged over calibration draws", "",
+                 "Each draw (seed) made with and without the change, the rows paired by seed; the per-window contrast "
+                 "(with minus without, nats per token) averaged over draws and windows, its stderr counting both as "
+                 "samples (two-way random effects, Satterthwaite's df; `accuracy.paired.replicated_contrast`). "
+                 "Per draw: each seed's own contrast, in seed order.", "",
+                 "| change | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]
+        for ch in changes:
+            cells = [ch["domains"].get(d) for d in domains]
+            head.append(f"| {ch['change']} | " + " | ".join(
+                "—" if c is None else f"{c['mean']:+.4f} ± {c['stderr']:.4f} (t {c['t']:+.1f} on {c['df']:.1f} df, "
+                f"p {_p_value(c['p'])}; per draw " + ", ".join(f"{v:+.4f}" for v in c["per_draw"]) + ")"
+                for c in cells) + " |")
     write_text_atomic(report / "calibration-factorial.json", json.dumps(
-        {"window": window, "contrasts": rows, "replicates": spreads}, indent=1) + "\n")
+        {"window": window, "contrasts": rows, "replicates": spreads, "replicated_changes": changes},
+        indent=1) + "\n")
     write_text_atomic(report / "calibration-factorial.md", "\n".join(head) + "\n")
     return report / "calibration-factorial.md"
 
