@@ -146,6 +146,18 @@ def replicated_contrast(differences: Sequence[Sequence[float]]) -> dict:
             "per_draw": a["run_means"]}
 
 
+def spread_ratio(runs_a: Sequence[Sequence[float]], runs_b: Sequence[Sequence[float]]) -> dict:
+    """Does recipe A move less with its draw than recipe B? Each is k runs on the same n windows (draw_spread);
+    F = B's ms_draw / A's ms_draw on (k_b - 1, k_a - 1) df tests equal run-to-run spread (each mean square is
+    sigma_window^2 + n sigma_draw^2 of its recipe), p two-sided. Above 1: A moves less."""
+    a, b = draw_spread(runs_a), draw_spread(runs_b)
+    df1, df2 = b["df"][0], a["df"][0]
+    f = b["ms_draw"] / a["ms_draw"] if a["ms_draw"] > 0 else math.inf
+    upper = f_upper_tail(f, df1, df2)
+    return {"f": f, "df": [df1, df2], "p": min(1.0, 2 * min(upper, 1.0 - upper)),
+            "sigma_draw": [a["sigma_draw"], b["sigma_draw"]]}
+
+
 def with_draws(stderr: float, weights: Sequence[float], sigma_draw: float) -> float:
     """A paired contrast's stderr widened by the run-to-run shift of each single run it weighs (draw_spread)."""
     return math.sqrt(stderr ** 2 + sum(w * w for w in weights) * sigma_draw ** 2)

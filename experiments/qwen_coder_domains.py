@@ -400,7 +400,7 @@ def factorial(long: bool = False) -> Path:
     each contrast's stderr is given again widened by the seeds' run-to-run spread. Writes
     calibration-factorial.{md,json} beside the table; a contrast or replicate set whose rows are not all evaluated
     is left out."""
-    from qwen_quant.accuracy.paired import contrast, draw_spread, replicated_contrast, with_draws
+    from qwen_quant.accuracy.paired import contrast, draw_spread, replicated_contrast, spread_ratio, with_draws
     from qwen_quant.files import write_text_atomic
 
     report = LONG_REPORT if long else REPORT
@@ -441,9 +441,12 @@ def factorial(long: bool = False) -> Path:
             pairs = [(a, b) for a, b in zip(with_rows, without_rows) if (a, d) in nlls and (b, d) in nlls]
             if len(pairs) >= 2:
                 out = replicated_contrast([[x - y for x, y in zip(nlls[a, d], nlls[b, d])] for a, b in pairs])
+                ratio = spread_ratio([nlls[a, d] for a, _ in pairs], [nlls[b, d] for _, b in pairs])
                 per_domain[d] = {"pairs": pairs, **{k: (round(v, 6) if isinstance(v, float) else v)
                                                     for k, v in out.items() if k != "per_draw"},
-                                 "per_draw": [round(v, 5) for v in out["per_draw"]]}
+                                 "per_draw": [round(v, 5) for v in out["per_draw"]],
+                                 "spread_ratio": {k: (round(v, 6) if isinstance(v, float) else v)
+                                                  for k, v in ratio.items()}}
         if per_domain:
             changes.append({"change": what, "domains": per_domain})
     window = LONG if long else 512
@@ -489,13 +492,16 @@ def factorial(long: bool = False) -> Path:
                  "Each draw (seed) made with and without the change, the rows paired by seed; the per-window contrast "
                  "(with minus without, nats per token) averaged over draws and windows, its stderr counting both as "
                  "samples (two-way random effects, Satterthwaite's df; `accuracy.paired.replicated_contrast`). "
-                 "Per draw: each seed's own contrast, in seed order.", "",
+                 "Per draw: each seed's own contrast, in seed order. Spread: whether the draw moves the rows less "
+                 "with the change, F = ms_draw without / ms_draw with (`accuracy.paired.spread_ratio`; above 1: less), "
+                 "two-sided p.", "",
                  "| change | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]
         for ch in changes:
             cells = [ch["domains"].get(d) for d in domains]
             head.append(f"| {ch['change']} | " + " | ".join(
                 "—" if c is None else f"{c['mean']:+.4f} ± {c['stderr']:.4f} (t {c['t']:+.1f} on {c['df']:.1f} df, "
-                f"p {_p_value(c['p'])}; per draw " + ", ".join(f"{v:+.4f}" for v in c["per_draw"]) + ")"
+                f"p {_p_value(c['p'])}; per draw " + ", ".join(f"{v:+.4f}" for v in c["per_draw"])
+                + f"; spread F {c['spread_ratio']['f']:.2f}, p {_p_value(c['spread_ratio']['p'])})"
                 for c in cells) + " |")
     write_text_atomic(report / "calibration-factorial.json", json.dumps(
         {"window": window, "contrasts": rows, "replicates": spreads, "replicated_changes": changes},

@@ -197,6 +197,21 @@ def test_replicated_contrast_counts_the_draws_and_the_windows_as_samples():
     assert 0.02 < rejected / trials < 0.08
 
 
+def test_spread_ratio_says_which_recipe_moves_less_with_its_draw():
+    from qwen_quant.accuracy.paired import draw_spread, f_upper_tail, spread_ratio
+
+    base = [2.0, 3.0, 4.0, 5.0, 4.5]
+    e = [0.01, -0.01, 0.02, -0.02, 0.01]
+    steady = [[b + s * x for b, x in zip(base, e)] for s in (1, -1, 0.5)]
+    moving = [[b + s * x + shift for b, x in zip(base, e)] for s, shift in ((1, 0.0), (-1, 0.1), (0.5, -0.1))]
+    out = spread_ratio(steady, moving)
+    assert out["f"] == pytest.approx(draw_spread(moving)["ms_draw"] / draw_spread(steady)["ms_draw"])
+    assert out["f"] > 100 and out["df"] == [2, 2]
+    assert out["p"] == pytest.approx(2 * f_upper_tail(out["f"], 2, 2)) and out["p"] < 0.02
+    assert spread_ratio(moving, steady)["p"] == pytest.approx(out["p"])   # two-sided: the same either way round
+    assert out["sigma_draw"][0] < out["sigma_draw"][1]
+
+
 def test_domain_study_factorial_pairs_the_four_cells_per_domain(tmp_path, monkeypatch):
     study = load_script("qwen_coder_domains")
     monkeypatch.setattr(study, "REPORT", tmp_path)
@@ -237,3 +252,5 @@ def test_domain_study_factorial_pairs_the_four_cells_per_domain(tmp_path, monkey
     # the windows agree exactly, so the error is the two draws' own: |0.02 - 0.04| / 2
     assert shrink["stderr"] == pytest.approx(0.01) and shrink["df"] == pytest.approx(1)
     assert "## A change averaged over calibration draws" in text and "per draw -0.0200, -0.0400" in text
+    # with and without the change the two draws differ by the same per-window amounts shifted: spread F near 1
+    assert shrink["spread_ratio"]["df"] == [1, 1] and 0 < shrink["spread_ratio"]["p"] <= 1
