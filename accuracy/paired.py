@@ -127,10 +127,10 @@ def replicated_contrast(differences: Sequence[Sequence[float]]) -> dict:
     draws' means. In the two-way random-effects model (draw, window, and their interaction) the grand mean's
     variance is tau_draw^2 / k + tau_window^2 / n + sigma_e^2 / (k n) (tau: how far the effect itself moves from
     draw to draw and from window to window; a draw's shift of the rows it makes with and without the change, shared,
-    cancels in the difference), estimated by (MS_draws + MS_windows -
-    MS_e) / (k n) from the mean squares' expectations; a component whose estimate is negative is taken as 0 (its
-    mean square then drops out, with MS_e's share), and the degrees of freedom are Satterthwaite's. t = mean /
-    stderr, p its two-sided tail (t^2 is F on (1, df)). per_draw: each draw's own effect (its mean over windows)."""
+    cancels in the difference), estimated by (MS_draws + MS_windows - MS_e) / (k n) from the mean squares'
+    expectations; a component whose estimate is negative is taken as 0 (its mean square then drops out, with MS_e's
+    share), and the degrees of freedom are Satterthwaite's. t = mean / stderr, p its two-sided tail (t^2 is F on
+    (1, df)). per_draw: each draw's own effect (its mean over windows)."""
     a = _two_way(differences)
     k, n, ms_d, ms_w, ms_e = a["k"], a["n"], a["ms_runs"], a["ms_windows"], a["ms_resid"]
     # the variance of the grand mean, k n x: c_d MS_draws + c_w MS_windows + c_e MS_e (kept components only)

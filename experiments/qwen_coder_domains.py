@@ -203,6 +203,10 @@ ROWS = {
                                   "its own draw spread (DIAGNOSIS.md section 9)",
                                   ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin", "--seed",
                                    str(k), "--shrink", "auto"]) for k in (0, 1, 2, 3)},
+    "shrink-128x2048": ("rule-128x2048 (the defaults, calibration included) with --shrink auto: does section 9's gain "
+                        "on held-out text survive at the default calibration, where each layer's intensity is smaller? "
+                        "(seed 0; started 2026-12-07, resumable)",
+                        ["--no-mse", "--no-rtn-massive-thin", "--shrink", "auto"]),
     "self-16x512": ("the defaults now at 16 x 512 (nomse-16x512's settings) calibrated on text the model writes "
                     "itself (--calib self: 16 samples sampled from <|endoftext|> at temperature 1, top-p 0.95, bf16; "
                     "self-calibration, Williams et al. 2025): does the model's own distribution hold up out of "
@@ -450,7 +454,8 @@ def factorial(long: bool = False) -> Path:
         if per_domain:
             changes.append({"change": what, "domains": per_domain})
     window = LONG if long else 512
-    head = [f"# Calibration: more samples, longer ones, or less damping? (held-out text in {window}-token windows)",
+    head = [f"# Calibration: more samples, longer ones, less damping, or a shrunk Hessian? (held-out text in {window}-"
+            "token windows)",
             "", "Paired contrasts of the four `rule-*` rows (the defaults now at 32 or 128 samples of 512 or 2048 "
             "tokens), of one recipe on two machines and on other draws of its calibration samples (`--seed`), and of "
             "rows with the damping `--damp-auto` gives other token counts (ROWS.md), in nats per token of mean "

@@ -226,7 +226,8 @@ def test_domain_study_factorial_pairs_the_four_cells_per_domain(tmp_path, monkey
         results.append({"model": row, "task": "ppl-fiction",
                         "details": {"per_window_nll": [x + s + (w if s else -w) for x, w in zip(base, wobble)]}})
     # the same two draws with --shrink auto: 0.02 better on seed 0, 0.04 on seed 1
-    for row, base_row, s in (("shrink-seed0-32x512", "amd-32x512", -0.02), ("shrink-seed1-32x512", "seed1-32x512", -0.04)):
+    for row, base_row, s in (("shrink-seed0-32x512", "amd-32x512", -0.02),
+                             ("shrink-seed1-32x512", "seed1-32x512", -0.04)):
         nll = next(r["details"]["per_window_nll"] for r in results if r["model"] == base_row)
         results.append({"model": row, "task": "ppl-fiction", "details": {"per_window_nll": [x + s for x in nll]}})
     (tmp_path / "comparison.json").write_text(json.dumps({"results": results}))
@@ -252,5 +253,5 @@ def test_domain_study_factorial_pairs_the_four_cells_per_domain(tmp_path, monkey
     # the windows agree exactly, so the error is the two draws' own: |0.02 - 0.04| / 2
     assert shrink["stderr"] == pytest.approx(0.01) and shrink["df"] == pytest.approx(1)
     assert "## A change averaged over calibration draws" in text and "per draw -0.0200, -0.0400" in text
-    # with and without the change the two draws differ by the same per-window amounts shifted: spread F near 1
-    assert shrink["spread_ratio"]["df"] == [1, 1] and 0 < shrink["spread_ratio"]["p"] <= 1
+    # the draws' means differ by 0.05 without the change and by 0.03 with it: spread F = (0.05 / 0.03)^2
+    assert shrink["spread_ratio"]["f"] == pytest.approx((0.05 / 0.03) ** 2) and shrink["spread_ratio"]["df"] == [1, 1]
