@@ -203,6 +203,17 @@ ROWS = {
                                   "its own draw spread (DIAGNOSIS.md section 9)",
                                   ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin", "--seed",
                                    str(k), "--shrink", "auto"]) for k in (0, 1, 2, 3)},
+    # AWQ's activation-aware channel scales (--awq-scales), folded into the norms and up_proj before GPTQ: one
+    # exponent per layer from the calibration instead of a K x K correction; on amd-32x512's draws (paired by seed)
+    **{f"awq-seed{k}-32x512": (f"{'amd-32x512' if k == 0 else f'seed{k}-32x512'} with --awq-scales: each layer's input "
+                               "channels scaled by mean|x|^alpha before GPTQ, alpha searched for the lowest "
+                               "round-to-nearest output error (DIAGNOSIS.md section 10)",
+                               ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin", "--seed",
+                                str(k), "--awq-scales"]) for k in (0, 1, 2, 3)},
+    "awq-rtn-32x512": ("round-to-nearest after --awq-scales (32 x 512 calibration tokens for the scales; AWQ without "
+                       "its clipping search): what the scales alone buy over rtn, and what GPTQ adds on top "
+                       "(awq-seed0-32x512; DIAGNOSIS.md section 10)",
+                       ["--method", "rtn", "--no-mse", "--nsamples", "32", "--seqlen", "512", "--awq-scales"]),
     "shrink-128x2048": ("rule-128x2048 (the defaults, calibration included) with --shrink auto: does section 9's gain "
                         "on held-out text survive at the default calibration, where each layer's intensity is smaller? "
                         "(seed 0; started 2026-12-07, resumable)",
@@ -397,6 +408,18 @@ def _p_value(p: float) -> str:
     return f"{p:.3f}" if p >= 0.001 else "< 0.001"
 
 
+def _domain_table(title: str, intro: str, domains: list[str], entries: list[tuple[str, dict]], cell,
+                  label: str) -> list[str]:
+    """A factorial section: one row per (name, {domain: cell}) entry, one column per domain ("—" where the entry
+    has no cell), each cell written by `cell`."""
+    lines = ["", f"## {title}", "", intro, "", f"| {label} | " + " | ".join(domains) + " |",
+             "|---|" + "---:|" * len(domains)]
+    for name, cells in entries:
+        lines.append(f"| {name} | " + " | ".join("—" if cells.get(d) is None else cell(cells[d]) for d in domains)
+                     + " |")
+    return lines
+
+
 def factorial(long: bool = False) -> Path:
     """The paired contrasts of the calibration rows (CONTRASTS) on each domain, from the committed table's per-window
     losses: what longer calibration samples and what more of them do to held-out text, in nats per token (the
@@ -480,34 +503,29 @@ def factorial(long: bool = False) -> Path:
     n = {c["n"] for r in rows for c in r["domains"].values()}
     head += ["", f"Windows per domain: {', '.join(map(str, sorted(n)))}."]
     if spreads:
-        head += ["", "## How far one recipe moves between runs", "",
-                 "Runs of one recipe on the same windows, a two-way analysis of variance (runs x windows; "
-                 "`accuracy.paired.draw_spread`): sigma_draw is the shift a run shares across every window, which a "
-                 "paired stderr cannot see (0 where the runs differ no more than the windows' noise predicts); F tests "
-                 "it against the run x window noise (sigma_window, per window), p its upper tail.", "",
-                 "| runs | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]
-        for sp in spreads:
-            cells = [sp["domains"].get(d) for d in domains]
-            head.append(f"| {sp['replicates']} | " + " | ".join(
-                "—" if c is None else f"sigma_draw {c['sigma_draw']:.4f} (F {c['f']:.2f}, p {_p_value(c['p'])}; "
-                f"sigma_window {c['sigma_window']:.4f}; {c['runs']} runs)"
-                for c in cells) + " |")
+        head += _domain_table(
+            "How far one recipe moves between runs",
+            "Runs of one recipe on the same windows, a two-way analysis of variance (runs x windows; "
+            "`accuracy.paired.draw_spread`): sigma_draw is the shift a run shares across every window, which a "
+            "paired stderr cannot see (0 where the runs differ no more than the windows' noise predicts); F tests "
+            "it against the run x window noise (sigma_window, per window), p its upper tail.",
+            domains, [(sp["replicates"], sp["domains"]) for sp in spreads],
+            lambda c: f"sigma_draw {c['sigma_draw']:.4f} (F {c['f']:.2f}, p {_p_value(c['p'])}; "
+                      f"sigma_window {c['sigma_window']:.4f}; {c['runs']} runs)", label="runs")
     if changes:
-        head += ["", "## A change averaged over calibration draws", "",
-                 "Each draw (seed) made with and without the change, the rows paired by seed; the per-window contrast "
-                 "(with minus without, nats per token) averaged over draws and windows, its stderr counting both as "
-                 "samples (two-way random effects, Satterthwaite's df; `accuracy.paired.replicated_contrast`). "
-                 "Per draw: each seed's own contrast, in seed order. Spread: whether the draw moves the rows less "
-                 "with the change, F = ms_draw without / ms_draw with (`accuracy.paired.spread_ratio`; above 1: less), "
-                 "two-sided p.", "",
-                 "| change | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]
-        for ch in changes:
-            cells = [ch["domains"].get(d) for d in domains]
-            head.append(f"| {ch['change']} | " + " | ".join(
-                "—" if c is None else f"{c['mean']:+.4f} ± {c['stderr']:.4f} (t {c['t']:+.1f} on {c['df']:.1f} df, "
-                f"p {_p_value(c['p'])}; per draw " + ", ".join(f"{v:+.4f}" for v in c["per_draw"])
-                + f"; spread F {c['spread_ratio']['f']:.2f}, p {_p_value(c['spread_ratio']['p'])})"
-                for c in cells) + " |")
+        head += _domain_table(
+            "A change averaged over calibration draws",
+            "Each draw (seed) made with and without the change, the rows paired by seed; the per-window contrast "
+            "(with minus without, nats per token) averaged over draws and windows, its stderr counting both as "
+            "samples (two-way random effects, Satterthwaite's df; `accuracy.paired.replicated_contrast`). "
+            "Per draw: each seed's own contrast, in seed order. Spread: whether the draw moves the rows less "
+            "with the change, F = ms_draw without / ms_draw with (`accuracy.paired.spread_ratio`; above 1: less), "
+            "two-sided p.",
+            domains, [(ch["change"], ch["domains"]) for ch in changes],
+            lambda c: f"{c['mean']:+.4f} ± {c['stderr']:.4f} (t {c['t']:+.1f} on {c['df']:.1f} df, "
+                      f"p {_p_value(c['p'])}; per draw " + ", ".join(f"{v:+.4f}" for v in c["per_draw"])
+                      + f"; spread F {c['spread_ratio']['f']:.2f}, p {_p_value(c['spread_ratio']['p'])})",
+            label="change")
     write_text_atomic(report / "calibration-factorial.json", json.dumps(
         {"window": window, "contrasts": rows, "replicates": spreads, "replicated_changes": changes},
         indent=1) + "\n")

@@ -16,7 +16,7 @@ import torch
 from qwen_quant.errors import UserError
 from qwen_quant.provenance import git_commit
 from qwen_quant.quantize import resume as resume_mod
-from qwen_quant.quantize import writer
+from qwen_quant.quantize import equalize, writer
 from qwen_quant.quantize.settings import QuantSettings
 from qwen_quant.quantize.pipeline import (InMemoryModel, StreamingModel, check_packable,
                                           checkpoint_dtype, forward_autocast, run_blocks)
@@ -330,6 +330,8 @@ def quantize(model, out=None, settings: QuantSettings | None = None, *, device=N
     opened, spec = open_model(model, trust_remote_code, gguf_file, seed)
     seqlen = _resolve_seqlen(seqlen, opened.context, progress)
     check_packable(opened.source, settings)
+    if settings.awq_scales:  # a layout without norm and linear names cannot take the scales: say so before calibrating
+        equalize.scale_groups(opened.source.layout, opened.source.blocks[0])
     from qwen_quant.quantize.calibration import build_calibration
 
     if calib == "self":

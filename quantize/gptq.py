@@ -71,6 +71,7 @@ class HessianAccumulator:
         self.tokens = 0
         self._xtx = None if device is None else torch.zeros(in_features, in_features, device=device)
         self._peaks: list[float] = []
+        self._abs_sum = None  # sum over tokens of |x| per input channel, for `mean_abs` (AWQ's statistic)
         # spread: also keep the sum over batches of each batch's own Hessian squared, element-wise, for
         # `shrinkage` (one more K x K matrix, one more element-wise pass per batch)
         self._spread = spread
@@ -110,6 +111,8 @@ class HessianAccumulator:
         else:
             self._xtx.addmm_(rows.T, rows)
         self.tokens += rows.shape[0]
+        abs_sum = rows.abs().sum(dim=0)
+        self._abs_sum = abs_sum if self._abs_sum is None else self._abs_sum.add_(abs_sum)
         if rows.shape[0] > 1:
             norms = rows.norm(dim=1)
             self._peaks.append(float(norms.max() / norms.median().clamp_min(torch.finfo(torch.float32).tiny)))
@@ -121,6 +124,12 @@ class HessianAccumulator:
         if not self._peaks:
             return 0.0
         return float(torch.tensor(self._peaks).median())
+
+    def mean_abs(self) -> torch.Tensor:
+        """Mean |x| of each input channel over all tokens [K] (AWQ's measure of which channels matter)."""
+        if self.tokens == 0:
+            raise UserError("no calibration tokens reached this layer: give more calibration text")
+        return self._abs_sum / self.tokens
 
     def shrinkage(self) -> float:
         """Ledoit-Wolf's shrinkage intensity toward the diagonal (Ledoit & Wolf 2004; Schaefer & Strimmer 2005,

@@ -24,7 +24,7 @@ import torch.nn as nn
 from qwen_quant.errors import UserError
 from qwen_quant.host_memory import keep_large_buffers_mapped, release_freed_memory
 from qwen_quant.kernels.format import pack_qweight, pack_qzeros
-from qwen_quant.quantize import gptq
+from qwen_quant.quantize import equalize, gptq
 from qwen_quant.models.layouts import Layout, blocks_of
 from qwen_quant.quantize.settings import OPT_IN_RUN_SETTINGS, SHRINK_AUTO, QuantSettings  # noqa: F401 (re-exported)
 
@@ -50,6 +50,10 @@ class LayerStats:
     input_peak: float | None = None
     method: str | None = None
     shrink: float | None = None  # the --shrink GPTQ used on its Hessian (auto: this layer's intensity)
+    # --awq-scales: the alpha of its input channels' scales (None where no scaling won the search) and what they did
+    # to the round-to-nearest output error on the calibration inputs (with / without); both None: not in a group
+    awq_alpha: float | None = None
+    awq_error_ratio: float | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -454,6 +458,38 @@ def quantize_block(block: nn.Module, inputs: BlockInputs, layout: Layout, settin
 
 
 @torch.no_grad()
+def equalize_block(block: nn.Module, inputs: BlockInputs, layout: Layout, settings: QuantSettings) -> dict:
+    """--awq-scales: search and fold each scale group's channel scales (quantize/equalize.py) into the block, still
+    in full precision; {linear name: (alpha, error ratio)}. One pass over the samples collects every group's input
+    statistics: folding one group leaves every other group's inputs as they were (the function is unchanged, and
+    down_proj's inputs change only by its own group's scales, which the search accounts for)."""
+    groups = equalize.scale_groups(layout, block)
+    accs = [gptq.HessianAccumulator(block.get_submodule(g.linears[0]).in_features) for g in groups]
+    mask = []
+
+    def hook_for(acc):
+        return lambda _module, a: acc.add_batch(a[0].detach(), mask=mask[0])
+
+    handles = [block.get_submodule(g.linears[0]).register_forward_pre_hook(hook_for(acc))
+               for g, acc in zip(groups, accs)]
+    try:
+        for i in range(len(inputs.hidden)):
+            mask[:] = [inputs.token_mask[i:i + 1]]
+            inputs.run(block, i)
+    finally:
+        for handle in handles:
+            handle.remove()
+    found = {}
+    for group, acc in zip(groups, accs):
+        weights = [block.get_submodule(name).weight.detach() for name in group.linears]
+        s, alpha, ratio = equalize.search_scales(weights, acc.hessian(), acc.mean_abs(), settings.bits,
+                                                 settings.group_size, settings.sym)
+        equalize.fold(block, group, s)
+        found |= {name: (alpha, ratio) for name in group.linears}
+    return found
+
+
+@torch.no_grad()
 def propagate(block: nn.Module, inputs: BlockInputs, fp_block: nn.Module | None = None) -> None:
     """The next block's inputs: this block's outputs with its quantized weights (and, for asymmetric
     calibration, the fp model's: the unquantized copy on the fp stream)."""
@@ -473,8 +509,11 @@ def quantize_and_propagate(block: nn.Module, inputs: BlockInputs, layout: Layout
                            on_layer: Callable[[str], None] | None = None) -> tuple[dict, list[LayerStats]]:
     """One block's whole turn: quantize it in place, then move both streams past it (the quantized model's
     and, with asymmetric calibration, the fp model's through an unquantized copy of the block)."""
+    scaled = equalize_block(block, inputs, layout, settings) if settings.awq_scales else {}
     fp_block = copy.deepcopy(block) if inputs.fp_hidden is not None else None  # one block's weights
     results, stats = quantize_block(block, inputs, layout, settings, on_layer=on_layer, fp_block=fp_block)
+    for s in stats:
+        s.awq_alpha, s.awq_error_ratio = scaled.get(s.name, (None, None))
     propagate(block, inputs, fp_block)
     return results, stats
 

@@ -81,6 +81,13 @@ class QuantSettings:
                                      "layer's output error on the calibration data (the objective GPTQ minimizes; "
                                      "same format, ~10%% more time). Never raises a layer's error; most help where "
                                      "inputs have outliers")
+    # AWQ's activation-aware channel scales (quantize/equalize.py), searched per group of linears and folded into
+    # the norms and up_proj before GPTQ: one exponent per layer is all the calibration decides. Opt-in until measured.
+    awq_scales: bool = _opt(False, "fold activation-aware channel scales into the model before quantizing (AWQ's "
+                                   "scale search, Lin et al. 2024): each input channel scaled by mean|x|^alpha, alpha "
+                                   "searched per layer for the lowest round-to-nearest output error on the calibration "
+                                   "data; the norms and up_proj absorb the inverse, the format is unchanged (default "
+                                   "off)")
     # Massive activations (Sun et al. 2024, "Massive activations in large language models"): in a few layers a
     # few tokens (the attention sink at position 0) reach many times the typical token's input norm. On
     # Qwen2.5-Coder-1.5B: down_proj of layers 1, 2, 3, 26, 27 (peak over median 3.5-15 on the calibration; every
@@ -171,7 +178,7 @@ class QuantSettings:
             object.__setattr__(self, "rtn_massive", 0.0)  # every layer is round-to-nearest already
         for name, kind in (("damp", float), ("damp_auto", float), ("gptaq_alpha", float), ("rtn_massive", float),
                            ("desc_act", bool), ("static_groups", bool), ("sym", bool), ("mse", bool),
-                           ("refit_scales", bool), ("rtn_massive_thin", bool), ("lm_head", bool)):
+                           ("refit_scales", bool), ("rtn_massive_thin", bool), ("lm_head", bool), ("awq_scales", bool)):
             object.__setattr__(self, name, kind(getattr(self, name)))
 
     def damp_for(self, in_features: int, tokens: int) -> float:
@@ -254,4 +261,5 @@ def _shrink_value(value) -> float | str:
 
 # The run settings a record names only when on (QuantSettings.run_settings), with the value that means off:
 # what a reader of older records fills in (they predate the setting, which was off then).
-OPT_IN_RUN_SETTINGS = {"shrink": 0.0, "gptaq_alpha": 0.0, "refit_scales": False, "rtn_massive": 0.0}
+OPT_IN_RUN_SETTINGS = {"shrink": 0.0, "gptaq_alpha": 0.0, "refit_scales": False, "rtn_massive": 0.0,
+                       "awq_scales": False}

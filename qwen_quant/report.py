@@ -235,6 +235,15 @@ def _damp_range(report: dict) -> str:
     return "not recorded" if not used else f"{used[0]}" if len(used) == 1 else f"{used[0]} to {used[-1]} by layer"
 
 
+def _awq_line(report: dict) -> str:
+    searched = [layer for layer in report.get("layers", []) if layer.get("awq_error_ratio") is not None]
+    alphas = sorted(layer["awq_alpha"] for layer in searched if layer["awq_alpha"] is not None)
+    found = (f"; scaled {len(alphas)} of {len(searched)} layers, alpha {alphas[0]:g}-{alphas[-1]:g}" if alphas
+             else "; no scaling won on any layer")
+    return ("- activation-aware channel scales (AWQ's scale search) folded into the norms and up_proj before "
+            f"quantizing: mean|x|^alpha / w^(1 - alpha) per input channel{found}")
+
+
 def _shrink_line(report: dict) -> str:
     shrink = report["settings"]["shrink"]
     if shrink != "auto":
@@ -283,6 +292,7 @@ def model_card(report: dict) -> str:
         *(["- scales refitted: after GPTQ chose the codes, each group's scale was moved to the least-squares optimum "
            "of the layer's output error on the calibration inputs"] if report["settings"].get("refit_scales") else []),
         *([_massive_line(report)] if report["settings"].get("rtn_massive") else []),
+        *([_awq_line(report)] if report["settings"].get("awq_scales") else []),
         f"- command: `{report['command']}`",
         "",
         "## Calibration",
