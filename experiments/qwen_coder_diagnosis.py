@@ -20,6 +20,9 @@ quotes them):
         calibration (the fp model's inputs) in several variants, and each variant's output error on every held-out
         domain's own Hessian (the last 8 windows of 512 of each domain's eval text) over RTN's; with the
         calibration's Ledoit-Wolf shrinkage intensity (HessianAccumulator.shrinkage) per class.
+    python experiments/qwen_coder_diagnosis.py awq LAYERS [--classes qkv,gateup,down] [--windows 4]
+        one layer: the channel scales --awq-scales searches on the 16 x 512 calibration, and their effect on
+        round-to-nearest's output error on every held-out domain, with and without the attention-sink token.
 
 The fp model runs in bfloat16 and one torch thread; quantization math is qwen_quant.quantize.gptq itself.
 """
@@ -256,6 +259,44 @@ def proxy_layer(model, layer, calib, held, variants, classes) -> None:
                               "shrink": round(shrink, 4), "lw": round(lw, 4), "ratio_to_rtn": ratio}), flush=True)
 
 
+def awq(layers: list[int], classes: list[str], windows: int) -> None:
+    """--awq-scales layer by layer: the scales the pipeline's search picks on the defaults' 16 x 512 calibration (the
+    fp model's inputs), and what they do to round-to-nearest's output error on each held-out domain (the last
+    `windows` windows of its eval text), over the error without them; once on every token and once without each
+    window's first token (the attention sink, where massive activations live). Variant "sinkless": the same
+    search with the calibration's first tokens left out of its objective."""
+    from qwen_quant.quantize import equalize, gptq
+    from qwen_quant.quantize.calibration import build_calibration
+
+    model, tok = fp_model()
+    calib_ids = build_calibration(tok, "default", nsamples=16, seqlen=SEQLEN, seed=0).input_ids
+    held_ids = {d: last_windows(tok, c, windows) for d, c in HELDOUT.items()}
+    for layer in layers:
+        calib = class_inputs(model, layer, calib_ids)
+        held = {d: class_inputs(model, layer, ids) for d, ids in held_ids.items()}
+        block = model.model.layers[layer]
+        for cls in classes:
+            ws = [block.get_submodule(n).weight.detach().float() for n in INPUT_CLASSES[cls][1]]
+            w = torch.cat(ws)
+            held_h = {}
+            for d in HELDOUT:
+                x = held[d][cls]
+                for part, rows in (("all", x.reshape(-1, x.shape[-1])), ("sinkless", x[:, 1:].reshape(-1, x.shape[-1]))):
+                    held_h[d, part] = 2 * rows.T @ rows / rows.shape[0]
+            for variant, xc in (("awq", calib[cls]), ("sinkless", calib[cls][:, 1:])):
+                acc = gptq.HessianAccumulator(w.shape[1])
+                for sample in xc:
+                    acc.add_batch(sample)
+                s, alpha, calib_ratio = equalize.search_scales(ws, acc.hessian(), acc.mean_abs(), 4, 128, True)
+                ratio = {}
+                for (d, part), hd in held_h.items():
+                    with_s, without = (float(equalize.output_error(w, hd, sc, 4, 128, True).sum())
+                                       for sc in (s, torch.ones_like(s)))
+                    ratio[f"{d} {part}"] = round(with_s / without, 3)
+                print(json.dumps({"layer": layer, "class": cls, "variant": variant, "alpha": alpha,
+                                  "calibration_ratio": round(calib_ratio, 3), "heldout_ratio": ratio}), flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="step", required=True)
@@ -277,6 +318,10 @@ def main(argv=None) -> int:
     x.add_argument("layers", help="','-joined layer numbers, e.g. 1,14,27")
     x.add_argument("--variants", default=",".join(VARIANTS), help=f"','-joined among: {', '.join(VARIANTS)}")
     x.add_argument("--classes", default=",".join(INPUT_CLASSES), help=f"','-joined among: {', '.join(INPUT_CLASSES)}")
+    w = sub.add_parser("awq")
+    w.add_argument("layers", help="','-joined layer numbers, e.g. 1,2,14")
+    w.add_argument("--classes", default="qkv,gateup,down", help="','-joined among: qkv, gateup, down")
+    w.add_argument("--windows", type=int, default=4, help="held-out windows per domain (default 4)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.step == "splice":
@@ -284,6 +329,8 @@ def main(argv=None) -> int:
                tuple(args.corpora.split(",")))
     elif args.step == "attribute":
         attribute(args.rtn, args.gptq, args.windows)
+    elif args.step == "awq":
+        awq([int(v) for v in args.layers.split(",")], args.classes.split(","), args.windows)
     elif args.step == "proxy":
         proxy([int(v) for v in args.layers.split(",")], args.variants.split(","), args.classes.split(","))
     else:

@@ -391,17 +391,23 @@ CONTRASTS = [
     ("another draw of the calibration (seed 0 -> 1; AMD)", {"seed1-32x512": 1, AMD: -1}),
     ("another draw of the calibration (seed 0 -> 2; AMD)", {"seed2-32x512": 1, AMD: -1}),
     ("another draw of the calibration (seed 0 -> 3; AMD)", {"seed3-32x512": 1, AMD: -1}),
+    # AWQ's channel scales before GPTQ, and before round-to-nearest (the rtn row: no calibration, so any machine's)
+    ("--awq-scales at 32 x 512 (seed 0; AMD)", {"awq-seed0-32x512": 1, AMD: -1}),
+    ("round-to-nearest -> --awq-scales then round-to-nearest (AMD)", {"awq-rtn-32x512": 1, "rtn": -1}),
 ]
 # runs of one recipe: how far its rows move between runs beyond the windows' noise (accuracy.paired.draw_spread). The
 # seeds' spread widens every contrast above (with_draws): each row in them is a single run of its recipe.
 SEEDS = [AMD, "seed1-32x512", "seed2-32x512", "seed3-32x512"]
 SHRINK_SEEDS = [f"shrink-seed{k}-32x512" for k in range(4)]   # the same four draws with --shrink auto
+AWQ_SEEDS = [f"awq-seed{k}-32x512" for k in range(4)]   # ... and with --awq-scales (the draws measured so far)
 REPLICATES = [("rule-32x512's recipe, calibration seeds 0-3 (AMD)", SEEDS),
               ("rule-32x512's recipe on two machines (Xeon, AMD; seed 0)", [R32_512, AMD]),
-              ("rule-32x512's recipe with --shrink auto, seeds 0-3 (AMD)", SHRINK_SEEDS)]
+              ("rule-32x512's recipe with --shrink auto, seeds 0-3 (AMD)", SHRINK_SEEDS),
+              ("rule-32x512's recipe with --awq-scales, the seeds measured (AMD)", AWQ_SEEDS)]
 # a change made on several draws, each draw with and without it (rows paired by seed): its effect averaged over the
 # draws, with the draws and the windows both counted as samples (accuracy.paired.replicated_contrast)
-REPLICATED_CHANGES = [("--shrink auto at 32 x 512, over seeds 0-3 (AMD)", SHRINK_SEEDS, SEEDS)]
+REPLICATED_CHANGES = [("--shrink auto at 32 x 512, over seeds 0-3 (AMD)", SHRINK_SEEDS, SEEDS),
+                      ("--awq-scales at 32 x 512, over the seeds measured (AMD)", AWQ_SEEDS, SEEDS)]
 
 
 def _p_value(p: float) -> str:
