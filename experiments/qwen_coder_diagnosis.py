@@ -281,7 +281,8 @@ def awq(layers: list[int], classes: list[str], windows: int) -> None:
             held_h = {}
             for d in HELDOUT:
                 x = held[d][cls]
-                for part, rows in (("all", x.reshape(-1, x.shape[-1])), ("sinkless", x[:, 1:].reshape(-1, x.shape[-1]))):
+                for part, tokens in (("all", x), ("sinkless", x[:, 1:])):
+                    rows = tokens.reshape(-1, x.shape[-1])
                     held_h[d, part] = 2 * rows.T @ rows / rows.shape[0]
             for variant, xc in (("awq", calib[cls]), ("sinkless", calib[cls][:, 1:])):
                 acc = gptq.HessianAccumulator(w.shape[1])

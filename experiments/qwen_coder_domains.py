@@ -206,8 +206,8 @@ ROWS = {
     # AWQ's activation-aware channel scales (--awq-scales), folded into the norms and up_proj before GPTQ: one
     # exponent per layer from the calibration instead of a K x K correction; on amd-32x512's draws (paired by seed)
     **{f"awq-seed{k}-32x512": (f"{'amd-32x512' if k == 0 else f'seed{k}-32x512'} with --awq-scales: each layer's input "
-                               "channels scaled by mean|x|^alpha before GPTQ, alpha searched for the lowest "
-                               "round-to-nearest output error (DIAGNOSIS.md section 10)",
+                               "channels scaled by mean|x|^alpha / w^(1-alpha) before GPTQ, alpha searched for the "
+                               "lowest round-to-nearest output error (DIAGNOSIS.md section 10)",
                                ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin", "--seed",
                                 str(k), "--awq-scales"]) for k in (0, 1, 2, 3)},
     "awq-rtn-32x512": ("round-to-nearest after --awq-scales (32 x 512 calibration tokens for the scales; AWQ without "

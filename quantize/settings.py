@@ -82,12 +82,16 @@ class QuantSettings:
                                      "same format, ~10%% more time). Never raises a layer's error; most help where "
                                      "inputs have outliers")
     # AWQ's activation-aware channel scales (quantize/equalize.py), searched per group of linears and folded into
-    # the norms and up_proj before GPTQ: one exponent per layer is all the calibration decides. Opt-in until measured.
+    # the norms and up_proj before GPTQ: one exponent per layer is all the calibration decides. On Qwen2.5-Coder-1.5B
+    # (32 x 512) nothing measurable before GPTQ, round-to-nearest worse on English, twice the quantize time; its
+    # objective fits the calibration's attention-sink tokens (reports/qwen2.5-coder-1.5b-domains/DIAGNOSIS.md,
+    # section 10). Opt-in.
     awq_scales: bool = _opt(False, "fold activation-aware channel scales into the model before quantizing (AWQ's "
-                                   "scale search, Lin et al. 2024): each input channel scaled by mean|x|^alpha, alpha "
-                                   "searched per layer for the lowest round-to-nearest output error on the calibration "
-                                   "data; the norms and up_proj absorb the inverse, the format is unchanged (default "
-                                   "off)")
+                                   "scale search, Lin et al. 2024): each input channel scaled by mean|x|^alpha / "
+                                   "w^(1-alpha), alpha searched per layer for the lowest round-to-nearest output error "
+                                   "on the calibration data; the norms and up_proj absorb the inverse, the format is "
+                                   "unchanged (default off: on Qwen2.5-Coder-1.5B no gain before GPTQ, about twice "
+                                   "the quantize time)")
     # Massive activations (Sun et al. 2024, "Massive activations in large language models"): in a few layers a
     # few tokens (the attention sink at position 0) reach many times the typical token's input norm. On
     # Qwen2.5-Coder-1.5B: down_proj of layers 1, 2, 3, 26, 27 (peak over median 3.5-15 on the calibration; every
