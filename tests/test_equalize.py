@@ -10,15 +10,7 @@ from qwen_quant.errors import UserError
 from qwen_quant.kernels.format import dequantize
 from qwen_quant.models.layouts import Layout, layout_for
 from qwen_quant.quantize import equalize, gptq, pipeline
-from test_pipeline import calibration, run, tensors_of, tiny_hf_model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_pipeline import calibration, one_thread, run, tensors_of, tiny_hf_model  # noqa: F401 (autouse fixture)
 
 
 def block_inputs(model, n=4, seqlen=16):
