@@ -210,6 +210,13 @@ ROWS = {
                                "lowest round-to-nearest output error (DIAGNOSIS.md section 10)",
                                ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin", "--seed",
                                 str(k), "--awq-scales"]) for k in (0, 1, 2, 3)},
+    # the same with the search's objective free of each sample's massive tokens (--awq-drop-massive 3: those whose
+    # norm is over 3 x their sample's median, the attention sinks of the massive down_proj layers, which the search
+    # fitted on the calibration and not held out: DIAGNOSIS.md section 10's layer-by-layer table)
+    **{f"awqsink-seed{k}-32x512": (f"awq-seed{k}-32x512 with --awq-drop-massive 3: the scale search leaves out the "
+                                   "tokens over 3 x their sample's median input norm (DIAGNOSIS.md section 11)",
+                                   ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin",
+                                    "--seed", str(k), "--awq-scales", "--awq-drop-massive", "3"]) for k in (0, 1, 2, 3)},
     "awq-rtn-32x512": ("round-to-nearest after --awq-scales (32 x 512 calibration tokens for the scales; AWQ without "
                        "its clipping search): what the scales alone buy over rtn, and what GPTQ adds on top "
                        "(awq-seed0-32x512; DIAGNOSIS.md section 10)",
@@ -394,20 +401,29 @@ CONTRASTS = [
     # AWQ's channel scales before GPTQ, and before round-to-nearest (the rtn row: no calibration, so any machine's)
     ("--awq-scales at 32 x 512 (seed 0; AMD)", {"awq-seed0-32x512": 1, AMD: -1}),
     ("round-to-nearest -> --awq-scales then round-to-nearest (AMD)", {"awq-rtn-32x512": 1, "rtn": -1}),
+    ("--awq-scales without the massive tokens at 32 x 512 (seed 0; AMD)", {"awqsink-seed0-32x512": 1, AMD: -1}),
+    ("--awq-scales -> the same without the massive tokens (seed 0; AMD)",
+     {"awqsink-seed0-32x512": 1, "awq-seed0-32x512": -1}),
 ]
 # runs of one recipe: how far its rows move between runs beyond the windows' noise (accuracy.paired.draw_spread). The
 # seeds' spread widens every contrast above (with_draws): each row in them is a single run of its recipe.
 SEEDS = [AMD, "seed1-32x512", "seed2-32x512", "seed3-32x512"]
 SHRINK_SEEDS = [f"shrink-seed{k}-32x512" for k in range(4)]   # the same four draws with --shrink auto
 AWQ_SEEDS = [f"awq-seed{k}-32x512" for k in range(4)]   # ... and with --awq-scales (the draws measured so far)
+AWQSINK_SEEDS = [f"awqsink-seed{k}-32x512" for k in range(4)]   # ... and with it, without the massive tokens
 REPLICATES = [("rule-32x512's recipe, calibration seeds 0-3 (AMD)", SEEDS),
               ("rule-32x512's recipe on two machines (Xeon, AMD; seed 0)", [R32_512, AMD]),
               ("rule-32x512's recipe with --shrink auto, seeds 0-3 (AMD)", SHRINK_SEEDS),
-              ("rule-32x512's recipe with --awq-scales, the seeds measured (AMD)", AWQ_SEEDS)]
+              ("rule-32x512's recipe with --awq-scales, the seeds measured (AMD)", AWQ_SEEDS),
+              ("the same with --awq-drop-massive 3, the seeds measured (AMD)", AWQSINK_SEEDS)]
 # a change made on several draws, each draw with and without it (rows paired by seed): its effect averaged over the
 # draws, with the draws and the windows both counted as samples (accuracy.paired.replicated_contrast)
 REPLICATED_CHANGES = [("--shrink auto at 32 x 512, over seeds 0-3 (AMD)", SHRINK_SEEDS, SEEDS),
-                      ("--awq-scales at 32 x 512, over the seeds measured (AMD)", AWQ_SEEDS, SEEDS)]
+                      ("--awq-scales at 32 x 512, over the seeds measured (AMD)", AWQ_SEEDS, SEEDS),
+                      ("--awq-scales --awq-drop-massive 3 at 32 x 512, over the seeds measured (AMD)", AWQSINK_SEEDS,
+                       SEEDS),
+                      ("--awq-scales -> without the massive tokens, over the seeds measured (AMD)", AWQSINK_SEEDS,
+                       AWQ_SEEDS)]
 
 
 def _p_value(p: float) -> str:

@@ -71,6 +71,7 @@ class HessianAccumulator:
         self.tokens = 0
         self._xtx = None if device is None else torch.zeros(in_features, in_features, device=device)
         self._peaks: list[float] = []
+        self.dropped = 0  # tokens add_batch's drop_above left out
         self._abs_sum = None  # sum over tokens of |x| per input channel, for `mean_abs` (AWQ's statistic)
         # spread: also keep the sum over batches of each batch's own Hessian squared, element-wise, for
         # `shrinkage` (one more K x K matrix, one more element-wise pass per batch)
@@ -93,9 +94,19 @@ class HessianAccumulator:
             rows = rows[keep]
         return rows.to(torch.float32)  # float16 activations would overflow in X X^T
 
-    def add_batch(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """x [..., K] layer inputs; mask [...] bool, False for padding tokens (they are left out)."""
+    def add_batch(self, x: torch.Tensor, mask: torch.Tensor | None = None, drop_above: float = 0.0) -> None:
+        """x [..., K] layer inputs; mask [...] bool, False for padding tokens (they are left out). drop_above > 0
+        also leaves out the tokens whose norm is over drop_above x the batch's median token norm (the attention-sink
+        tokens where massive activations live; counted in `dropped`), after input_peak has seen them."""
         rows = self._rows(x, mask)
+        if rows.shape[0] > 1:
+            norms = rows.norm(dim=1)
+            median = norms.median().clamp_min(torch.finfo(torch.float32).tiny)
+            self._peaks.append(float(norms.max() / median))
+            if drop_above > 0:
+                keep = norms <= drop_above * median
+                self.dropped += int((~keep).sum())
+                rows = rows[keep]
         if self._xtx is None:
             self._xtx = torch.zeros(self.in_features, self.in_features, device=rows.device)
         if self._spread and rows.shape[0]:
@@ -113,9 +124,6 @@ class HessianAccumulator:
         self.tokens += rows.shape[0]
         abs_sum = rows.abs().sum(dim=0)
         self._abs_sum = abs_sum if self._abs_sum is None else self._abs_sum.add_(abs_sum)
-        if rows.shape[0] > 1:
-            norms = rows.norm(dim=1)
-            self._peaks.append(float(norms.max() / norms.median().clamp_min(torch.finfo(torch.float32).tiny)))
 
     def input_peak(self) -> float:
         """The median over batches (calibration samples, as the pipeline feeds them) of a batch's largest token

@@ -54,6 +54,7 @@ class LayerStats:
     # to the round-to-nearest output error on the calibration inputs (with / without); both None: not in a group
     awq_alpha: float | None = None
     awq_error_ratio: float | None = None
+    awq_dropped_tokens: int | None = None  # --awq-drop-massive: calibration tokens its group's search left out
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -460,15 +461,16 @@ def quantize_block(block: nn.Module, inputs: BlockInputs, layout: Layout, settin
 @torch.no_grad()
 def equalize_block(block: nn.Module, inputs: BlockInputs, layout: Layout, settings: QuantSettings) -> dict:
     """--awq-scales: search and fold each scale group's channel scales (quantize/equalize.py) into the block, still
-    in full precision; {linear name: (alpha, error ratio)}. One pass over the samples collects every group's input
-    statistics: folding one group leaves every other group's inputs as they were (the function is unchanged, and
-    down_proj's inputs change only by its own group's scales, which the search accounts for)."""
+    in full precision; {linear name: (alpha, error ratio, tokens left out)}. One pass over the samples collects every
+    group's input statistics: folding one group leaves every other group's inputs as they were (the function is
+    unchanged, and down_proj's inputs change only by its own group's scales, which the search accounts for).
+    --awq-drop-massive leaves each sample's massive tokens out of these statistics (not out of GPTQ's)."""
     groups = equalize.scale_groups(layout, block)
     accs = [gptq.HessianAccumulator(block.get_submodule(g.linears[0]).in_features) for g in groups]
     mask = []
 
     def hook_for(acc):
-        return lambda _module, a: acc.add_batch(a[0].detach(), mask=mask[0])
+        return lambda _module, a: acc.add_batch(a[0].detach(), mask=mask[0], drop_above=settings.awq_drop_massive)
 
     handles = [block.get_submodule(g.linears[0]).register_forward_pre_hook(hook_for(acc))
                for g, acc in zip(groups, accs)]
@@ -485,7 +487,7 @@ def equalize_block(block: nn.Module, inputs: BlockInputs, layout: Layout, settin
         s, alpha, ratio = equalize.search_scales(weights, acc.hessian(), acc.mean_abs(), settings.bits,
                                                  settings.group_size, settings.sym)
         equalize.fold(block, group, s)
-        found |= {name: (alpha, ratio) for name in group.linears}
+        found |= {name: (alpha, ratio, acc.dropped if settings.awq_drop_massive else None) for name in group.linears}
     return found
 
 
@@ -513,7 +515,7 @@ def quantize_and_propagate(block: nn.Module, inputs: BlockInputs, layout: Layout
     fp_block = copy.deepcopy(block) if inputs.fp_hidden is not None else None  # one block's weights
     results, stats = quantize_block(block, inputs, layout, settings, on_layer=on_layer, fp_block=fp_block)
     for s in stats:
-        s.awq_alpha, s.awq_error_ratio = scaled.get(s.name, (None, None))
+        s.awq_alpha, s.awq_error_ratio, s.awq_dropped_tokens = scaled.get(s.name, (None, None, None))
     propagate(block, inputs, fp_block)
     return results, stats
 

@@ -240,8 +240,12 @@ def _awq_line(report: dict) -> str:
     alphas = sorted(layer["awq_alpha"] for layer in searched if layer["awq_alpha"] is not None)
     found = (f"; scaled {len(alphas)} of {len(searched)} layers, alpha {alphas[0]:g}-{alphas[-1]:g}" if alphas
              else "; no scaling won on any layer")
+    ratio = report["settings"].get("awq_drop_massive", 0.0)
+    dropped = [layer for layer in searched if layer.get("awq_dropped_tokens")]
+    narrowed = (f"; the search left out tokens over {ratio:g} x their sample's median norm "
+                f"({len(dropped)} of {len(searched)} layers had some)" if ratio else "")
     return ("- activation-aware channel scales (AWQ's scale search) folded into the norms and up_proj before "
-            f"quantizing: mean|x|^alpha / w^(1 - alpha) per input channel{found}")
+            f"quantizing: mean|x|^alpha / w^(1 - alpha) per input channel{found}{narrowed}")
 
 
 def _shrink_line(report: dict) -> str:

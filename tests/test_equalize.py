@@ -75,6 +75,36 @@ def test_mean_abs_counts_real_tokens_only():
     torch.testing.assert_close(acc.mean_abs(), torch.tensor([1.0, 2.0, 4.0]))
 
 
+def test_drop_above_leaves_massive_tokens_out_of_the_statistics_but_not_out_of_the_peak():
+    g = torch.Generator().manual_seed(0)
+    ordinary = torch.randn(15, 8, generator=g)
+    sink = torch.full((1, 8), 40.0)  # norm ~113 against ordinary ones of ~2.8
+    x = torch.cat([sink, ordinary]).unsqueeze(0)
+    kept, every = gptq.HessianAccumulator(8), gptq.HessianAccumulator(8)
+    kept.add_batch(x, drop_above=3.0)
+    every.add_batch(x)
+    assert (kept.dropped, kept.tokens, every.dropped, every.tokens) == (1, 15, 0, 16)
+    torch.testing.assert_close(kept.mean_abs(), ordinary.abs().mean(0))
+    torch.testing.assert_close(kept.hessian(), 2 * ordinary.T @ ordinary / 15)
+    assert kept.input_peak() == every.input_peak() > 30  # --rtn-massive still sees the sink
+
+
+def test_awq_run_without_the_massive_tokens_records_what_it_left_out(tmp_path):
+    """--awq-drop-massive: a ratio no token reaches searches exactly as --awq-scales alone; ratio 1 (every token
+    above its sample's median norm) leaves out about half of every group's tokens, and the records say so."""
+    calib = calibration(n=8, seqlen=32)
+    def report(out, **kw):
+        return json.loads((run(tiny_hf_model("qwen2"), tmp_path / out, awq_scales=True, calib=calib, **kw)
+                           / "quant_report.json").read_text())
+    plain, unreached, half = report("plain"), report("unreached", awq_drop_massive=1e5), report("half", awq_drop_massive=1.0)
+    assert [layer["awq_alpha"] for layer in unreached["layers"]] == [layer["awq_alpha"] for layer in plain["layers"]]
+    assert all(layer["awq_dropped_tokens"] is None for layer in plain["layers"])
+    assert "awq_drop_massive" not in plain["settings"] and half["settings"]["awq_drop_massive"] == 1.0
+    searched = [layer for layer in half["layers"] if layer["awq_error_ratio"] is not None]
+    assert searched and all(0.3 * 8 * 32 < layer["awq_dropped_tokens"] < 0.6 * 8 * 32 for layer in searched)
+    assert "left out tokens over 1 x" in (tmp_path / "half" / "README.md").read_text()
+
+
 def test_awq_run_writes_the_folded_norms_and_the_weights_it_fed_forward(tmp_path):
     """A --awq-scales run: the checkpoint's norms are the folded ones (not the model's), every linear still equals
     the weights fed forward, each layer records its alpha, and the model card says what was done."""

@@ -52,6 +52,8 @@ def tiny_llama_folder(path, weights: bytes | None = None, config: dict | None = 
     (["--damp-auto", "-1"], "--damp-auto -1.0 is invalid"),
     (["--forward-dtype", "fp8"], "invalid choice"),
     (["--method", "awq"], "unknown --method"),
+    (["--awq-drop-massive", "3"], "add --awq-scales"),
+    (["--awq-scales", "--awq-drop-massive", "-1"], "--awq-drop-massive -1.0 is invalid"),
     (["--seqlen", "0"], "--seqlen"),
     (["--max-shard-size", "lots"], "--max-shard-size"),
     (["--unknown-flag"], "unrecognized arguments"),
