@@ -221,6 +221,11 @@ ROWS = {
                        "its clipping search): what the scales alone buy over rtn, and what GPTQ adds on top "
                        "(awq-seed0-32x512; DIAGNOSIS.md section 10)",
                        ["--method", "rtn", "--no-mse", "--nsamples", "32", "--seqlen", "512", "--awq-scales"]),
+    "awqsink-rtn-32x512": ("awq-rtn-32x512 with --awq-drop-massive 3: round-to-nearest after scales searched without "
+                           "the massive tokens; did fitting the sink tokens make awq-rtn worse than RTN? (DIAGNOSIS.md "
+                           "section 11)",
+                           ["--method", "rtn", "--no-mse", "--nsamples", "32", "--seqlen", "512", "--awq-scales",
+                            "--awq-drop-massive", "3"]),
     "shrink-128x2048": ("rule-128x2048 (the defaults, calibration included) with --shrink auto: does section 9's gain "
                         "on held-out text survive at the default calibration, where each layer's intensity is smaller? "
                         "(seed 0; started 2026-12-07, resumable)",
@@ -404,6 +409,10 @@ CONTRASTS = [
     ("--awq-scales without the massive tokens at 32 x 512 (seed 0; AMD)", {"awqsink-seed0-32x512": 1, AMD: -1}),
     ("--awq-scales -> the same without the massive tokens (seed 0; AMD)",
      {"awqsink-seed0-32x512": 1, "awq-seed0-32x512": -1}),
+    ("round-to-nearest -> --awq-scales --awq-drop-massive 3 then round-to-nearest (AMD)",
+     {"awqsink-rtn-32x512": 1, "rtn": -1}),
+    ("--awq-scales then round-to-nearest -> the same without the massive tokens (AMD)",
+     {"awqsink-rtn-32x512": 1, "awq-rtn-32x512": -1}),
 ]
 # runs of one recipe: how far its rows move between runs beyond the windows' noise (accuracy.paired.draw_spread). The
 # seeds' spread widens every contrast above (with_draws): each row in them is a single run of its recipe.

@@ -12,8 +12,9 @@ whole K x K correction): AWQ's paper reports its scales less sensitive to the ca
 No scaling (s = 1) is a candidate too, so on the calibration data the search never does worse than not scaling. On
 Qwen2.5-Coder-1.5B activations alone (s = mean|x|^alpha, the paper's form) lost to no scaling in 11 of the first 15
 searches; with both forms searched, end to end, it did not pay there and its objective fits the calibration's
-attention-sink tokens (reports/qwen2.5-coder-1.5b-domains/DIAGNOSIS.md, section 10): opt-in. The checkpoint format
-does not change: the scales live in the 16-bit norm weights and in up_proj's weights before it is quantized.
+attention-sink tokens (reports/qwen2.5-coder-1.5b-domains/DIAGNOSIS.md, section 10): opt-in; --awq-drop-massive
+leaves each sample's massive tokens out of the statistics the search sees (pipeline.equalize_block). The checkpoint
+format does not change: the scales live in the 16-bit norm weights and in up_proj's weights before it is quantized.
 """
 
 from __future__ import annotations

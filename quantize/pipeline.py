@@ -51,7 +51,8 @@ class LayerStats:
     method: str | None = None
     shrink: float | None = None  # the --shrink GPTQ used on its Hessian (auto: this layer's intensity)
     # --awq-scales: the alpha of its input channels' scales (None where no scaling won the search) and what they did
-    # to the round-to-nearest output error on the calibration inputs (with / without); both None: not in a group
+    # to the round-to-nearest output error on the calibration inputs it searched on (with / without; all of them, or
+    # those --awq-drop-massive kept); both None: not in a group
     awq_alpha: float | None = None
     awq_error_ratio: float | None = None
     awq_dropped_tokens: int | None = None  # --awq-drop-massive: calibration tokens its group's search left out
