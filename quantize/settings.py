@@ -92,10 +92,10 @@ class QuantSettings:
                                    "on the calibration data; the norms and up_proj absorb the inverse, the format is "
                                    "unchanged (default off: on Qwen2.5-Coder-1.5B no gain before GPTQ, about twice "
                                    "the quantize time)")
-    # Left in, the few attention-sink tokens of a massive-activation layer (down_proj after them: norms 3.5-15 x the
-    # median on Qwen2.5-Coder-1.5B) rule the search's H-weighted error, and the scales fit them: layer 2's down_proj
-    # got 88 % less error on the calibration and 31-35 % less held out; searched without them, 46 % and 59-60 %
-    # (DIAGNOSIS.md, section 10). The ratio is --rtn-massive's measure, token by token. End to end at 32 x 512 it
+    # Left in, the few attention-sink tokens of a massive-activation layer (Qwen2.5-Coder-1.5B's down_proj in layers
+    # 1-3, 26, 27: 3.2-67 x the median token's norm at 32 x 512) rule the search's H-weighted error, and the scales
+    # fit them: in the 16 x 512 diagnosis layer 2's down_proj got 88 % less error on the calibration and 31-35 % less
+    # held out; searched without them, 46 % and 59-60 % (DIAGNOSIS.md, section 10). The ratio is --rtn-massive's measure, token by token. End to end at 32 x 512 it
     # changed nothing measurable (two draws, every domain within 0.004 nats of --awq-scales alone; section 11).
     awq_drop_massive: float = _opt(0.0, "with --awq-scales: leave out of the scale search the tokens whose input norm "
                                         "is over RATIO x their sample's median token's (the attention-sink tokens of "

@@ -93,10 +93,13 @@ def test_awq_run_without_the_massive_tokens_records_what_it_left_out(tmp_path):
     """--awq-drop-massive: a ratio no token reaches searches exactly as --awq-scales alone; ratio 1 (every token
     above its sample's median norm) leaves out about half of every group's tokens, and the records say so."""
     calib = calibration(n=8, seqlen=32)
+
     def report(out, **kw):
         return json.loads((run(tiny_hf_model("qwen2"), tmp_path / out, awq_scales=True, calib=calib, **kw)
                            / "quant_report.json").read_text())
-    plain, unreached, half = report("plain"), report("unreached", awq_drop_massive=1e5), report("half", awq_drop_massive=1.0)
+
+    plain, unreached = report("plain"), report("unreached", awq_drop_massive=1e5)
+    half = report("half", awq_drop_massive=1.0)
     assert [layer["awq_alpha"] for layer in unreached["layers"]] == [layer["awq_alpha"] for layer in plain["layers"]]
     assert all(layer["awq_dropped_tokens"] is None for layer in plain["layers"])
     assert "awq_drop_massive" not in plain["settings"] and half["settings"]["awq_drop_massive"] == 1.0
