@@ -188,6 +188,19 @@ ROWS = {
                        "DIAGNOSIS.md section 8)",
                        ["--nsamples", "128", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin", "--damp-auto",
                         "2.0"]),
+    # the other side of the damping: lowdamp and mindamp (4x and 16x less) cost English and fiction at 32 x 512; does
+    # more damping than the default help held-out text, or does it hand GPTQ's gain back to round-to-nearest?
+    # (damping is capped at 0.95 of the mean Hessian diagonal: down_proj reaches the cap in both rows)
+    "highdamp-32x512": ("amd-32x512 at 4x its damping: --damp-auto 2.0 gives every layer max(0.01, 2.0 x inputs / "
+                        "16,384) (q/k/v, o_proj, gate/up 0.19, down_proj 0.95, the cap): lowdamp-32x512's mirror "
+                        "image (DIAGNOSIS.md section 12)",
+                        ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin", "--damp-auto",
+                         "2.0"]),
+    "maxdamp-32x512": ("amd-32x512 at 16x its damping: --damp-auto 8.0 (q/k/v, o_proj, gate/up 0.75, down_proj 0.95, "
+                       "the cap): mindamp-32x512's mirror image, GPTQ's compensation nearly gone "
+                       "(DIAGNOSIS.md section 12)",
+                       ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin", "--damp-auto",
+                        "8.0"]),
     # other draws of amd-32x512's calibration samples (--seed picks each corpus's samples): with amd-32x512 (seed 0),
     # four draws of one recipe on one machine, the spread between rows that the windows' paired errors leave out
     **{f"seed{k}-32x512": (f"amd-32x512 with --seed {k}: the same recipe on the same machine, another draw of the "
@@ -399,6 +412,8 @@ CONTRASTS = [
     ("32 x 512, damping of 128 x 512 (down_proj 0.27 -> 0.068; AMD)", {"lowdamp-32x512": 1, AMD: -1}),
     ("32 x 512, damping of 128 x 2048 (down_proj 0.27 -> 0.017; AMD)", {"mindamp-32x512": 1, AMD: -1}),
     ("4x the samples at 32 x 512's damping (AMD)", {"damp32-128x512": 1, AMD: -1}),
+    ("32 x 512, 4x the damping (--damp-auto 2.0; AMD)", {"highdamp-32x512": 1, AMD: -1}),
+    ("32 x 512, 16x the damping (--damp-auto 8.0; AMD)", {"maxdamp-32x512": 1, AMD: -1}),
     # another draw of the calibration samples, the recipe and the machine the same
     ("another draw of the calibration (seed 0 -> 1; AMD)", {"seed1-32x512": 1, AMD: -1}),
     ("another draw of the calibration (seed 0 -> 2; AMD)", {"seed2-32x512": 1, AMD: -1}),
