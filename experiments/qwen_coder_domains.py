@@ -201,6 +201,17 @@ ROWS = {
                        "(DIAGNOSIS.md section 12)",
                        ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin", "--damp-auto",
                         "8.0"]),
+    # the column order and when each group's scales are set, at today's other defaults (plain-16x512 turned both off
+    # at the earlier defaults, damp 0.01, where everything overfit): amd-32x512 with each changed, the same draw
+    "noact-32x512": ("amd-32x512 without act-order (--no-desc-act --no-static-groups): columns in their own order, each "
+                     "group's scales set from the weights as GPTQ has updated them when it reaches the group, as in "
+                     "the GPTQ paper and Qwen's Int4 release (DIAGNOSIS.md section 12)",
+                     ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin"] + PLAIN[:2]),
+    "dyngroups-32x512": ("amd-32x512 with act-order's groups set as GPTQ reaches them (--no-static-groups, AutoGPTQ's "
+                         "desc_act without static groups: g_idx out of order) instead of fixed up front from the "
+                         "original weights (DIAGNOSIS.md section 12)",
+                         ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin",
+                          "--no-static-groups"]),
     # other draws of amd-32x512's calibration samples (--seed picks each corpus's samples): with amd-32x512 (seed 0),
     # four draws of one recipe on one machine, the spread between rows that the windows' paired errors leave out
     **{f"seed{k}-32x512": (f"amd-32x512 with --seed {k}: the same recipe on the same machine, another draw of the "
@@ -414,6 +425,8 @@ CONTRASTS = [
     ("4x the samples at 32 x 512's damping (AMD)", {"damp32-128x512": 1, AMD: -1}),
     ("32 x 512, 4x the damping (--damp-auto 2.0; AMD)", {"highdamp-32x512": 1, AMD: -1}),
     ("32 x 512, 16x the damping (--damp-auto 8.0; AMD)", {"maxdamp-32x512": 1, AMD: -1}),
+    ("32 x 512, act-order off (AMD)", {"noact-32x512": 1, AMD: -1}),
+    ("32 x 512, act-order's group scales set as GPTQ reaches them, not up front (AMD)", {"dyngroups-32x512": 1, AMD: -1}),
     # another draw of the calibration samples, the recipe and the machine the same
     ("another draw of the calibration (seed 0 -> 1; AMD)", {"seed1-32x512": 1, AMD: -1}),
     ("another draw of the calibration (seed 0 -> 2; AMD)", {"seed2-32x512": 1, AMD: -1}),
