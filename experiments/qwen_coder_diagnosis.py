@@ -23,6 +23,11 @@ quotes them):
     python experiments/qwen_coder_diagnosis.py awq LAYERS [--classes qkv,gateup,down] [--windows 4]
         one layer: the channel scales --awq-scales searches on the 16 x 512 calibration, and their effect on
         round-to-nearest's output error on every held-out domain, with and without the attention-sink token.
+    python experiments/qwen_coder_diagnosis.py spectrum LAYERS [--classes qkv,o,gateup] [--damps 0.01,0.047,0.19,0.75]
+        one layer: the calibration Hessian's eigen-directions that a damping of D x its mean diagonal overrides
+        (eigenvalue below the damping): their share of the directions, of the calibration's energy, and of each
+        held-out domain's energy in the same directions (where GPTQ's compensation puts error the damping does not
+        stop, it reaches held-out text in proportion to that share).
 
 The fp model runs in bfloat16 and one torch thread; quantization math is qwen_quant.quantize.gptq itself.
 """
@@ -259,6 +264,50 @@ def proxy_layer(model, layer, calib, held, variants, classes) -> None:
                               "shrink": round(shrink, 4), "lw": round(lw, 4), "ratio_to_rtn": ratio}), flush=True)
 
 
+def spectrum(layers: list[int], classes: list[str], damps: list[float]) -> None:
+    from qwen_quant.quantize import gptq
+    from qwen_quant.quantize.calibration import build_calibration
+
+    model, tok = fp_model()
+    calib_ids = build_calibration(tok, "default", nsamples=16, seqlen=SEQLEN, seed=0).input_ids
+    held_ids = {d: last_windows(tok, c, 8) for d, c in HELDOUT.items()}
+    for layer in layers:
+        calib = class_inputs(model, layer, calib_ids)
+        held = {d: class_inputs(model, layer, ids) for d, ids in held_ids.items()}
+        for cls in classes:
+            acc = gptq.HessianAccumulator(calib[cls].shape[-1])
+            for sample in calib[cls]:
+                acc.add_batch(sample)
+            h = acc.hessian()
+            line = {"layer": layer, "class": cls, "tokens": acc.tokens,
+                    **energy_below(h, {d: held[d][cls] for d in HELDOUT}, damps)}
+            print(json.dumps(line), flush=True)
+
+
+def energy_below(h: torch.Tensor, held: dict[str, torch.Tensor], damps: list[float]) -> dict:
+    """H's eigen-directions that a damping of D x mean(diag H) overrides (eigenvalue below it), for each D: their
+    share of the directions, of H's energy (trace), and of each held-out text's energy (its inputs [..., K]
+    projected on H's eigen-basis, as a share of its own trace)."""
+    h = h.double()
+    diag = h.diagonal()
+    mean = diag.mean()
+    eigval, eigvec = torch.linalg.eigh(h)
+    held_energy = {}
+    for d, x in held.items():
+        e = (x.reshape(-1, x.shape[-1]).double() @ eigvec).square().sum(0)
+        held_energy[d] = e / e.sum()
+    out = {"diag_max_over_mean": round(float(diag.max() / mean), 1),
+           "diag_median_over_mean": round(float(diag.median() / mean), 3),
+           "top_eigenvalue_share": round(float(eigval[-1] / eigval.sum()), 3), "damps": {}}
+    for damp in damps:
+        below = eigval < damp * mean
+        out["damps"][str(damp)] = {
+            "directions": round(float(below.double().mean()), 3),
+            "calibration_energy": round(float(eigval[below].sum() / eigval.sum()), 4),
+            "held_out_energy": {d: round(float(e[below].sum()), 4) for d, e in held_energy.items()}}
+    return out
+
+
 def awq(layers: list[int], classes: list[str], windows: int) -> None:
     """--awq-scales layer by layer: the scales the pipeline's search picks on the defaults' 16 x 512 calibration (the
     fp model's inputs), and what they do to round-to-nearest's output error on each held-out domain (the last
@@ -323,6 +372,12 @@ def main(argv=None) -> int:
     w.add_argument("layers", help="','-joined layer numbers, e.g. 1,2,14")
     w.add_argument("--classes", default="qkv,gateup,down", help="','-joined among: qkv, gateup, down")
     w.add_argument("--windows", type=int, default=4, help="held-out windows per domain (default 4)")
+    e = sub.add_parser("spectrum")
+    e.add_argument("layers", help="','-joined layer numbers, e.g. 2,14,24")
+    e.add_argument("--classes", default="qkv,o,gateup", help=f"','-joined among: {', '.join(INPUT_CLASSES)}")
+    e.add_argument("--damps", default="0.01,0.047,0.19,0.75",
+                   help="','-joined dampings as fractions of the mean Hessian diagonal (default: the study's levels "
+                        "for a 1536-input layer at 32 x 512, --damp-auto 1/16 (floor), 1, 4, 16 x 0.5)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.step == "splice":
@@ -332,6 +387,9 @@ def main(argv=None) -> int:
         attribute(args.rtn, args.gptq, args.windows)
     elif args.step == "awq":
         awq([int(v) for v in args.layers.split(",")], args.classes.split(","), args.windows)
+    elif args.step == "spectrum":
+        spectrum([int(v) for v in args.layers.split(",")], args.classes.split(","),
+                 [float(v) for v in args.damps.split(",")])
     elif args.step == "proxy":
         proxy([int(v) for v in args.layers.split(",")], args.variants.split(","), args.classes.split(","))
     else:

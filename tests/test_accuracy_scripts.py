@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "experiments"
 
@@ -255,3 +256,19 @@ def test_domain_study_factorial_pairs_the_four_cells_per_domain(tmp_path, monkey
     assert "## A change averaged over calibration draws" in text and "per draw -0.0200, -0.0400" in text
     # the draws' means differ by 0.05 without the change and by 0.03 with it: spread F = (0.05 / 0.03)^2
     assert shrink["spread_ratio"]["f"] == pytest.approx((0.05 / 0.03) ** 2) and shrink["spread_ratio"]["df"] == [1, 1]
+
+
+def test_diagnosis_spectrum_counts_the_directions_a_damping_overrides_and_each_texts_energy_there():
+    diagnosis = load_script("qwen_coder_diagnosis")
+    h = torch.diag(torch.tensor([1.0, 2.0, 3.0, 94.0]))   # mean diagonal 25
+    weak = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0]])   # energy 1 + 4 in the two weakest directions
+    strong = torch.tensor([[0.0, 0.0, 0.0, 3.0]])
+    mixed = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
+    out = diagnosis.energy_below(h, {"weak": weak, "strong": strong, "mixed": mixed}, [0.1, 0.01])
+    assert out["diag_max_over_mean"] == pytest.approx(94 / 25, abs=0.05)
+    assert out["top_eigenvalue_share"] == pytest.approx(0.94, abs=1e-3)
+    at = out["damps"]["0.1"]   # damping 2.5: eigenvalues 1 and 2 are below it
+    assert at["directions"] == pytest.approx(0.5) and at["calibration_energy"] == pytest.approx(0.03, abs=1e-4)
+    assert at["held_out_energy"] == pytest.approx({"weak": 1.0, "strong": 0.0, "mixed": 0.5})
+    low = out["damps"]["0.01"]   # damping 0.25: nothing below it
+    assert low["directions"] == 0 and low["held_out_energy"]["weak"] == 0
