@@ -28,6 +28,10 @@ quotes them):
         (eigenvalue below the damping): their share of the directions, of the calibration's energy, and of each
         held-out domain's energy in the same directions (where GPTQ's compensation puts error the damping does not
         stop, it reaches held-out text in proportion to that share).
+    python experiments/qwen_coder_diagnosis.py groups LAYERS [--classes qkv,o,gateup]
+        one layer: act-order GPTQ with static groups (scales fixed up front from the original weights) against groups
+        set as GPTQ reaches them, at the defaults otherwise: output error over RTN's on the calibration and on every
+        held-out domain (as `proxy`), and the share of codes at the grid's ends (clipped weights, for the most part).
 
 The fp model runs in bfloat16 and one torch thread; quantization math is qwen_quant.quantize.gptq itself.
 """
@@ -308,6 +312,47 @@ def energy_below(h: torch.Tensor, held: dict[str, torch.Tensor], damps: list[flo
     return out
 
 
+def groups(layers: list[int], classes: list[str]) -> None:
+    from qwen_quant.quantize import gptq
+    from qwen_quant.quantize.calibration import build_calibration
+    from qwen_quant.quantize.settings import QuantSettings
+
+    settings = QuantSettings()
+    model, tok = fp_model()
+    calib_ids = build_calibration(tok, "default", nsamples=16, seqlen=SEQLEN, seed=0).input_ids
+    held_ids = {d: last_windows(tok, c, 8) for d, c in HELDOUT.items()}
+    for layer in layers:
+        calib = class_inputs(model, layer, calib_ids)
+        held = {d: class_inputs(model, layer, ids) for d, ids in held_ids.items()}
+        block = model.model.layers[layer]
+        for cls in classes:
+            w = torch.cat([block.get_submodule(n).weight.detach().float() for n in INPUT_CLASSES[cls][1]])
+            acc = gptq.HessianAccumulator(w.shape[1])
+            for sample in calib[cls]:
+                acc.add_batch(sample)
+            h = acc.hessian()
+            hessians = {"calibration": h} | {
+                d: 2 * x.reshape(-1, x.shape[-1]).T @ x.reshape(-1, x.shape[-1]) / (x.shape[0] * x.shape[1])
+                for d, x in ((d, held[d][cls]) for d in HELDOUT)}
+
+            def errors(q):
+                return {d: float(((w - q) @ hd * (w - q)).sum()) for d, hd in hessians.items()}
+
+            def at_ends(result):
+                return round(float(((result.codes == 0) | (result.codes == 15)).float().mean()), 5)
+
+            rtn = gptq.rtn_quantize(w, 4, 128, True)
+            base = errors(rtn.weight)
+            line = {"layer": layer, "class": cls, "damp": round(settings.damp_for(w.shape[1], acc.tokens), 4),
+                    "codes_at_ends": {"rtn": at_ends(rtn)}, "ratio_to_rtn": {}}
+            for name, static in (("static", True), ("dynamic", False)):
+                q = gptq.gptq_quantize(w, h, 4, 128, True, desc_act=True, static_groups=static,
+                                       damp=settings.damp_for(w.shape[1], acc.tokens))
+                line["codes_at_ends"][name] = at_ends(q)
+                line["ratio_to_rtn"][name] = {d: round(e / base[d], 3) for d, e in errors(q.weight).items()}
+            print(json.dumps(line), flush=True)
+
+
 def awq(layers: list[int], classes: list[str], windows: int) -> None:
     """--awq-scales layer by layer: the scales the pipeline's search picks on the defaults' 16 x 512 calibration (the
     fp model's inputs), and what they do to round-to-nearest's output error on each held-out domain (the last
@@ -378,6 +423,9 @@ def main(argv=None) -> int:
     e.add_argument("--damps", default="0.01,0.047,0.19,0.75",
                    help="','-joined dampings as fractions of the mean Hessian diagonal (default: the study's levels "
                         "for a 1536-input layer at 32 x 512, --damp-auto 1/16 (floor), 1, 4, 16 x 0.5)")
+    g = sub.add_parser("groups")
+    g.add_argument("layers", help="','-joined layer numbers, e.g. 2,14,24")
+    g.add_argument("--classes", default="qkv,o,gateup", help=f"','-joined among: {', '.join(INPUT_CLASSES)}")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.step == "splice":
@@ -387,6 +435,8 @@ def main(argv=None) -> int:
         attribute(args.rtn, args.gptq, args.windows)
     elif args.step == "awq":
         awq([int(v) for v in args.layers.split(",")], args.classes.split(","), args.windows)
+    elif args.step == "groups":
+        groups([int(v) for v in args.layers.split(",")], args.classes.split(","))
     elif args.step == "spectrum":
         spectrum([int(v) for v in args.layers.split(",")], args.classes.split(","),
                  [float(v) for v in args.damps.split(",")])
