@@ -31,7 +31,8 @@ quotes them):
     python experiments/qwen_coder_diagnosis.py groups LAYERS [--classes qkv,o,gateup]
         one layer: act-order GPTQ with static groups (scales fixed up front from the original weights) against groups
         set as GPTQ reaches them, at the defaults otherwise: output error over RTN's on the calibration and on every
-        held-out domain (as `proxy`), and the share of codes at the grid's ends (clipped weights, for the most part).
+        held-out domain (as `proxy`), and the share of codes at the grid's ends (each group's extreme weights, and
+        any that GPTQ's updates pushed past a static group's range).
 
 The fp model runs in bfloat16 and one torch thread; quantization math is qwen_quant.quantize.gptq itself.
 """
@@ -225,6 +226,15 @@ def class_inputs(model, layer: int, ids: torch.Tensor) -> dict[str, torch.Tensor
     return {c: torch.stack(v) for c, v in grabbed.items()}
 
 
+def held_hessians(held: dict[str, dict[str, torch.Tensor]], cls: str) -> dict[str, torch.Tensor]:
+    """Each held-out domain's Hessian (2 X^T X / tokens, as HessianAccumulator's) of one linear class's inputs."""
+    out = {}
+    for d in HELDOUT:
+        x = held[d][cls].reshape(-1, held[d][cls].shape[-1])
+        out[d] = 2 * x.T @ x / x.shape[0]
+    return out
+
+
 def proxy(layers: list[int], variants: list[str], classes: list[str]) -> None:
     from qwen_quant.quantize.calibration import build_calibration
 
@@ -249,8 +259,7 @@ def proxy_layer(model, layer, calib, held, variants, classes) -> None:
         for sample in calib[cls]:
             acc.add_batch(sample)
         h, lw = acc.hessian(), acc.shrinkage()
-        held_h = {d: 2 * x.reshape(-1, x.shape[-1]).T @ x.reshape(-1, x.shape[-1]) / (x.shape[0] * x.shape[1])
-                  for d, x in ((d, held[d][cls]) for d in HELDOUT)}
+        held_h = held_hessians(held, cls)
 
         def errors(q):
             return {d: float(((w - q) @ hd * (w - q)).sum()) for d, hd in held_h.items()}
@@ -331,9 +340,7 @@ def groups(layers: list[int], classes: list[str]) -> None:
             for sample in calib[cls]:
                 acc.add_batch(sample)
             h = acc.hessian()
-            hessians = {"calibration": h} | {
-                d: 2 * x.reshape(-1, x.shape[-1]).T @ x.reshape(-1, x.shape[-1]) / (x.shape[0] * x.shape[1])
-                for d, x in ((d, held[d][cls]) for d in HELDOUT)}
+            hessians = {"calibration": h} | held_hessians(held, cls)
 
             def errors(q):
                 return {d: float(((w - q) @ hd * (w - q)).sum()) for d, hd in hessians.items()}
@@ -421,8 +428,8 @@ def main(argv=None) -> int:
     e.add_argument("layers", help="','-joined layer numbers, e.g. 2,14,24")
     e.add_argument("--classes", default="qkv,o,gateup", help=f"','-joined among: {', '.join(INPUT_CLASSES)}")
     e.add_argument("--damps", default="0.01,0.047,0.19,0.75",
-                   help="','-joined dampings as fractions of the mean Hessian diagonal (default: the study's levels "
-                        "for a 1536-input layer at 32 x 512, --damp-auto 1/16 (floor), 1, 4, 16 x 0.5)")
+                   help="','-joined dampings as fractions of the mean Hessian diagonal (default: what --damp-auto "
+                        "0.03125, 0.5, 2 and 8 give a 1536-input layer at 32 x 512 tokens; 0.01 is the floor)")
     g = sub.add_parser("groups")
     g.add_argument("layers", help="','-joined layer numbers, e.g. 2,14,24")
     g.add_argument("--classes", default="qkv,o,gateup", help=f"','-joined among: {', '.join(INPUT_CLASSES)}")
