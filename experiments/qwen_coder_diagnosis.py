@@ -197,6 +197,15 @@ def last_windows(tok, corpus: str, count: int) -> torch.Tensor:
     return torch.tensor(ids[len(ids) - count * SEQLEN:]).view(count, SEQLEN)
 
 
+def study_ids(tok, windows: int = 8) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The layer-by-layer diagnoses' token ids: the defaults' 16 x 512 calibration (seed 0), and the last `windows`
+    windows of 512 of each held-out domain's eval text."""
+    from qwen_quant.quantize.calibration import build_calibration
+
+    calib = build_calibration(tok, "default", nsamples=16, seqlen=SEQLEN, seed=0).input_ids
+    return calib, {d: last_windows(tok, c, windows) for d, c in HELDOUT.items()}
+
+
 @torch.no_grad()
 def class_inputs(model, layer: int, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """Every linear class's inputs in LAYER [samples, tokens, K], one forward per row stopped after down_proj."""
@@ -236,11 +245,9 @@ def held_hessians(held: dict[str, dict[str, torch.Tensor]], cls: str) -> dict[st
 
 
 def proxy(layers: list[int], variants: list[str], classes: list[str]) -> None:
-    from qwen_quant.quantize.calibration import build_calibration
 
     model, tok = fp_model()
-    calib_ids = build_calibration(tok, "default", nsamples=16, seqlen=SEQLEN, seed=0).input_ids
-    held_ids = {d: last_windows(tok, c, 8) for d, c in HELDOUT.items()}
+    calib_ids, held_ids = study_ids(tok)
     for layer in layers:
         proxy_layer(model, layer, class_inputs(model, layer, calib_ids),
                     {d: class_inputs(model, layer, ids) for d, ids in held_ids.items()}, variants, classes)
@@ -279,11 +286,9 @@ def proxy_layer(model, layer, calib, held, variants, classes) -> None:
 
 def spectrum(layers: list[int], classes: list[str], damps: list[float]) -> None:
     from qwen_quant.quantize import gptq
-    from qwen_quant.quantize.calibration import build_calibration
 
     model, tok = fp_model()
-    calib_ids = build_calibration(tok, "default", nsamples=16, seqlen=SEQLEN, seed=0).input_ids
-    held_ids = {d: last_windows(tok, c, 8) for d, c in HELDOUT.items()}
+    calib_ids, held_ids = study_ids(tok)
     for layer in layers:
         calib = class_inputs(model, layer, calib_ids)
         held = {d: class_inputs(model, layer, ids) for d, ids in held_ids.items()}
@@ -323,13 +328,11 @@ def energy_below(h: torch.Tensor, held: dict[str, torch.Tensor], damps: list[flo
 
 def groups(layers: list[int], classes: list[str]) -> None:
     from qwen_quant.quantize import gptq
-    from qwen_quant.quantize.calibration import build_calibration
     from qwen_quant.quantize.settings import QuantSettings
 
     settings = QuantSettings()
     model, tok = fp_model()
-    calib_ids = build_calibration(tok, "default", nsamples=16, seqlen=SEQLEN, seed=0).input_ids
-    held_ids = {d: last_windows(tok, c, 8) for d, c in HELDOUT.items()}
+    calib_ids, held_ids = study_ids(tok)
     for layer in layers:
         calib = class_inputs(model, layer, calib_ids)
         held = {d: class_inputs(model, layer, ids) for d, ids in held_ids.items()}
@@ -367,11 +370,9 @@ def awq(layers: list[int], classes: list[str], windows: int) -> None:
     window's first token (the attention sink, where massive activations live). Variant "sinkless": the same
     search with the calibration's first tokens left out of its objective."""
     from qwen_quant.quantize import equalize, gptq
-    from qwen_quant.quantize.calibration import build_calibration
 
     model, tok = fp_model()
-    calib_ids = build_calibration(tok, "default", nsamples=16, seqlen=SEQLEN, seed=0).input_ids
-    held_ids = {d: last_windows(tok, c, windows) for d, c in HELDOUT.items()}
+    calib_ids, held_ids = study_ids(tok, windows)
     for layer in layers:
         calib = class_inputs(model, layer, calib_ids)
         held = {d: class_inputs(model, layer, ids) for d, ids in held_ids.items()}
