@@ -246,6 +246,14 @@ ROWS = {
                                    "tokens over 3 x their sample's median input norm (DIAGNOSIS.md section 11)",
                                    ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin",
                                     "--seed", str(k), "--awq-scales", "--awq-drop-massive", "3"]) for k in (0, 1, 2, 3)},
+    # act-order by whole groups (--act-group-aware, GPTQModel's act_group_aware): each group's scales set as GPTQ
+    # reaches it, as --no-static-groups does (Chinese -0.021 nats over two draws), with g_idx kept in order
+    **{f"gar-seed{k}-32x512": (f"{'amd-32x512' if k == 0 else f'seed{k}-32x512'} with --act-group-aware: groups "
+                               "quantized in order of their largest Hessian diagonal, inputs within a group by "
+                               "decreasing diagonal, each group's scales set when GPTQ reaches it; g_idx in order "
+                               "(DIAGNOSIS.md section 13)",
+                               ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin",
+                                "--seed", str(k), "--act-group-aware"]) for k in (0, 1, 2, 3)},
     # GPTQ's codes kept, each group's scale refit by least squares to the layer's own objective (--refit-scales,
     # gptq.refit_scales): 12 numbers per row of 1,536 inputs, so a low-capacity fit that should carry out of domain
     **{f"refit-seed{k}-32x512": (f"{'amd-32x512' if k == 0 else f'seed{k}-32x512'} with --refit-scales: once GPTQ has "
@@ -446,6 +454,9 @@ CONTRASTS = [
     # AWQ's channel scales before GPTQ, and before round-to-nearest (the rtn row: no calibration, so any machine's)
     ("--awq-scales at 32 x 512 (seed 0; AMD)", {"awq-seed0-32x512": 1, AMD: -1}),
     ("--refit-scales at 32 x 512 (seed 0; AMD)", {"refit-seed0-32x512": 1, AMD: -1}),
+    ("--act-group-aware at 32 x 512 (seed 0; AMD)", {"gar-seed0-32x512": 1, AMD: -1}),
+    ("--no-static-groups -> --act-group-aware at 32 x 512 (seed 0; AMD)", {"gar-seed0-32x512": 1,
+                                                                            "dyngroups-32x512": -1}),
     ("round-to-nearest -> --awq-scales then round-to-nearest (AMD)", {"awq-rtn-32x512": 1, "rtn": -1}),
     ("--awq-scales without the massive tokens at 32 x 512 (seed 0; AMD)", {"awqsink-seed0-32x512": 1, AMD: -1}),
     ("--awq-scales -> the same without the massive tokens (seed 0; AMD)",
@@ -463,13 +474,15 @@ AWQ_SEEDS = [f"awq-seed{k}-32x512" for k in range(4)]   # ... and with --awq-sca
 AWQSINK_SEEDS = [f"awqsink-seed{k}-32x512" for k in range(4)]   # ... and with it, without the massive tokens
 DYNGROUPS_SEEDS = ["dyngroups-32x512"] + [f"dyngroups-seed{k}-32x512" for k in (1, 2, 3)]   # ... and --no-static-groups
 REFIT_SEEDS = [f"refit-seed{k}-32x512" for k in range(4)]   # ... and --refit-scales
+GAR_SEEDS = [f"gar-seed{k}-32x512" for k in range(4)]   # ... and --act-group-aware
 REPLICATES = [("rule-32x512's recipe, calibration seeds 0-3 (AMD)", SEEDS),
               ("rule-32x512's recipe on two machines (Xeon, AMD; seed 0)", [R32_512, AMD]),
               ("rule-32x512's recipe with --shrink auto, seeds 0-3 (AMD)", SHRINK_SEEDS),
               ("rule-32x512's recipe with --awq-scales, the seeds measured (AMD)", AWQ_SEEDS),
               ("the same with --awq-drop-massive 3, the seeds measured (AMD)", AWQSINK_SEEDS),
               ("rule-32x512's recipe with --no-static-groups, the seeds measured (AMD)", DYNGROUPS_SEEDS),
-              ("rule-32x512's recipe with --refit-scales, the seeds measured (AMD)", REFIT_SEEDS)]
+              ("rule-32x512's recipe with --refit-scales, the seeds measured (AMD)", REFIT_SEEDS),
+              ("rule-32x512's recipe with --act-group-aware, the seeds measured (AMD)", GAR_SEEDS)]
 # a change made on several draws, each draw with and without it (rows paired by seed): its effect averaged over the
 # draws, with the draws and the windows both counted as samples (accuracy.paired.replicated_contrast)
 REPLICATED_CHANGES = [("--shrink auto at 32 x 512, over seeds 0-3 (AMD)", SHRINK_SEEDS, SEEDS),
@@ -479,7 +492,10 @@ REPLICATED_CHANGES = [("--shrink auto at 32 x 512, over seeds 0-3 (AMD)", SHRINK
                       ("--awq-scales -> without the massive tokens, over the seeds measured (AMD)", AWQSINK_SEEDS,
                        AWQ_SEEDS),
                       ("--no-static-groups at 32 x 512, over the seeds measured (AMD)", DYNGROUPS_SEEDS, SEEDS),
-                      ("--refit-scales at 32 x 512, over the seeds measured (AMD)", REFIT_SEEDS, SEEDS)]
+                      ("--refit-scales at 32 x 512, over the seeds measured (AMD)", REFIT_SEEDS, SEEDS),
+                      ("--act-group-aware at 32 x 512, over the seeds measured (AMD)", GAR_SEEDS, SEEDS),
+                      ("--no-static-groups -> --act-group-aware, over the seeds measured (AMD)", GAR_SEEDS,
+                       DYNGROUPS_SEEDS)]
 
 
 def _p_value(p: float) -> str:

@@ -339,19 +339,51 @@ def _fresh_rows(Wt, W1, Err1, Hinv, i1, i, end):
     return torch.cat([inside, outside], dim=0)
 
 
+def group_aware_order(diag: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Act-order by whole groups (GPTQModel's act_group_aware): the groups of group_size consecutive inputs
+    in order of their largest Hessian diagonal, the inputs within each group by decreasing diagonal.
+
+    Why: act-order quantizes the inputs that carry the most energy first, while the most weights are left
+    to absorb their error; by itself it scatters every group over the order, so a group's params are either
+    fixed before GPTQ has updated any of its weights (static groups) or g_idx is permuted (a gather per
+    call in the kernels). Keeping each group's inputs together lets GPTQ set its params when it reaches the
+    group, from the weights as updated so far, with g_idx left in order."""
+    K = diag.numel()
+    groups = torch.arange(K, device=diag.device) // group_size
+    group_peak = torch.full((int(groups[-1]) + 1,), -torch.inf, dtype=diag.dtype, device=diag.device)
+    group_peak.scatter_reduce_(0, groups, diag, reduce="amax")
+    group_rank = torch.empty_like(groups[:group_peak.numel()])
+    group_rank[torch.argsort(group_peak, descending=True, stable=True)] = torch.arange(group_peak.numel(),
+                                                                                       device=diag.device)
+    by_diag = torch.argsort(diag, descending=True, stable=True)
+    return by_diag[torch.argsort(group_rank[groups[by_diag]], stable=True)]
+
+
+def _runs(group_at: list[int]) -> dict[int, int]:
+    """{start: end} of each run of equal consecutive entries: where a group's params are set as GPTQ
+    reaches it, and the positions they are set from."""
+    starts = [j for j in range(len(group_at)) if j == 0 or group_at[j] != group_at[j - 1]]
+    return dict(zip(starts, starts[1:] + [len(group_at)]))
+
+
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True,
                   desc_act: bool = False, static_groups: bool = False, damp: float = 0.01,
-                  block_size: int = 128, mse: bool = False, shrink: float = 0.0) -> QuantResult:
+                  block_size: int = 128, mse: bool = False, shrink: float = 0.0,
+                  group_aware: bool = False) -> QuantResult:
     """GPTQ one layer: W [N, K] (nn.Linear weight), H [K, K] from HessianAccumulator.
 
     group_size -1 = one group over all of K; K need not be a multiple of group_size (the last group
     is partial). desc_act quantizes columns in order of decreasing diag(H) (act-order); the result
     is stored in original order with g_idx saying which group each row was quantized in.
     static_groups computes every group's params up front from the original weights, so that
-    g_idx stays i // group_size even with act-order. shrink (0 = classic GPTQ) first shrinks H toward its
-    diagonal (`shrink_to_diagonal_`).
+    g_idx stays i // group_size even with act-order. group_aware (with desc_act; static_groups then does
+    not apply) is act-order by whole groups (`group_aware_order`): g_idx stays i // group_size and each
+    group's params are set from its weights as GPTQ has updated them when it reaches the group. shrink
+    (0 = classic GPTQ) first shrinks H toward its diagonal (`shrink_to_diagonal_`).
     """
     _check_args(W, bits, group_size, damp, shrink)
+    if group_aware and not desc_act:
+        raise UserError("group_aware is an act-order (whole groups by decreasing Hessian diagonal): set desc_act")
     N, K = W.shape
     if H.shape != (K, K):
         raise UserError(f"Hessian has shape {tuple(H.shape)}, expected ({K}, {K}) for a weight of shape {(N, K)}")
@@ -373,10 +405,12 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
     Wt[dead] = 0
     shrink_to_diagonal_(H, shrink)
 
+    static_groups = static_groups and not group_aware  # its groups' params are set as GPTQ reaches them
     static = [find_params(Wt[s:s + gs].T, bits, sym, mse) for s in range(0, K, gs)] if static_groups else None
     perm = None
     if desc_act:
-        perm = torch.argsort(torch.diagonal(H), descending=True)
+        diag = torch.diagonal(H)
+        perm = group_aware_order(diag, gs) if group_aware else torch.argsort(diag, descending=True)
         Wt, H = Wt[perm], H[perm][:, perm]
     original_pos = perm if perm is not None else torch.arange(K, device=W.device)
 
@@ -389,16 +423,17 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
         fallback.seconds = _finish_timing(W.device, start)
         return fallback
 
-    # The group each quantization position uses, and g_idx: the group of each ORIGINAL row.
-    if static_groups:
+    # The group each quantization position uses, g_idx (the group of each ORIGINAL row), and where params
+    # are set as GPTQ reaches them: position -> end of the run of positions that share them.
+    if static_groups or group_aware:
         group_at = (original_pos // gs).tolist()
         g_idx = torch.arange(K, device=W.device) // gs
-        params = static
     else:
         group_at = [j // gs for j in range(K)]
         g_idx = torch.empty(K, dtype=torch.long, device=W.device)
         g_idx[original_pos] = torch.arange(K, device=W.device) // gs
-        params = [None] * n_groups
+    params = static if static_groups else [None] * n_groups
+    set_at = {} if static_groups else _runs(group_at)
 
     codes = torch.empty_like(Wt)
     for i1 in range(0, K, block_size):
@@ -414,9 +449,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
         h_diag = Hinv1.diagonal().tolist()
         for i in range(i2 - i1):
             j = i1 + i
-            if not static_groups and j % gs == 0:
-                group = _fresh_rows(Wt, W1, Err1, Hinv, i1, i, min(j + gs, K))
-                params[j // gs] = find_params(group.T, bits, sym, mse)
+            if j in set_at:
+                group = _fresh_rows(Wt, W1, Err1, Hinv, i1, i, set_at[j])
+                params[group_at[j]] = find_params(group.T, bits, sym, mse)
             p: GroupParams = params[group_at[j]]
             w, q, err = w_rows[i], code_rows[i], err_rows[i]
             torch.div(w, p.scale, out=q).round_().add_(p.zero).clamp_(0, maxq)  # the codes

@@ -407,7 +407,8 @@ def quantize_weight(w: torch.Tensor, h: torch.Tensor, settings: QuantSettings, d
         return gptq.rtn_quantize(w, settings.bits, settings.group_size, settings.sym, mse=settings.mse)
     result = gptq.gptq_quantize(w, h, bits=settings.bits, group_size=settings.group_size, sym=settings.sym,
                                 desc_act=settings.desc_act, static_groups=settings.static_groups,
-                                damp=settings.damp if damp is None else damp, mse=settings.mse, shrink=shrink)
+                                damp=settings.damp if damp is None else damp, mse=settings.mse, shrink=shrink,
+                                group_aware=settings.act_group_aware)
     if settings.refit_scales and result.fallback is None:
         result = gptq.refit_scales(w, h, result)
     return result

@@ -36,6 +36,13 @@ class QuantSettings:
     static_groups: bool = _opt(True, "fix each group's scales before the act-order pass (default on): g_idx stays in "
                                      "order, so kernels run without a permutation; --no-static-groups gives classic "
                                      "act-order (a permuted g_idx)")
+    # GPTQModel's act_group_aware: act-order by whole groups, so each group's scales can wait until GPTQ reaches
+    # it (as --no-static-groups does) while g_idx stays in order (as static groups keep it)
+    act_group_aware: bool = _opt(False, "act-order by whole groups (GPTQModel's act_group_aware): groups of inputs in "
+                                        "order of their largest Hessian diagonal, inputs within a group by decreasing "
+                                        "diagonal; each group's scales set from its weights as GPTQ has updated them "
+                                        "when it reaches the group (so --static-groups does not apply), g_idx in order "
+                                        "(default off)")
     sym: bool = _opt(True, "asymmetric zero points (default symmetric, as Qwen's Int4 release)", flag="--asym",
                      inverse=True)
     damp: float = _opt(0.01, "dampening as a fraction of the mean Hessian diagonal, in (0, 1) (default 0.01, Qwen's "
@@ -192,13 +199,20 @@ class QuantSettings:
         if self.method == "rtn" and self.refit_scales:
             raise UserError("--refit-scales refits the scales to GPTQ's calibration objective; round-to-nearest has "
                             "none: drop it or use --method gptq")
+        if self.act_group_aware and not self.desc_act and self.method == "gptq":
+            raise UserError("--act-group-aware is an act-order (whole groups by decreasing Hessian diagonal): drop "
+                            "--no-desc-act or --act-group-aware")
+        if self.act_group_aware:  # its groups' scales are set as GPTQ reaches them: the config must not say up front
+            object.__setattr__(self, "static_groups", False)
         if self.method == "rtn":  # act-order and static groups are GPTQ's: an RTN checkpoint must not claim them
             object.__setattr__(self, "desc_act", False)
             object.__setattr__(self, "static_groups", False)
+            object.__setattr__(self, "act_group_aware", False)
             object.__setattr__(self, "rtn_massive", 0.0)  # every layer is round-to-nearest already
         for name, kind in (("damp", float), ("damp_auto", float), ("gptaq_alpha", float), ("rtn_massive", float),
                            ("awq_drop_massive", float),
-                           ("desc_act", bool), ("static_groups", bool), ("sym", bool), ("mse", bool),
+                           ("desc_act", bool), ("static_groups", bool), ("act_group_aware", bool), ("sym", bool),
+                           ("mse", bool),
                            ("refit_scales", bool), ("rtn_massive_thin", bool), ("lm_head", bool), ("awq_scales", bool)):
             object.__setattr__(self, name, kind(getattr(self, name)))
 
@@ -283,4 +297,4 @@ def _shrink_value(value) -> float | str:
 # The run settings a record names only when on (QuantSettings.run_settings), with the value that means off:
 # what a reader of older records fills in (they predate the setting, which was off then).
 OPT_IN_RUN_SETTINGS = {"shrink": 0.0, "gptaq_alpha": 0.0, "refit_scales": False, "rtn_massive": 0.0,
-                       "awq_scales": False, "awq_drop_massive": 0.0}
+                       "awq_scales": False, "awq_drop_massive": 0.0, "act_group_aware": False}

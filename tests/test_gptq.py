@@ -54,9 +54,19 @@ def reference_params(x, bits, sym):
     return torch.tensor(scales, dtype=torch.float64), torch.tensor(zeros, dtype=torch.float64)
 
 
-def reference_gptq(W, H, bits, group_size, sym, desc_act, static_groups, damp):
+def reference_group_aware_order(diag, g):
+    """Whole groups by their largest diagonal, each group's columns by decreasing diagonal (GPTQModel's
+    act_group_aware), written as two plain sorts."""
+    K = diag.numel()
+    groups = [list(range(s, min(s + g, K))) for s in range(0, K, g)]
+    groups.sort(key=lambda cols: -max(float(diag[c]) for c in cols))
+    return torch.tensor([c for cols in groups for c in sorted(cols, key=lambda c: -float(diag[c]))])
+
+
+def reference_gptq(W, H, bits, group_size, sym, desc_act, static_groups, damp, group_aware=False):
     """Column by column with an explicit inverse Hessian that drops each quantized column (OBS form,
-    no Cholesky, no blocks). Returns codes [K, N], scales [G, N], zeros [G, N], g_idx [K]."""
+    no Cholesky, no blocks). Returns codes [K, N], scales [G, N], zeros [G, N], g_idx [K]. group_aware:
+    act-order by whole groups, each group's params from its updated weights when the first is reached."""
     W, H = W.double().clone(), H.double().clone()
     N, K = W.shape
     maxq = 2 ** bits - 1
@@ -65,6 +75,8 @@ def reference_gptq(W, H, bits, group_size, sym, desc_act, static_groups, damp):
     H[dead, dead] = 1
     W[:, dead] = 0
     order = torch.argsort(torch.diagonal(H), descending=True) if desc_act else torch.arange(K)
+    if group_aware:
+        order = reference_group_aware_order(torch.diagonal(H), g)
     Hinv = torch.linalg.inv(H + damp * torch.diagonal(H).mean() * torch.eye(K, dtype=torch.float64))
     n_groups = -(-K // g)
     scales, zeros = [None] * n_groups, [None] * n_groups
@@ -75,8 +87,10 @@ def reference_gptq(W, H, bits, group_size, sym, desc_act, static_groups, damp):
     g_idx = torch.zeros(K, dtype=torch.long)
     for t in range(K):
         col = int(order[t])
-        group = col // g if static_groups else t // g
-        if not static_groups and t % g == 0:
+        group = col // g if static_groups or group_aware else t // g
+        if group_aware and scales[group] is None:  # the group's first column: all of it comes next
+            scales[group], zeros[group] = reference_params(W[:, order[t:t + g]], bits, sym)
+        elif not static_groups and not group_aware and t % g == 0:
             scales[group], zeros[group] = reference_params(W[:, order[t:t + g]], bits, sym)
         g_idx[col] = group
         q = torch.clamp(torch.round(W[:, col] / scales[group]) + zeros[group], 0, maxq)
@@ -107,6 +121,49 @@ def test_matches_float64_reference(bits, group_size, sym, desc_act, static_group
     assert torch.equal(res.scales.double(), scales)
     assert torch.equal(res.zeros.double(), zeros)
     assert torch.equal(res.codes.double(), codes)
+
+
+@pytest.mark.parametrize("bits,group_size,sym,static_groups", [
+    (4, 32, True, True),    # static_groups does not apply: group-aware sets params as it reaches a group
+    (3, 48, False, False),  # groups straddle the 32-column blocks; partial last group
+    (4, 25, True, False),   # a partial last group of 20 and group runs that cross every block boundary
+])
+def test_group_aware_matches_float64_reference(bits, group_size, sym, static_groups):
+    K, N = 120, 24
+    X = correlated_inputs(400, K, dtype=torch.float64)
+    H, W = hessian_of(X), random_weight(N, K, dtype=torch.float64)
+    H[:, 7] = H[7, :] = 0  # one dead input
+    res = gptq_quantize(W, H, bits=bits, group_size=group_size, sym=sym, desc_act=True, static_groups=static_groups,
+                        damp=0.01, block_size=32, group_aware=True)
+    codes, scales, zeros, g_idx = reference_gptq(W, H, bits, group_size, sym, True, False, 0.01, group_aware=True)
+    assert torch.equal(res.g_idx.long(), torch.arange(K) // group_size)  # in order: kernels need no gather
+    assert torch.equal(g_idx, torch.arange(K) // group_size)
+    assert torch.equal(res.scales.double(), scales)
+    assert torch.equal(res.zeros.double(), zeros)
+    assert torch.equal(res.codes.double(), codes)
+
+
+def test_group_aware_order_and_plain_gptq_on_the_permuted_layer():
+    diag = torch.tensor([1., 9., 2., 3., 8., 0., 5., 4., 7.])
+    # groups of 3: {1,9,2} peak 9, {3,8,0} peak 8, {5,4,7} peak 7
+    assert gptq.group_aware_order(diag, 3).tolist() == [1, 2, 0, 4, 3, 5, 8, 6, 7]
+    assert gptq.group_aware_order(diag, 4).tolist() == [1, 3, 2, 0, 4, 6, 7, 5, 8]  # a partial last group: {8}
+    # in its own order the layer is plain GPTQ (no act-order) over groups that are the original groups
+    K, N, g = 256, 16, 64
+    X = correlated_inputs(600, K, seed=9, dtype=torch.float64)
+    H, W = hessian_of(X), random_weight(N, K, seed=10, dtype=torch.float64)
+    perm = gptq.group_aware_order(torch.diagonal(H), g)
+    aware = gptq_quantize(W, H, group_size=g, desc_act=True, group_aware=True, block_size=48)
+    plain = gptq_quantize(W[:, perm], H[perm][:, perm], group_size=g, desc_act=False, block_size=48)
+    assert torch.equal(aware.codes[perm], plain.codes)
+    group_of_segment = perm[::g] // g
+    assert torch.equal(aware.scales[group_of_segment], plain.scales)
+    assert not torch.equal(perm, torch.arange(K))
+
+
+def test_group_aware_needs_act_order():
+    with pytest.raises(UserError, match="desc_act"):
+        gptq_quantize(random_weight(4, 64), torch.eye(64), group_size=32, desc_act=False, group_aware=True)
 
 
 # ---------- the objective: GPTQ's output error below RTN's ----------

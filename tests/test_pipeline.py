@@ -123,6 +123,22 @@ def test_gptq_beats_rtn_on_calibration_output_error(tmp_path):
     assert (r["quantization_config"]["desc_act"], r["quantization_config"]["static_groups"]) == (False, False)
 
 
+def test_act_group_aware_keeps_g_idx_in_order_and_says_so(tmp_path):
+    """--act-group-aware: act-order by whole groups; the checkpoint's g_idx stays i // group_size, its config says
+    act-order without scales fixed up front, and the run's record names the setting."""
+    out = run(tiny_hf_model("qwen2"), tmp_path / "gar", act_group_aware=True)
+    report = json.loads((out / "quant_report.json").read_text())
+    assert (report["quantization_config"]["desc_act"], report["quantization_config"]["static_groups"]) == (True, False)
+    assert report["settings"]["act_group_aware"] is True
+    tensors = tensors_of(out)
+    g_idx = [t for k, t in tensors.items() if k.endswith(".g_idx")]
+    assert g_idx and all(torch.equal(g.long(), torch.arange(g.numel()) // 32) for g in g_idx)
+    static = tensors_of(run(tiny_hf_model("qwen2"), tmp_path / "static"))
+    assert any(not torch.equal(tensors[k], static[k]) for k in tensors if k.endswith(".qweight"))
+    with pytest.raises(UserError, match="--act-group-aware"):
+        run(tiny_hf_model("qwen2"), tmp_path / "bad", act_group_aware=True, desc_act=False)
+
+
 def test_fp32_forwards_under_bf16_autocast_by_default_and_model_dtype_on_request(tmp_path, monkeypatch):
     """--forward-dtype: auto runs an fp32 model's calibration forwards in bf16 where the hardware has it
     natively (faster on CPUs with AMX and on GPUs), which changes the Hessians a little but not the
