@@ -355,8 +355,11 @@ def groups(layers: list[int], classes: list[str]) -> None:
             base = errors(rtn.weight)
             line = {"layer": layer, "class": cls, "damp": round(settings.damp_for(w.shape[1], acc.tokens), 4),
                     "codes_at_ends": {"rtn": at_ends(rtn)}, "ratio_to_rtn": {}}
-            for name, static in (("static", True), ("dynamic", False)):
-                q = gptq.gptq_quantize(w, h, 4, 128, True, desc_act=True, static_groups=static,
+            # act-order's groups: fixed up front (the default), set as GPTQ reaches 128 consecutive columns of its
+            # order (--no-static-groups), or the original groups in order of their peak (--act-group-aware)
+            for name, static, aware in (("static", True, False), ("dynamic", False, False),
+                                        ("group_aware", False, True)):
+                q = gptq.gptq_quantize(w, h, 4, 128, True, desc_act=True, static_groups=static, group_aware=aware,
                                        damp=settings.damp_for(w.shape[1], acc.tokens))
                 line["codes_at_ends"][name] = at_ends(q)
                 line["ratio_to_rtn"][name] = {d: round(e / base[d], 3) for d, e in errors(q.weight).items()}
