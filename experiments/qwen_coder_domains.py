@@ -162,6 +162,11 @@ ROWS = {
                      "tokens does at 2048. Fiction 3.1 SE worse than rule-32x512, 1.3 SE worse than rule-128x512: "
                      "fiction's cost grows with the tokens, the length at most a part (DIAGNOSIS.md section 7)",
                      ["--nsamples", "32", "--seqlen", "2048", "--no-mse", "--no-rtn-massive-thin"]),
+    "short-128x128": ("the defaults at 128 x 128: amd-32x512's 16,384 tokens (so its damping and quantize time) in four "
+                      "times as many, shorter samples. Section 7's factorial had the shorter samples better at equal "
+                      "tokens (128 x 512 against 32 x 2048, fiction 1.3 SE) and more samples better for French: "
+                      "does more documents per token carry further out of domain? (AMD; DIAGNOSIS.md section 13)",
+                      ["--nsamples", "128", "--seqlen", "128", "--no-mse", "--no-rtn-massive-thin"]),
     "amd-32x512": ("rule-32x512 quantized and evaluated again, the same command on the 2-core AMD EPYC (rule-32x512 is "
                    "the Xeon's): what one recipe moves between two machines (other CPU kernels, slightly different "
                    "calibration forwards and sums, GPTQ's rounding decisions cascading from them), and the "
@@ -455,6 +460,7 @@ CONTRASTS = [
     ("--awq-scales at 32 x 512 (seed 0; AMD)", {"awq-seed0-32x512": 1, AMD: -1}),
     ("--refit-scales at 32 x 512 (seed 0; AMD)", {"refit-seed0-32x512": 1, AMD: -1}),
     ("--act-group-aware at 32 x 512 (seed 0; AMD)", {"gar-seed0-32x512": 1, AMD: -1}),
+    ("32 x 512 -> 128 x 128 (the same tokens in shorter samples; AMD)", {"short-128x128": 1, AMD: -1}),
     ("--no-static-groups -> --act-group-aware at 32 x 512 (seed 0; AMD)", {"gar-seed0-32x512": 1,
                                                                             "dyngroups-32x512": -1}),
     ("round-to-nearest -> --awq-scales then round-to-nearest (AMD)", {"awq-rtn-32x512": 1, "rtn": -1}),
