@@ -363,6 +363,15 @@ def groups(layers: list[int], classes: list[str]) -> None:
                                        damp=settings.damp_for(w.shape[1], acc.tokens))
                 line["codes_at_ends"][name] = at_ends(q)
                 line["ratio_to_rtn"][name] = {d: round(e / base[d], 3) for d, e in errors(q.weight).items()}
+                if static:  # --refit-scales on the defaults' codes: least-squares scales on the calibration
+                    refit = gptq.refit_scales(w, h, q)
+                    line["ratio_to_rtn"]["static_refit"] = {d: round(e / base[d], 3)
+                                                            for d, e in errors(refit.weight).items()}
+                    change = (refit.scales / q.scales).flatten()
+                    line["refit_scale_change"] = {"median": round(float(change.median()), 4),
+                                                  "share_lower": round(float((change < 1).float().mean()), 4),
+                                                  "p05": round(float(change.quantile(0.05)), 4),
+                                                  "p95": round(float(change.quantile(0.95)), 4)}
             print(json.dumps(line), flush=True)
 
 
@@ -434,7 +443,9 @@ def main(argv=None) -> int:
     e.add_argument("--damps", default="0.01,0.047,0.19,0.75",
                    help="','-joined dampings as fractions of the mean Hessian diagonal (default: what --damp-auto "
                         "0.03125, 0.5, 2 and 8 give a 1536-input layer at 32 x 512 tokens; 0.01 is the floor)")
-    g = sub.add_parser("groups")
+    g = sub.add_parser("groups", help="act-order's groups fixed up front, set as GPTQ reaches them, or whole groups "
+                                      "in order (--act-group-aware), and --refit-scales on the first: each layer "
+                                      "class's output error over RTN's on the calibration and on held-out text")
     g.add_argument("layers", help="','-joined layer numbers, e.g. 2,14,24")
     g.add_argument("--classes", default="qkv,o,gateup", help=f"','-joined among: {', '.join(INPUT_CLASSES)}")
     args = p.parse_args(argv)
