@@ -37,12 +37,15 @@ class QuantSettings:
                                      "order, so kernels run without a permutation; --no-static-groups gives classic "
                                      "act-order (a permuted g_idx)")
     # GPTQModel's act_group_aware: act-order by whole groups, so each group's scales can wait until GPTQ reaches
-    # it (as --no-static-groups does) while g_idx stays in order (as static groups keep it)
+    # it (as --no-static-groups does) while g_idx stays in order (as static groups keep it). On Qwen2.5-Coder-1.5B
+    # its layer error is above static groups' in every layer class measured and end to end it cost fiction 0.022
+    # nats (reports/qwen2.5-coder-1.5b-domains/DIAGNOSIS.md, section 13): ordering whole groups gives up act-order's
+    # own point. Opt-in, for matching a GPTQModel recipe.
     act_group_aware: bool = _opt(False, "act-order by whole groups (GPTQModel's act_group_aware): groups of inputs in "
                                         "order of their largest Hessian diagonal, inputs within a group by decreasing "
                                         "diagonal; each group's scales set from its weights as GPTQ has updated them "
                                         "when it reaches the group (so --static-groups does not apply), g_idx in order "
-                                        "(default off)")
+                                        "(default off: on Qwen2.5-Coder-1.5B worse than static groups)")
     sym: bool = _opt(True, "asymmetric zero points (default symmetric, as Qwen's Int4 release)", flag="--asym",
                      inverse=True)
     damp: float = _opt(0.01, "dampening as a fraction of the mean Hessian diagonal, in (0, 1) (default 0.01, Qwen's "
@@ -83,11 +86,14 @@ class QuantSettings:
                                    "block and a second activation stream (+47%% time on Qwen2.5-Coder-1.5B on a CPU)",
                               flag="--gptaq", metavar="ALPHA")
     # after GPTQ picks the codes, move each group's scale to the least-squares optimum of the layer's output
-    # error (codes and zero points fixed): `gptq.refit_scales`. GPTQ-only; the format is unchanged.
+    # error (codes and zero points fixed): `gptq.refit_scales`. GPTQ-only; the format is unchanged. On
+    # Qwen2.5-Coder-1.5B (32 x 512, two draws) it lowered every layer class's error by ~1 % held out too, yet end
+    # to end no held-out domain gained and fiction lost 0.014 nats (DIAGNOSIS.md, section 13). Opt-in.
     refit_scales: bool = _opt(False, "after GPTQ fixes the codes, refit every group's scale by least squares to the "
                                      "layer's output error on the calibration data (the objective GPTQ minimizes; "
-                                     "same format, ~10%% more time). Never raises a layer's error; most help where "
-                                     "inputs have outliers")
+                                     "same format, 1.6x the layers' GPTQ time on Qwen2.5-Coder-1.5B). Never raises "
+                                     "a layer's calibration error; most help where inputs have outliers (default off: "
+                                     "on Qwen2.5-Coder-1.5B no held-out gain end to end)")
     # AWQ's activation-aware channel scales (quantize/equalize.py), searched per group of linears and folded into
     # the norms and up_proj before GPTQ: one exponent per layer is all the calibration decides. On Qwen2.5-Coder-1.5B
     # (32 x 512) nothing measurable before GPTQ, round-to-nearest worse on English, twice the quantize time; its
