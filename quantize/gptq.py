@@ -352,9 +352,7 @@ def group_aware_order(diag: torch.Tensor, group_size: int) -> torch.Tensor:
     groups = torch.arange(K, device=diag.device) // group_size
     group_peak = torch.full((int(groups[-1]) + 1,), -torch.inf, dtype=diag.dtype, device=diag.device)
     group_peak.scatter_reduce_(0, groups, diag, reduce="amax")
-    group_rank = torch.empty_like(groups[:group_peak.numel()])
-    group_rank[torch.argsort(group_peak, descending=True, stable=True)] = torch.arange(group_peak.numel(),
-                                                                                       device=diag.device)
+    group_rank = torch.argsort(torch.argsort(group_peak, descending=True, stable=True))  # 0 = the loudest group
     by_diag = torch.argsort(diag, descending=True, stable=True)
     return by_diag[torch.argsort(group_rank[groups[by_diag]], stable=True)]
 
