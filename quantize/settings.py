@@ -158,7 +158,7 @@ class QuantSettings:
     seqlen: int | None = _opt(None, "tokens per sample (default 2048, capped at the model's context)",
                               group="calibration")
     calib: str = _opt("default", "default (English, Chinese, code and chat, a quarter each), a package corpus (wiki, "
-                                 "peoples-daily, code, chat, wiki-fr, wiki-es) or a '+'-joined mix of them "
+                                 "peoples-daily, code, chat, prose, wiki-fr, wiki-es) or a '+'-joined mix of them "
                                  "(wiki+code+chat), a .txt/.jsonl FILE, hf:<dataset id>[:config][:split], or self (the model "
                                  "samples its own calibration text: no corpus needed, but on Qwen2.5-Coder-1.5B no "
                                  "better than RTN out of domain, where the default mix is)",

