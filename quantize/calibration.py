@@ -7,7 +7,8 @@ Sources:
   in it because English+Chinese alone left GPTQ worse than round-to-nearest on held-out code
   (reports/qwen2.5-coder-1.5b-domains/).
 - a mix of package corpora joined by "+" ("wiki+peoples-daily+code+chat"): nsamples shared out evenly
-  (the first ones get one more), interleaved in the order given; "default" is one such mix.
+  (the first ones get one more; a corpus with fewer windows than its share gives all it has and the others
+  the rest: share_out), interleaved in the order given; "default" is one such mix.
 - one package corpus alone ("wiki", "peoples-daily", "code", "chat" ...; corpora.NAMED_CORPORA).
 - a .txt file (paragraphs) or "hf:<dataset id>[:config][:split]": one running text.
 - a .jsonl file with "text" or chat "messages" (rendered with the tokenizer's chat template): one
@@ -84,12 +85,23 @@ def build_calibration(loaded_or_tokenizer, source: str = "default", nsamples: in
     source = str(source)
     names = mix_of(source)
     if names:
-        counts = [nsamples // len(names) + (k < nsamples % len(names)) for k in range(len(names))]
-        parts = [_stream_samples(tokenizer, corpora.corpus_by_name(name, "calib"), n, seqlen, seed)
-                 for name, n in zip(names, counts) if n > 0]
+        mixed = [corpora.corpus_by_name(name, "calib") for name in names]
+        streams = [corpus_token_stream(tokenizer, c) for c in mixed]
+        counts = share_out(nsamples, [len(s) // seqlen for s in streams])
+        if counts is None:
+            raise UserError(f"too little calibration text in the mix {source!r}: {nsamples} samples x {seqlen} tokens "
+                            f"need {nsamples * seqlen:,} tokens, its corpora hold "
+                            f"{sum(len(s) // seqlen for s in streams) * seqlen:,} in whole windows; lower --nsamples "
+                            f"or --seqlen")
+        parts = [_stream_samples(tokenizer, c, n, seqlen, seed, stream)
+                 for c, stream, n in zip(mixed, streams, counts) if n > 0]
         ids, mask = _interleave([p[0] for p in parts]), _interleave([p[1] for p in parts])
         used = [p[2] for p in parts]
         mix = f"{' + '.join(names)}: {', '.join(map(str, counts))} samples, interleaved in that order"
+        even = share_out(nsamples, [nsamples] * len(names))
+        if counts != even:
+            mix += (f" (an even share would be {', '.join(map(str, even))}; a corpus with fewer {seqlen}-token windows "
+                    "gives all it has and the others the rest)")
     else:
         corpus = corpora.corpus_by_name(source, "calib")
         sample = _document_samples if corpus.documents else _stream_samples
@@ -107,9 +119,25 @@ def build_calibration(loaded_or_tokenizer, source: str = "default", nsamples: in
 
 # ---------------------------------------------------------------- samples
 
-def _stream_samples(tokenizer, corpus: Corpus, n: int, seqlen: int, seed: int):
-    """n non-overlapping windows of seqlen tokens of the corpus as one running text."""
-    stream = corpus_token_stream(tokenizer, corpus)
+def share_out(nsamples: int, available: list[int]) -> list[int] | None:
+    """Samples per corpus of a mix: an even share (the first ones one more), except that a corpus never gives more
+    than its `available` windows; what it cannot give goes one sample at a time, in the mix's order, to those that
+    can. None when all of them together hold fewer than nsamples."""
+    if sum(available) < nsamples:
+        return None
+    k = len(available)
+    counts = [min(nsamples // k + (i < nsamples % k), available[i]) for i in range(k)]
+    while sum(counts) < nsamples:
+        for i in range(k):
+            if sum(counts) < nsamples and counts[i] < available[i]:
+                counts[i] += 1
+    return counts
+
+
+def _stream_samples(tokenizer, corpus: Corpus, n: int, seqlen: int, seed: int, stream: np.ndarray | None = None):
+    """n non-overlapping windows of seqlen tokens of the corpus as one running text (`stream`: its tokens, when
+    the caller has them already)."""
+    stream = corpus_token_stream(tokenizer, corpus) if stream is None else stream
     available = len(stream) // seqlen
     if available < n:
         raise UserError(f"too little calibration text in {_label(corpus)}: {len(stream):,} tokens, but "

@@ -11,7 +11,7 @@ import torch
 from qwen_quant.errors import UserError
 from qwen_quant import corpora
 from qwen_quant.quantize.calibration import (build_calibration, corpus_token_stream, encode_many,
-                                             render_chat, tokenizer_fingerprint)
+                                             render_chat, share_out, tokenizer_fingerprint)
 from qwen_quant.models.tokenizers import TiktokenQwen
 
 DATA = Path(__file__).parent / "data"
@@ -175,6 +175,28 @@ def test_a_mix_shares_samples_out_and_interleaves_in_order(qwen_tok):
     assert cjk[1] > 30 and cjk[5] > 30 and all(cjk[i] < 5 for i in (0, 2, 3, 4))
     # "default" is exactly this mix
     assert torch.equal(build_calibration(qwen_tok, nsamples=6, seqlen=128).input_ids, cal.input_ids)
+
+
+@pytest.mark.parametrize("available,counts", [
+    ([100, 100, 100], [34, 33, 33]),           # plenty everywhere: the even share, first ones one more
+    ([100, 10, 100], [46, 10, 44]),            # a short corpus gives all it has, the rest one by one in order
+    ([5, 10, 100], [5, 10, 85]),
+    ([34, 33, 33], [34, 33, 33]),              # exactly enough
+])
+def test_share_out_caps_a_short_corpus_and_hands_on_the_rest(available, counts):
+    assert share_out(100, available) == counts
+    assert share_out(100, [40, 40, 19]) is None  # 99 windows in all: too few
+
+
+def test_a_mix_with_a_short_corpus_still_fills_nsamples(qwen_tok):
+    prose_windows = len(corpus_token_stream(qwen_tok, corpora.prose_texts("calib"))) // 2048
+    n = 2 * prose_windows + 4  # more than twice what prose holds in 2048-token windows
+    cal = build_calibration(qwen_tok, source="wiki+prose", nsamples=n, seqlen=2048, seed=0)
+    assert cal.input_ids.shape == (n, 2048) and cal.attention_mask.all()
+    assert [x["samples"] for x in cal.description["corpora"]] == [n - prose_windows, prose_windows]
+    assert "gives all it has" in cal.description["mix"]
+    with pytest.raises(UserError, match="too little calibration text in the mix"):
+        build_calibration(qwen_tok, source="code+prose", nsamples=10_000, seqlen=2048)
 
 
 @pytest.mark.parametrize("source", ["wiki+nonsense", "wiki+wiki", "wiki+"])
