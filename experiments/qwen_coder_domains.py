@@ -311,6 +311,9 @@ ROWS = {
                          "checkpoint is gone: the script now makes GPTQModel's at the defaults now, without it, for "
                          "the accuracy table)", None),
 }
+# The default calibration mix gained `prose` on 2026-12-07 (DIAGNOSIS.md section 14): a row without a --calib of its
+# own ran on the four-source mix of its day, pinned here so that its command still makes what it made
+ROWS = {name: (what, args if args is None or "--calib" in args else args + BROAD) for name, (what, args) in ROWS.items()}
 # rows whose checkpoint is not made by `quantize` here: where they live
 MADE_ELSEWHERE = {"gptqmodel-16x512": lambda: study_dir() / "accuracy-ckpt" / "gptqmodel"}
 

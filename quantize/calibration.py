@@ -1,12 +1,14 @@
 """Calibration sets for GPTQ: `nsamples` sequences of `seqlen` tokens and a mask that marks padding.
 
 Sources:
-- "default": English (Wikipedia summaries), Chinese (People's Daily), code (MBPP in 17 languages) and chat
-  (MATH problems as ChatML), a quarter each, all from the "calib" split that evaluation never uses
-  (corpora.py documents the split rule), samples interleaved en, zh, code, chat, en ... Code and chat are
-  in it because English+Chinese alone left GPTQ worse than round-to-nearest on held-out code
-  (reports/qwen2.5-coder-1.5b-domains/).
-- a mix of package corpora joined by "+" ("wiki+peoples-daily+code+chat"): nsamples shared out evenly
+- "default": English (Wikipedia summaries), Chinese (People's Daily), code (MBPP in 17 languages), chat
+  (MATH problems as ChatML) and English prose (CoQA's passages: stories, exam passages, news, literature),
+  a fifth each, all from the "calib" split that evaluation never uses (corpora.py documents the split rule),
+  samples interleaved en, zh, code, chat, prose, en ... Code and chat are in it because English+Chinese alone
+  left GPTQ worse than round-to-nearest on held-out code; prose because without it GPTQ lost 0.8-1.1x RTN's
+  perplexity increase on held-out fiction, with it 0.5-0.6x, the other domains level
+  (reports/qwen2.5-coder-1.5b-domains/, DIAGNOSIS.md section 14).
+- a mix of package corpora joined by "+" ("wiki+peoples-daily+code+chat+prose"): nsamples shared out evenly
   (the first ones get one more; a corpus with fewer windows than its share gives all it has and the others
   the rest: share_out), interleaved in the order given; "default" is one such mix.
 - one package corpus alone ("wiki", "peoples-daily", "code", "chat" ...; corpora.NAMED_CORPORA).
@@ -36,7 +38,7 @@ from qwen_quant import corpora
 from qwen_quant.corpora import Corpus
 
 DOCUMENT_SEPARATOR = "\n\n"
-DEFAULT_MIX = ("wiki", "peoples-daily", "code", "chat")
+DEFAULT_MIX = ("wiki", "peoples-daily", "code", "chat", "prose")
 
 
 def mix_of(source: str) -> tuple[str, ...] | None:

@@ -157,7 +157,7 @@ class QuantSettings:
     nsamples: int = _opt(128, "calibration samples (default 128)", group="calibration")
     seqlen: int | None = _opt(None, "tokens per sample (default 2048, capped at the model's context)",
                               group="calibration")
-    calib: str = _opt("default", "default (English, Chinese, code and chat, a quarter each), a package corpus (wiki, "
+    calib: str = _opt("default", "default (English, Chinese, code, chat and English prose, a fifth each), a package corpus (wiki, "
                                  "peoples-daily, code, chat, prose, wiki-fr, wiki-es) or a '+'-joined mix of them "
                                  "(wiki+code+chat), a .txt/.jsonl FILE, hf:<dataset id>[:config][:split], or self (the model "
                                  "samples its own calibration text: no corpus needed, but on Qwen2.5-Coder-1.5B no "

@@ -156,25 +156,28 @@ def test_default_mix_shapes_determinism_and_languages(qwen_tok):
     assert a.input_ids.shape == (5, 128) and a.input_ids.dtype == torch.long
     assert torch.equal(a.input_ids, b.input_ids) and not torch.equal(a.input_ids, c.input_ids)
     assert a.attention_mask.all() and a.num_tokens == 5 * 128
-    # interleaved: English, Chinese, code, chat, English
+    # interleaved: English, Chinese, code, chat, English prose
     cjk = [sum("\u4e00" <= ch <= "\u9fff" for ch in qwen_tok.decode(row.tolist())) for row in a.input_ids]
     assert all(cjk[i] < 5 for i in (0, 2, 3, 4)) and cjk[1] > 30
     d = a.description
-    assert [x["samples"] for x in d["corpora"]] == [2, 1, 1, 1] and all(x["split"] == "calib" for x in d["corpora"])
+    assert [x["corpus"] for x in d["corpora"]] == ["wikipedia-summaries-en", "peoples-daily-199801",
+                                                   "mbpp-17-languages", "math-chatml", "coqa-passages"]
+    assert [x["samples"] for x in d["corpora"]] == [1] * 5 and all(x["split"] == "calib" for x in d["corpora"])
 
 
 def test_a_mix_shares_samples_out_and_interleaves_in_order(qwen_tok):
-    cal = build_calibration(qwen_tok, source="wiki+peoples-daily+code+chat", nsamples=6, seqlen=128, seed=0)
-    assert cal.input_ids.shape == (6, 128) and cal.attention_mask.all()
+    cal = build_calibration(qwen_tok, source="wiki+peoples-daily+code+chat+prose", nsamples=7, seqlen=128, seed=0)
+    assert cal.input_ids.shape == (7, 128) and cal.attention_mask.all()
     d = cal.description
     assert [(x["corpus"], x["samples"]) for x in d["corpora"]] == [
-        ("wikipedia-summaries-en", 2), ("peoples-daily-199801", 2), ("mbpp-17-languages", 1), ("math-chatml", 1)]
+        ("wikipedia-summaries-en", 2), ("peoples-daily-199801", 2), ("mbpp-17-languages", 1), ("math-chatml", 1),
+        ("coqa-passages", 1)]
     assert all(x["split"] == "calib" for x in d["corpora"]) and "interleaved" in d["mix"]
     cjk = [sum("\u4e00" <= ch <= "\u9fff" for ch in qwen_tok.decode(row.tolist())) for row in cal.input_ids]
-    # rows: wiki, zh, code, chat, wiki, zh
-    assert cjk[1] > 30 and cjk[5] > 30 and all(cjk[i] < 5 for i in (0, 2, 3, 4))
+    # rows: wiki, zh, code, chat, prose, wiki, zh
+    assert cjk[1] > 30 and cjk[6] > 30 and all(cjk[i] < 5 for i in (0, 2, 3, 4, 5))
     # "default" is exactly this mix
-    assert torch.equal(build_calibration(qwen_tok, nsamples=6, seqlen=128).input_ids, cal.input_ids)
+    assert torch.equal(build_calibration(qwen_tok, nsamples=7, seqlen=128).input_ids, cal.input_ids)
 
 
 @pytest.mark.parametrize("available,counts", [
