@@ -46,9 +46,9 @@ EVAL_ARGS = ["--seqlen", "512", "--dtype", "bf16", "--batch", "8", "--quiet"]
 WINDOWS = 16
 SMALL = ["--nsamples", "16", "--seqlen", "512"]  # what a CPU user can afford
 PLAIN = ["--no-desc-act", "--no-static-groups", "--no-mse"]
-BROAD = ["--calib", "wiki+peoples-daily+code+chat"]
-SPANISH = ["--calib", "wiki+peoples-daily+code+chat+wiki-es"]  # the default mix and Spanish Wikipedia
-PROSE = ["--calib", "wiki+peoples-daily+code+chat+prose"]  # the default mix and CoQA's English passages
+BROAD = ["--calib", "wiki+peoples-daily+code+chat"]  # the default mix until 2026-12-07 (prose joined it then)
+SPANISH = ["--calib", "wiki+peoples-daily+code+chat+wiki-es"]  # the four-source default mix and Spanish Wikipedia
+PROSE = ["--calib", "wiki+peoples-daily+code+chat+prose"]  # the four and CoQA's passages: the default since 2026-12-07
 # the settings this study changed, pinned to their values before it, so that every row says what it ran
 BEFORE = ["--calib", "wiki+peoples-daily", "--damp-auto", "0"]
 FIXED_DAMP = ["--damp-auto", "0"]
