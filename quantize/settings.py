@@ -157,11 +157,11 @@ class QuantSettings:
     nsamples: int = _opt(128, "calibration samples (default 128)", group="calibration")
     seqlen: int | None = _opt(None, "tokens per sample (default 2048, capped at the model's context)",
                               group="calibration")
-    calib: str = _opt("default", "default (English, Chinese, code, chat and English prose, a fifth each), a package corpus (wiki, "
-                                 "peoples-daily, code, chat, prose, wiki-fr, wiki-es) or a '+'-joined mix of them "
-                                 "(wiki+code+chat), a .txt/.jsonl FILE, hf:<dataset id>[:config][:split], or self (the model "
-                                 "samples its own calibration text: no corpus needed, but on Qwen2.5-Coder-1.5B no "
-                                 "better than RTN out of domain, where the default mix is)",
+    calib: str = _opt("default", "default (English, Chinese, code, chat and English prose, a fifth each), a package "
+                                 "corpus (wiki, peoples-daily, code, chat, prose, wiki-fr, wiki-es) or a '+'-joined mix "
+                                 "of them (wiki+code+chat), a .txt/.jsonl FILE, hf:<dataset id>[:config][:split], or "
+                                 "self (the model samples its own calibration text: no corpus needed, but on "
+                                 "Qwen2.5-Coder-1.5B no better than RTN out of domain, where the default mix is)",
                       group="calibration")
     seed: int = _opt(0, "seed for choosing calibration samples (default 0)", group="calibration")
 
