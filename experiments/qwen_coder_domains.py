@@ -295,6 +295,11 @@ ROWS = {
                         "on held-out text survive at the default calibration, where each layer's intensity is smaller? "
                         "(seed 0; started 2026-12-07, resumable)",
                         ["--no-mse", "--no-rtn-massive-thin", "--shrink", "auto"]),
+    "prose-128x2048": ("qwen-quantize's defaults of 2026-12-07 at 128 x 2048 tokens, calibration included: "
+                       "rule-128x2048 with CoQA's passages as the mix's fifth source (seed 0), the row that says "
+                       "whether the prose gain at 32 x 512 (fiction 0.82-1.09 -> 0.53-0.64) holds at the default "
+                       "calibration, where the four-source mix left fiction at 1.04",
+                       ["--no-mse", "--no-rtn-massive-thin"] + PROSE),
     "self-16x512": ("the defaults now at 16 x 512 (nomse-16x512's settings) calibrated on text the model writes "
                     "itself (--calib self: 16 samples sampled from <|endoftext|> at temperature 1, top-p 0.95, bf16; "
                     "self-calibration, Williams et al. 2025): does the model's own distribution hold up out of "
