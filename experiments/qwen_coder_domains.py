@@ -486,6 +486,10 @@ CONTRASTS = [
     ("--act-group-aware at 32 x 512 (seed 0; AMD)", {"gar-seed0-32x512": 1, AMD: -1}),
     ("32 x 512 -> 128 x 128 (the same tokens in shorter samples; AMD)", {"short-128x128": 1, AMD: -1}),
     ("+ prose (CoQA's passages) in the calibration mix at 32 x 512 (seed 0; AMD)", {"prose-seed0-32x512": 1, AMD: -1}),
+    # the default calibration size with prose: rule-128x2048 was quantized on the Xeon, prose-128x2048 on the AMD, so
+    # this contrast carries the machine too (the same recipe moved by up to 0.011 nats between them at 32 x 512, French)
+    ("+ prose in the calibration mix at 128 x 2048 (seed 0; Xeon -> AMD)", {"prose-128x2048": 1, R128_2048: -1}),
+    ("32 x 512 -> 128 x 2048 with prose in the mix (seed 0; AMD)", {"prose-128x2048": 1, "prose-seed0-32x512": -1}),
     ("--no-static-groups -> --act-group-aware at 32 x 512 (seed 0; AMD)", {"gar-seed0-32x512": 1,
                                                                             "dyngroups-32x512": -1}),
     ("round-to-nearest -> --awq-scales then round-to-nearest (AMD)", {"awq-rtn-32x512": 1, "rtn": -1}),
