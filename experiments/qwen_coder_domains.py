@@ -49,6 +49,7 @@ PLAIN = ["--no-desc-act", "--no-static-groups", "--no-mse"]
 BROAD = ["--calib", "wiki+peoples-daily+code+chat"]  # the default mix until 2026-12-07 (prose joined it then)
 SPANISH = ["--calib", "wiki+peoples-daily+code+chat+wiki-es"]  # the four-source default mix and Spanish Wikipedia
 PROSE = ["--calib", "wiki+peoples-daily+code+chat+prose"]  # the four and CoQA's passages: the default since 2026-12-07
+PROSE_SPANISH = ["--calib", "wiki+peoples-daily+code+chat+prose+wiki-es"]  # the default mix now and Spanish Wikipedia
 # the settings this study changed, pinned to their values before it, so that every row says what it ran
 BEFORE = ["--calib", "wiki+peoples-daily", "--damp-auto", "0"]
 FIXED_DAMP = ["--damp-auto", "0"]
@@ -282,6 +283,14 @@ ROWS = {
                                  "(DIAGNOSIS.md section 14)",
                                  ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin",
                                   "--seed", str(k)] + PROSE) for k in (0, 1, 2, 3)},
+    # the default mix now and Spanish Wikipedia: Spanish took French from 0.90 to 0.72x RTN's loss on the four-source
+    # mix (16 x 512) and cost code; does it still pay beside prose, and what does it cost code now?
+    **{f"prose-spanish-seed{k}-32x512": (f"prose-seed{k}-32x512 with Spanish Wikipedia as a sixth calibration source "
+                                         "(--calib wiki+peoples-daily+code+chat+prose+wiki-es: 6, 6, 5, 5, 5, 5 "
+                                         "samples): the nearest language to French that the packages have, French "
+                                         "itself still held out (DIAGNOSIS.md section 15)",
+                                         ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin",
+                                          "--seed", str(k)] + PROSE_SPANISH) for k in (0, 1)},
     "awq-rtn-32x512": ("round-to-nearest after --awq-scales (32 x 512 calibration tokens for the scales; AWQ without "
                        "its clipping search): what the scales alone buy over rtn, and what GPTQ adds on top "
                        "(awq-seed0-32x512; DIAGNOSIS.md section 10)",
@@ -512,6 +521,7 @@ REFIT_SEEDS = [f"refit-seed{k}-32x512" for k in range(4)]   # ... and --refit-sc
 GAR_SEEDS = [f"gar-seed{k}-32x512" for k in range(4)]   # ... and --act-group-aware
 SHORT_SEEDS = ["short-128x128", "short-seed1-128x128"]   # the same tokens as 128 samples of 128 (seeds 0 and 1)
 PROSE_SEEDS = [f"prose-seed{k}-32x512" for k in range(4)]   # ... and CoQA's passages as a fifth calibration source
+PROSE_SPANISH_SEEDS = [f"prose-spanish-seed{k}-32x512" for k in (0, 1)]   # ... and Spanish Wikipedia as a sixth
 REPLICATES = [("rule-32x512's recipe, calibration seeds 0-3 (AMD)", SEEDS),
               ("rule-32x512's recipe on two machines (Xeon, AMD; seed 0)", [R32_512, AMD]),
               ("rule-32x512's recipe with --shrink auto, seeds 0-3 (AMD)", SHRINK_SEEDS),
@@ -521,7 +531,8 @@ REPLICATES = [("rule-32x512's recipe, calibration seeds 0-3 (AMD)", SEEDS),
               ("rule-32x512's recipe with --refit-scales, the seeds measured (AMD)", REFIT_SEEDS),
               ("rule-32x512's recipe with --act-group-aware, the seeds measured (AMD)", GAR_SEEDS),
               ("the defaults at 128 x 128, the seeds measured (AMD)", SHORT_SEEDS),
-              ("rule-32x512's recipe with the prose source in the mix, the seeds measured (AMD)", PROSE_SEEDS)]
+              ("rule-32x512's recipe with the prose source in the mix, the seeds measured (AMD)", PROSE_SEEDS),
+              ("the same with Spanish Wikipedia as a sixth source, the seeds measured (AMD)", PROSE_SPANISH_SEEDS)]
 # a change made on several draws, each draw with and without it (rows paired by seed): its effect averaged over the
 # draws, with the draws and the windows both counted as samples (accuracy.paired.replicated_contrast)
 REPLICATED_CHANGES = [("--shrink auto at 32 x 512, over seeds 0-3 (AMD)", SHRINK_SEEDS, SEEDS),
@@ -538,7 +549,9 @@ REPLICATED_CHANGES = [("--shrink auto at 32 x 512, over seeds 0-3 (AMD)", SHRINK
                       ("32 x 512 -> 128 x 128 (the same tokens), over the seeds measured (AMD)", SHORT_SEEDS,
                        SEEDS[:2]),
                       ("the default mix -> + prose (CoQA's passages) at 32 x 512, over the seeds measured (AMD)",
-                       PROSE_SEEDS, SEEDS)]
+                       PROSE_SEEDS, SEEDS),
+                      ("the default mix now -> + Spanish Wikipedia at 32 x 512, over the seeds measured (AMD)",
+                       PROSE_SPANISH_SEEDS, PROSE_SEEDS[:2])]
 
 
 def _p_value(p: float) -> str:
