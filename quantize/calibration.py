@@ -11,7 +11,8 @@ Sources:
   (section 15: code's share went to prose): a code model is better calibrated on the four without it.
 - a mix of package corpora joined by "+" ("wiki+peoples-daily+code+chat+prose"): nsamples shared out evenly
   (the first ones get one more; a corpus with fewer windows than its share gives all it has and the others
-  the rest: share_out), interleaved in the order given; "default" is one such mix.
+  the rest: share_out), interleaved in the order given; "default" is one such mix. "name*k" gives a corpus
+  k shares ("wiki+peoples-daily*2+code*2+chat*2+prose": prose beside Wikipedia in English's quarter).
 - one package corpus alone ("wiki", "peoples-daily", "code", "chat" ...; corpora.NAMED_CORPORA).
 - a .txt file (paragraphs) or "hf:<dataset id>[:config][:split]": one running text.
 - a .jsonl file with "text" or chat "messages" (rendered with the tokenizer's chat template): one
@@ -43,17 +44,29 @@ DEFAULT_MIX = ("wiki", "peoples-daily", "code", "chat", "prose")
 
 
 def mix_of(source: str) -> tuple[str, ...] | None:
-    """The corpora of a mix ("default", or package corpora joined by "+": "wiki+code+chat"), else None."""
+    """The corpora of a mix ("default", or package corpora joined by "+": "wiki+code*2+chat"), else None."""
+    weighted = weighted_mix_of(source)
+    return tuple(name for name, _ in weighted) if weighted else None
+
+
+def weighted_mix_of(source: str) -> tuple[tuple[str, int], ...] | None:
+    """(corpus, weight) of each corpus of a mix, else None. "name*k" gives a corpus k shares of the samples (a
+    positive integer; 1 without it): "wiki+peoples-daily*2+code*2+chat*2+prose" gives English two shares, Wikipedia
+    and prose one each, and every other source the two it has in the four-source mix."""
     if source == "default":
-        return DEFAULT_MIX
+        return tuple((name, 1) for name in DEFAULT_MIX)
     if "+" not in source:
         return None
-    names = tuple(n.strip() for n in source.split("+"))
+    parts = [p.strip().partition("*") for p in source.split("+")]
+    names = tuple(name.strip() for name, _, _ in parts)
+    weights = [weight.strip() if star else "1" for _, star, weight in parts]
     unknown = [n for n in names if n not in corpora.NAMED_CORPORA]
-    if unknown or len(set(names)) != len(names):
-        raise UserError(f"bad calibration mix {source!r}: join distinct corpus names with '+' "
-                        f"(from: {', '.join(corpora.NAMED_CORPORA)})")
-    return names
+    if unknown or len(set(names)) != len(names) or not all(w.isdigit() and int(w) > 0 for w in weights):
+        raise UserError(f"bad calibration mix {source!r}: join distinct corpus names with '+', each optionally "
+                        f"'*N' for N shares of the samples (from: {', '.join(corpora.NAMED_CORPORA)})")
+    return tuple(zip(names, map(int, weights)))
+
+
 ENCODE_BATCH = 1000  # texts per tokenizer call: bounded memory, still fast in the Rust tokenizer
 
 
@@ -86,11 +99,12 @@ def build_calibration(loaded_or_tokenizer, source: str = "default", nsamples: in
         raise UserError(f"--seqlen must be a positive integer, got {seqlen}")
     tokenizer = tokenizer_of(loaded_or_tokenizer)
     source = str(source)
-    names = mix_of(source)
-    if names:
+    weighted = weighted_mix_of(source)
+    if weighted:
+        names, weights = [name for name, _ in weighted], [weight for _, weight in weighted]
         mixed = [corpora.corpus_by_name(name, "calib") for name in names]
         streams = [corpus_token_stream(tokenizer, c) for c in mixed]
-        counts = share_out(nsamples, [len(s) // seqlen for s in streams])
+        counts = share_out(nsamples, [len(s) // seqlen for s in streams], weights)
         if counts is None:
             raise UserError(f"too little calibration text in the mix {source!r}: {nsamples} samples x {seqlen} tokens "
                             f"need {nsamples * seqlen:,} tokens, its corpora hold "
@@ -101,9 +115,9 @@ def build_calibration(loaded_or_tokenizer, source: str = "default", nsamples: in
         ids, mask = _interleave([p[0] for p in parts]), _interleave([p[1] for p in parts])
         used = [p[2] for p in parts]
         mix = f"{' + '.join(names)}: {', '.join(map(str, counts))} samples, interleaved in that order"
-        even = share_out(nsamples, [nsamples] * len(names))
-        if counts != even:
-            mix += (f" (an even share would be {', '.join(map(str, even))}; a corpus with fewer {seqlen}-token windows "
+        fair = share_out(nsamples, [nsamples] * len(names), weights)
+        if counts != fair:
+            mix += (f" (its shares would be {', '.join(map(str, fair))}; a corpus with fewer {seqlen}-token windows "
                     "gives all it has and the others the rest)")
     else:
         corpus = corpora.corpus_by_name(source, "calib")
@@ -122,14 +136,21 @@ def build_calibration(loaded_or_tokenizer, source: str = "default", nsamples: in
 
 # ---------------------------------------------------------------- samples
 
-def share_out(nsamples: int, available: list[int]) -> list[int] | None:
-    """Samples per corpus of a mix: an even share (the first ones one more), except that a corpus never gives more
-    than its `available` windows; what it cannot give goes one sample at a time, in the mix's order, to those that
-    can. None when all of them together hold fewer than nsamples."""
+def share_out(nsamples: int, available: list[int], weights: list[int] | None = None) -> list[int] | None:
+    """Samples per corpus of a mix: shares in proportion to `weights` (all 1: an even share), whole samples by the
+    largest remainder (ties: the first ones one more), except that a corpus never gives more than its `available`
+    windows; what it cannot give goes one sample at a time, in the mix's order, to those that can. None when all of
+    them together hold fewer than nsamples."""
     if sum(available) < nsamples:
         return None
     k = len(available)
-    counts = [min(nsamples // k + (i < nsamples % k), available[i]) for i in range(k)]
+    weights = weights or [1] * k
+    quotas = [nsamples * w / sum(weights) for w in weights]
+    counts = [int(q) for q in quotas]
+    by_remainder = sorted(range(k), key=lambda i: (-(quotas[i] - counts[i]), i))
+    for i in by_remainder[:nsamples - sum(counts)]:
+        counts[i] += 1
+    counts = [min(c, a) for c, a in zip(counts, available)]
     while sum(counts) < nsamples:
         for i in range(k):
             if sum(counts) < nsamples and counts[i] < available[i]:
@@ -179,7 +200,7 @@ def _document_samples(tokenizer, corpus: Corpus, n: int, seqlen: int, seed: int)
 
 
 def _interleave(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Rows a0, b0, a1, b1, ... (the first tensor may have one row more)."""
+    """Rows a0, b0, c0, a1, b1, c1, ... (a tensor that runs out drops out of the round)."""
     rows = []
     for i in range(max(t.shape[0] for t in tensors)):
         rows.extend(t[i] for t in tensors if i < t.shape[0])

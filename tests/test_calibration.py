@@ -191,6 +191,35 @@ def test_share_out_caps_a_short_corpus_and_hands_on_the_rest(available, counts):
     assert share_out(100, [40, 40, 19]) is None  # 99 windows in all: too few
 
 
+@pytest.mark.parametrize("nsamples,weights,available,counts", [
+    (32, [1, 2, 2, 2, 1], [99] * 5, [4, 8, 8, 8, 4]),      # exact shares
+    (16, [1, 2, 2, 2, 1], [99] * 5, [2, 4, 4, 4, 2]),
+    (7, [1, 2, 2, 2, 1], [99] * 5, [1, 2, 2, 1, 1]),       # floors 0, 1, 1, 1, 0; the 4 left by remainder (.875 first)
+    (10, [1, 3], [99, 99], [3, 7]),                        # 2.5 and 7.5: the tie goes to the first
+    (10, [1, 3], [99, 5], [5, 5]),                         # a capped heavy corpus hands its share on
+    (6, [1, 1, 1], [99] * 3, [2, 2, 2]),                   # all 1: the even share
+])
+def test_share_out_follows_the_weights(nsamples, weights, available, counts):
+    assert share_out(nsamples, available, weights) == counts
+    assert share_out(nsamples, available, [1] * len(available)) == share_out(nsamples, available)
+
+
+def test_a_weighted_mix_gives_each_corpus_its_shares(qwen_tok):
+    cal = build_calibration(qwen_tok, source="wiki+peoples-daily*2+code*2+chat*2+prose", nsamples=8, seqlen=128)
+    d = cal.description
+    assert [(x["corpus"], x["samples"]) for x in d["corpora"]] == [
+        ("wikipedia-summaries-en", 1), ("peoples-daily-199801", 2), ("mbpp-17-languages", 2), ("math-chatml", 2),
+        ("coqa-passages", 1)]
+    assert "1, 2, 2, 2, 1 samples" in d["mix"] and "would be" not in d["mix"]
+    # interleaved by rounds: wiki zh code chat prose, then zh code chat
+    cjk = [sum("\u4e00" <= ch <= "\u9fff" for ch in qwen_tok.decode(row.tolist())) for row in cal.input_ids]
+    assert cjk[1] > 30 and cjk[5] > 30 and all(cjk[i] < 5 for i in (0, 2, 3, 4, 6, 7))
+    # a seed draws the same windows whatever the weights: the first k of each corpus's permutation
+    even = build_calibration(qwen_tok, source="wiki+peoples-daily+code+chat+prose", nsamples=10, seqlen=128)
+    assert torch.equal(cal.input_ids[2], even.input_ids[2])  # code's first window
+    assert torch.equal(cal.input_ids[6], even.input_ids[7])  # code's second window
+
+
 def test_a_mix_with_a_short_corpus_still_fills_nsamples(qwen_tok):
     prose_windows = len(corpus_token_stream(qwen_tok, corpora.prose_texts("calib"))) // 2048
     n = 2 * prose_windows + 4  # more than twice what prose holds in 2048-token windows
@@ -202,7 +231,8 @@ def test_a_mix_with_a_short_corpus_still_fills_nsamples(qwen_tok):
         build_calibration(qwen_tok, source="code+prose", nsamples=10_000, seqlen=2048)
 
 
-@pytest.mark.parametrize("source", ["wiki+nonsense", "wiki+wiki", "wiki+"])
+@pytest.mark.parametrize("source", ["wiki+nonsense", "wiki+wiki", "wiki+", "wiki*0+code", "wiki*x+code",
+                                    "wiki*-1+code", "wiki*+code"])
 def test_bad_mixes_are_one_line_errors(qwen_tok, source):
     with pytest.raises(UserError, match="calibration mix"):
         build_calibration(qwen_tok, source=source, nsamples=2, seqlen=16)
