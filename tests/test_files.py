@@ -46,3 +46,17 @@ def test_atomic_path_publishes_only_on_success(tmp_path):
     with files.atomic_path(target) as tmp:
         tmp.write_bytes(b"whole")  # any writer that takes a path
     assert target.read_bytes() == b"whole" and [p.name for p in tmp_path.iterdir()] == ["plot.png"]
+
+
+def test_recording_package_files_sees_what_package_file_finds_inside_the_block_only():
+    files.package_file("json", "stdlib", "decoder.py")  # before: not recorded
+    with files.recording_package_files() as outer:
+        files.package_file("json", "stdlib", "decoder.py")
+        with files.recording_package_files() as inner:
+            files.package_file("json", "stdlib", "encoder.py")
+        with pytest.raises(Exception, match="not found"):
+            files.package_file("json", "stdlib", "no-such-file.py")  # a miss is not a read
+    files.package_file("json", "stdlib", "scanner.py")  # after: not recorded
+    assert outer == {("json", "stdlib", "decoder.py"), ("json", "stdlib", "encoder.py")}
+    assert inner == {("json", "stdlib", "encoder.py")}
+    assert not files._recorders  # noqa: SLF001 (every block took its set away again)
