@@ -163,6 +163,16 @@ def with_draws(stderr: float, weights: Sequence[float], sigma_draw: float) -> fl
     return math.sqrt(stderr ** 2 + sum(w * w for w in weights) * sigma_draw ** 2)
 
 
+def sign_test(gained: int, lost: int) -> float:
+    """Two-sided exact sign test of items one model got right and the other wrong (gained) against the reverse
+    (lost): under no difference each such item is a fair coin, so p = P(a split at least this uneven)."""
+    n = gained + lost
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
 def f_upper_tail(f: float, df1: float, df2: float) -> float:
     """P(F > f) for Fisher's F on (df1, df2) degrees of freedom: the regularized incomplete beta
     I_x(df2 / 2, df1 / 2) at x = df2 / (df2 + df1 f); real degrees of freedom (Satterthwaite's) work as well."""

@@ -18,6 +18,7 @@ skipped, a stopped one continues with --resume, qwen-eval's item store keeps eve
     python experiments/qwen_coder_domains.py eval fp rtn rule-32x512 rule-32x2048 --long   # 2048-token windows
     python experiments/qwen_coder_domains.py render --long   # reports/qwen2.5-coder-1.5b-domains/windows-2048/
     python experiments/qwen_coder_domains.py factorial [--long]   # more calibration samples or longer ones?
+    python experiments/qwen_coder_domains.py humaneval amd-32x512 prose-seed0-32x512   # code generation, not ppl
 Checkpoints and evaluation outputs go to $QWEN_QUANT_WORK (default ~/.cache/qwen_quant/qwen-coder-study);
 the rendered table, the JSON it was made from (every row's per-window losses) and each step's seconds
 (steps.jsonl) go to reports/. The work folder does not outlive a session's machine: `render` keeps the
@@ -38,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # offline_qwen, beside this script
 from offline_qwen import fp_folder, study_dir  # noqa: E402
 REPORT = ROOT / "reports" / "qwen2.5-coder-1.5b-domains"
+HUMANEVAL = REPORT / "humaneval"   # per-row qwen-eval results (every problem's pass) and the table made from them
 STEPS = REPORT / "steps.jsonl"  # seconds and load of every quantize / eval step, appended by _run
 DOMAINS = ("ppl-wiki", "ppl-zh", "ppl-code", "ppl-fr", "ppl-fiction")
 EVAL_ARGS = ["--seqlen", "512", "--dtype", "bf16", "--batch", "8", "--quiet"]
@@ -49,6 +51,9 @@ PLAIN = ["--no-desc-act", "--no-static-groups", "--no-mse"]
 BROAD = ["--calib", "wiki+peoples-daily+code+chat"]  # the default mix until 2026-12-07 (prose joined it then)
 SPANISH = ["--calib", "wiki+peoples-daily+code+chat+wiki-es"]  # the four-source default mix and Spanish Wikipedia
 PROSE = ["--calib", "wiki+peoples-daily+code+chat+prose"]  # the four and CoQA's passages: the default since 2026-12-07
+# prose inside English's quarter, code's quarter kept: the five-source mix cost HumanEval 5.8 +- 2.2 points as code
+# went from a quarter of the samples to a fifth (DIAGNOSIS.md section 15); does prose pay for fiction at half the dose?
+PROSE_SHARED = ["--calib", "wiki+peoples-daily*2+code*2+chat*2+prose"]
 PROSE_SPANISH = ["--calib", "wiki+peoples-daily+code+chat+prose+wiki-es"]  # the default mix now and Spanish Wikipedia
 # the settings this study changed, pinned to their values before it, so that every row says what it ran
 BEFORE = ["--calib", "wiki+peoples-daily", "--damp-auto", "0"]
@@ -283,6 +288,14 @@ ROWS = {
                                  "(DIAGNOSIS.md section 14)",
                                  ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin",
                                   "--seed", str(k)] + PROSE) for k in (0, 1, 2, 3)},
+    # prose without taking code's share: Wikipedia and prose split English's quarter, the other three keep theirs
+    # (4, 8, 8, 8, 4 samples); seed k draws the same first windows as seed{k}-32x512 and prose-seed{k}-32x512
+    **{f"prose-shared-seed{k}-32x512": (f"{'amd-32x512' if k == 0 else f'seed{k}-32x512'} with CoQA's passages in "
+                                        "half of English's quarter (--calib wiki+peoples-daily*2+code*2+chat*2+prose: "
+                                        "4, 8, 8, 8, 4 samples): prose for fiction without cutting code's share, "
+                                        "which cost HumanEval (DIAGNOSIS.md section 16)",
+                                        ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin",
+                                         "--seed", str(k)] + PROSE_SHARED) for k in (0, 1, 2, 3)},
     # the default mix now and Spanish Wikipedia: Spanish took French from 0.90 to 0.72x RTN's loss on the four-source
     # mix (16 x 512) and cost code; does it still pay beside prose, and what does it cost code now?
     **{f"prose-spanish-seed{k}-32x512": (f"prose-seed{k}-32x512 with Spanish Wikipedia as a sixth calibration source "
@@ -495,6 +508,10 @@ CONTRASTS = [
     ("--act-group-aware at 32 x 512 (seed 0; AMD)", {"gar-seed0-32x512": 1, AMD: -1}),
     ("32 x 512 -> 128 x 128 (the same tokens in shorter samples; AMD)", {"short-128x128": 1, AMD: -1}),
     ("+ prose (CoQA's passages) in the calibration mix at 32 x 512 (seed 0; AMD)", {"prose-seed0-32x512": 1, AMD: -1}),
+    ("prose in half of English's share, code's kept, at 32 x 512 (seed 0; AMD)", {"prose-shared-seed0-32x512": 1,
+                                                                                 AMD: -1}),
+    ("prose as a fifth source -> in half of English's share (seed 0; AMD)", {"prose-shared-seed0-32x512": 1,
+                                                                           "prose-seed0-32x512": -1}),
     # the default calibration size with prose: rule-128x2048 was quantized on the Xeon, prose-128x2048 on the AMD, so
     # this contrast carries the machine too (the same recipe moved by up to 0.011 nats between them at 32 x 512, French)
     ("+ prose in the calibration mix at 128 x 2048 (seed 0; Xeon -> AMD)", {"prose-128x2048": 1, R128_2048: -1}),
@@ -521,6 +538,7 @@ REFIT_SEEDS = [f"refit-seed{k}-32x512" for k in range(4)]   # ... and --refit-sc
 GAR_SEEDS = [f"gar-seed{k}-32x512" for k in range(4)]   # ... and --act-group-aware
 SHORT_SEEDS = ["short-128x128", "short-seed1-128x128"]   # the same tokens as 128 samples of 128 (seeds 0 and 1)
 PROSE_SEEDS = [f"prose-seed{k}-32x512" for k in range(4)]   # ... and CoQA's passages as a fifth calibration source
+PROSE_SHARED_SEEDS = [f"prose-shared-seed{k}-32x512" for k in range(4)]   # ... with prose in half of English's share
 PROSE_SPANISH_SEEDS = [f"prose-spanish-seed{k}-32x512" for k in (0, 1)]   # ... and Spanish Wikipedia as a sixth
 REPLICATES = [("rule-32x512's recipe, calibration seeds 0-3 (AMD)", SEEDS),
               ("rule-32x512's recipe on two machines (Xeon, AMD; seed 0)", [R32_512, AMD]),
@@ -532,6 +550,8 @@ REPLICATES = [("rule-32x512's recipe, calibration seeds 0-3 (AMD)", SEEDS),
               ("rule-32x512's recipe with --act-group-aware, the seeds measured (AMD)", GAR_SEEDS),
               ("the defaults at 128 x 128, the seeds measured (AMD)", SHORT_SEEDS),
               ("rule-32x512's recipe with the prose source in the mix, the seeds measured (AMD)", PROSE_SEEDS),
+              ("rule-32x512's recipe with prose in half of English's share, the seeds measured (AMD)",
+               PROSE_SHARED_SEEDS),
               ("the same with Spanish Wikipedia as a sixth source, the seeds measured (AMD)", PROSE_SPANISH_SEEDS)]
 # a change made on several draws, each draw with and without it (rows paired by seed): its effect averaged over the
 # draws, with the draws and the windows both counted as samples (accuracy.paired.replicated_contrast)
@@ -550,6 +570,10 @@ REPLICATED_CHANGES = [("--shrink auto at 32 x 512, over seeds 0-3 (AMD)", SHRINK
                        SEEDS[:2]),
                       ("the default mix -> + prose (CoQA's passages) at 32 x 512, over the seeds measured (AMD)",
                        PROSE_SEEDS, SEEDS),
+                      ("the four-source mix -> prose in half of English's share, over the seeds measured (AMD)",
+                       PROSE_SHARED_SEEDS, SEEDS),
+                      ("prose as a fifth source -> in half of English's share, over the seeds measured (AMD)",
+                       PROSE_SHARED_SEEDS, PROSE_SEEDS),
                       ("the default mix now -> + Spanish Wikipedia at 32 x 512, over the seeds measured (AMD)",
                        PROSE_SPANISH_SEEDS, PROSE_SEEDS[:2])]
 
@@ -683,9 +707,112 @@ def factorial(long: bool = False) -> Path:
     return report / "calibration-factorial.md"
 
 
+# ---------------------------------------------------------------- HumanEval
+
+def humaneval(names: list[str]) -> Path:
+    """HumanEval pass@1 (greedy) of each row's checkpoint, then the table of every row measured so far: perplexity on
+    held-out code did not predict code generation (DIAGNOSIS.md section 15), so the mixes are judged on both. Each
+    row's qwen-eval results.json (its per-problem passes and provenance) is copied to HUMANEVAL/ROW.json: the work
+    folder does not outlive the session, the table is rebuilt from these."""
+    from qwen_quant.files import write_text_atomic
+
+    HUMANEVAL.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        out = study_dir() / "he" / name
+        if not (out / "results.json").is_file():
+            _run(name, "humaneval", [_bin("qwen-eval"), str(model_path(name)), "--tasks", "humaneval", "--dtype",
+                                     "bf16", "--batch", "8", "--quiet", "--out", str(out)])
+        write_text_atomic(HUMANEVAL / f"{name}.json", (out / "results.json").read_text())
+    return humaneval_table()
+
+
+def _humaneval_rows() -> dict[str, dict]:
+    rows = {}
+    for name in ROWS:
+        path = HUMANEVAL / f"{name}.json"
+        if path.is_file():
+            d = json.loads(path.read_text())
+            rows[name] = next(r for r in d["results"] if r["task"] == "humaneval") | {"env": d["env"]}
+    return rows
+
+
+def humaneval_table() -> Path:
+    """HUMANEVAL/README.md and table.json: each row's pass@1, the contrasts (CONTRASTS) whose rows are measured, paired
+    over the problems (gained / lost: problems one row solves and the other not, with the exact sign test), and the
+    changes made on several calibration draws (REPLICATED_CHANGES), averaged over the draws with an error that counts
+    the draws and the problems as samples (accuracy.paired.replicated_contrast, on per-problem differences)."""
+    from qwen_quant.accuracy.multiple_choice import paired_delta
+    from qwen_quant.accuracy.paired import draw_spread, replicated_contrast, sign_test
+    from qwen_quant.files import write_text_atomic
+
+    rows = _humaneval_rows()
+    passes = {name: [int(c) for c in r["details"]["per_item"]] for name, r in rows.items()}
+    lines = ["# HumanEval pass@1 of the domain study's rows", "",
+             "Greedy decoding, every one of the 164 problems, each checkpoint in bfloat16 (`qwen-eval --tasks "
+             "humaneval`). Perplexity on held-out code (the ppl-code column of the study) did not predict this: "
+             "prose in the calibration mix left code's perplexity level and cost pass@1 (DIAGNOSIS.md sections "
+             "15-16). Written by `experiments/qwen_coder_domains.py humaneval` from the JSON beside it.", "",
+             "| row | pass@1 (%) | machine | date |", "|---|---:|---|---|"]
+    lines += [f"| {n} | {r['value']:.1f} ± {r['stderr']:.1f} | {r['env']['cpu']} | {r['env']['date'][:10]} |"
+              for n, r in rows.items()]
+    contrasts = []
+    for what, weights in CONTRASTS:
+        if len(weights) != 2 or not all(n in passes for n in weights):
+            continue
+        (a, wa), (b, _) = sorted(weights.items(), key=lambda kv: -kv[1])   # a: the +1 row
+        delta, err = paired_delta("".join(map(str, passes[b])), "".join(map(str, passes[a])))
+        gained = sum(x > y for x, y in zip(passes[a], passes[b]))
+        lost = sum(x < y for x, y in zip(passes[a], passes[b]))
+        contrasts.append({"contrast": what, "rows": [a, b], "points": round(delta, 2), "stderr": round(err, 2),
+                          "gained": gained, "lost": lost, "sign_p": round(sign_test(gained, lost), 4)})
+    if contrasts:
+        lines += ["", "## Contrasts (single runs, paired over the problems)", "",
+                  "| contrast | Δ pass@1 (points) | gained / lost | sign test p |", "|---|---:|---:|---:|"]
+        lines += [f"| {c['contrast']} | {c['points']:+.1f} ± {c['stderr']:.1f} | {c['gained']} / {c['lost']} | "
+                  f"{_p_value(c['sign_p'])} |" for c in contrasts]
+    spreads = []
+    for what, runs in REPLICATES:
+        present = [n for n in runs if n in passes]
+        if len(present) >= 2:
+            out = draw_spread([passes[n] for n in present])
+            spreads.append({"replicates": what, "rows": present, "pass@1": [round(rows[n]["value"], 1) for n in present],
+                            "sigma_draw": round(100 * out["sigma_draw"], 2), "f": round(out["f"], 3),
+                            "p": round(out["p"], 4)})
+    if spreads:
+        lines += ["", "## How far one recipe moves between calibration draws", "",
+                  "pass@1 of each draw, and the shift a draw gives every problem beyond the problems' own noise "
+                  "(`accuracy.paired.draw_spread` on the per-problem passes: sigma_draw in points; F and p test it).",
+                  "", "| recipe | pass@1 per draw | sigma_draw (points) | F | p |", "|---|---|---:|---:|---:|"]
+        lines += [f"| {sp['replicates']} | {', '.join(f'{v:.1f}' for v in sp['pass@1'])} | {sp['sigma_draw']:.1f} | "
+                  f"{sp['f']:.2f} | {_p_value(sp['p'])} |" for sp in spreads]
+    changes = []
+    for what, with_rows, without_rows in REPLICATED_CHANGES:
+        pairs = [(a, b) for a, b in zip(with_rows, without_rows) if a in passes and b in passes]
+        if len(pairs) >= 2:
+            out = replicated_contrast([[x - y for x, y in zip(passes[a], passes[b])] for a, b in pairs])
+            changes.append({"change": what, "pairs": pairs, "points": round(100 * out["mean"], 2),
+                            "stderr": round(100 * out["stderr"], 2), "t": round(out["t"], 2), "df": round(out["df"], 1),
+                            "p": round(out["p"], 4), "per_draw": [round(100 * v, 1) for v in out["per_draw"]]})
+    if changes:
+        lines += ["", "## A change averaged over calibration draws", "",
+                  "Each draw (seed) quantized with and without the change; the per-problem difference (with minus "
+                  "without) averaged over the draws and the problems, its error counting both as samples (two-way "
+                  "random effects, Satterthwaite's df). Per draw: each seed's own Δ, in seed order.", "",
+                  "| change | Δ pass@1 (points) | t (df) | p | per draw |", "|---|---:|---:|---:|---|"]
+        lines += [f"| {c['change']} | {c['points']:+.1f} ± {c['stderr']:.1f} | {c['t']:+.1f} ({c['df']:.1f}) | "
+                  f"{_p_value(c['p'])} | {', '.join(f'{v:+.1f}' for v in c['per_draw'])} |" for c in changes]
+    lines += ["", "## Runs", ""] + [f"- {n}: commit {r['env']['commit'][:10]}, {r['env']['date']}, {r['env']['cpu']} "
+                                    f"({r['env']['cpu_count']} cores), `{r['env']['command']}`" for n, r in rows.items()]
+    write_text_atomic(HUMANEVAL / "table.json", json.dumps(
+        {"rows": {n: {"pass@1": r["value"], "stderr": r["stderr"], "n": r["n"]} for n, r in rows.items()},
+         "contrasts": contrasts, "replicates": spreads, "replicated_changes": changes}, indent=1) + "\n")
+    write_text_atomic(HUMANEVAL / "README.md", "\n".join(lines) + "\n")
+    return HUMANEVAL / "README.md"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("step", choices=["quantize", "eval", "render", "factorial"])
+    p.add_argument("step", choices=["quantize", "eval", "render", "factorial", "humaneval"])
     p.add_argument("rows", nargs="*", help=f"rows ({', '.join(ROWS)})")
     p.add_argument("--windows", type=int, default=WINDOWS, help=f"eval: windows per domain (default {WINDOWS})")
     p.add_argument("--long", action="store_true", help=f"eval / render / factorial: the held-out domains in {LONG}-token windows "
@@ -700,6 +827,8 @@ def main(argv=None) -> int:
         evaluate(args.rows, args.windows, args.long)
     elif args.step == "factorial":
         print(f"wrote {factorial(args.long)}")
+    elif args.step == "humaneval":
+        print(f"wrote {humaneval(args.rows)}")
     else:
         print(f"wrote {render_long() if args.long else render()}")
     return 0

@@ -258,6 +258,41 @@ def test_domain_study_factorial_pairs_the_four_cells_per_domain(tmp_path, monkey
     assert shrink["spread_ratio"]["f"] == pytest.approx((0.05 / 0.03) ** 2) and shrink["spread_ratio"]["df"] == [1, 1]
 
 
+def test_domain_study_humaneval_table_pairs_rows_by_problem_and_averages_a_change_over_draws(tmp_path, monkeypatch):
+    study = load_script("qwen_coder_domains")
+    monkeypatch.setattr(study, "HUMANEVAL", tmp_path)
+    env = {"cpu": "test cpu", "cpu_count": 2, "date": "2026-12-07T00:00:00+00:00", "commit": "0" * 40,
+           "command": "qwen-eval ..."}
+    n = 20
+    solved = {"amd-32x512": set(range(10)), "prose-seed0-32x512": set(range(2, 10)) | {15},   # lost 0, 1; gained 15
+              "seed1-32x512": set(range(12)), "prose-seed1-32x512": set(range(12)) - {11}}     # lost 11
+    for row, ok in solved.items():
+        per_item = "".join("1" if i in ok else "0" for i in range(n))
+        (tmp_path / f"{row}.json").write_text(json.dumps({"env": env, "results": [
+            {"task": "humaneval", "value": 100 * len(ok) / n, "stderr": 1.0, "n": n,
+             "details": {"per_item": per_item}}]}))
+    text = study.humaneval_table().read_text()
+    out = json.loads((tmp_path / "table.json").read_text())
+    seed0 = next(c for c in out["contrasts"] if c["rows"] == ["prose-seed0-32x512", "amd-32x512"])
+    assert (seed0["gained"], seed0["lost"]) == (1, 2) and seed0["points"] == pytest.approx(-5.0)
+    assert seed0["sign_p"] == pytest.approx(1.0)   # 1 against 2: as even as three coins get
+    prose = next(c for c in out["replicated_changes"] if c["pairs"][0] == ["prose-seed0-32x512", "amd-32x512"])
+    assert prose["per_draw"] == [-5.0, -5.0] and prose["points"] == pytest.approx(-5.0)
+    seeds = next(sp for sp in out["replicates"] if sp["rows"] == ["amd-32x512", "seed1-32x512"])
+    assert seeds["pass@1"] == [50.0, 60.0]
+    assert "| amd-32x512 | 50.0 ± 1.0 | test cpu | 2026-12-07 |" in text and "## A change averaged" in text
+
+
+def test_sign_test_is_the_exact_binomial_tail():
+    from math import comb
+
+    from qwen_quant.accuracy.paired import sign_test
+
+    assert sign_test(8, 19) == pytest.approx(2 * sum(comb(27, i) for i in range(9)) / 2 ** 27)
+    assert sign_test(19, 8) == sign_test(8, 19) and 0.05 < sign_test(8, 19) < 0.053
+    assert sign_test(5, 5) == 1.0 and sign_test(0, 0) == 1.0 and sign_test(0, 10) == pytest.approx(2 / 1024)
+
+
 def test_diagnosis_spectrum_counts_the_directions_a_damping_overrides_and_each_texts_energy_there():
     diagnosis = load_script("qwen_coder_diagnosis")
     h = torch.diag(torch.tensor([1.0, 2.0, 3.0, 94.0]))   # mean diagonal 25
