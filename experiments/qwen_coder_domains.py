@@ -51,8 +51,8 @@ PLAIN = ["--no-desc-act", "--no-static-groups", "--no-mse"]
 BROAD = ["--calib", "wiki+peoples-daily+code+chat"]  # the default mix until 2026-12-07 (prose joined it then)
 SPANISH = ["--calib", "wiki+peoples-daily+code+chat+wiki-es"]  # the four-source default mix and Spanish Wikipedia
 PROSE = ["--calib", "wiki+peoples-daily+code+chat+prose"]  # the four and CoQA's passages: the default since 2026-12-07
-# prose inside English's quarter, code's quarter kept: the five-source mix cost HumanEval 5.8 +- 2.2 points as code
-# went from a quarter of the samples to a fifth (DIAGNOSIS.md section 15); does prose pay for fiction at half the dose?
+# prose inside English's quarter, code's quarter kept: on two pairs the five-source mix lost HumanEval as code went
+# from a quarter of the samples to a fifth (DIAGNOSIS.md section 15); does prose pay for fiction at half the dose?
 PROSE_SHARED = ["--calib", "wiki+peoples-daily*2+code*2+chat*2+prose"]
 PROSE_SPANISH = ["--calib", "wiki+peoples-daily+code+chat+prose+wiki-es"]  # the default mix now and Spanish Wikipedia
 # the settings this study changed, pinned to their values before it, so that every row says what it ran
@@ -292,8 +292,8 @@ ROWS = {
     # (4, 8, 8, 8, 4 samples); seed k draws the same first windows as seed{k}-32x512 and prose-seed{k}-32x512
     **{f"prose-shared-seed{k}-32x512": (f"{'amd-32x512' if k == 0 else f'seed{k}-32x512'} with CoQA's passages in "
                                         "half of English's quarter (--calib wiki+peoples-daily*2+code*2+chat*2+prose: "
-                                        "4, 8, 8, 8, 4 samples): prose for fiction without cutting code's share, "
-                                        "which cost HumanEval (DIAGNOSIS.md section 16)",
+                                        "4, 8, 8, 8, 4 samples): prose for fiction without cutting code's share "
+                                        "(DIAGNOSIS.md section 16)",
                                         ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin",
                                          "--seed", str(k)] + PROSE_SHARED) for k in (0, 1, 2, 3)},
     # the default mix now and Spanish Wikipedia: Spanish took French from 0.90 to 0.72x RTN's loss on the four-source
@@ -508,6 +508,8 @@ CONTRASTS = [
     ("--act-group-aware at 32 x 512 (seed 0; AMD)", {"gar-seed0-32x512": 1, AMD: -1}),
     ("32 x 512 -> 128 x 128 (the same tokens in shorter samples; AMD)", {"short-128x128": 1, AMD: -1}),
     ("+ prose (CoQA's passages) in the calibration mix at 32 x 512 (seed 0; AMD)", {"prose-seed0-32x512": 1, AMD: -1}),
+    ("+ prose (CoQA's passages) in the calibration mix at 32 x 512 (seed 1; AMD)", {"prose-seed1-32x512": 1,
+                                                                                   "seed1-32x512": -1}),
     ("prose in half of English's share, code's kept, at 32 x 512 (seed 0; AMD)", {"prose-shared-seed0-32x512": 1,
                                                                                  AMD: -1}),
     ("prose as a fifth source -> in half of English's share (seed 0; AMD)", {"prose-shared-seed0-32x512": 1,
@@ -568,13 +570,13 @@ REPLICATED_CHANGES = [("--shrink auto at 32 x 512, over seeds 0-3 (AMD)", SHRINK
                        DYNGROUPS_SEEDS),
                       ("32 x 512 -> 128 x 128 (the same tokens), over the seeds measured (AMD)", SHORT_SEEDS,
                        SEEDS[:2]),
-                      ("the default mix -> + prose (CoQA's passages) at 32 x 512, over the seeds measured (AMD)",
+                      ("the four-source mix -> + prose (CoQA's passages) at 32 x 512, over the seeds measured (AMD)",
                        PROSE_SEEDS, SEEDS),
                       ("the four-source mix -> prose in half of English's share, over the seeds measured (AMD)",
                        PROSE_SHARED_SEEDS, SEEDS),
                       ("prose as a fifth source -> in half of English's share, over the seeds measured (AMD)",
                        PROSE_SHARED_SEEDS, PROSE_SEEDS),
-                      ("the default mix now -> + Spanish Wikipedia at 32 x 512, over the seeds measured (AMD)",
+                      ("the five-source mix -> + Spanish Wikipedia at 32 x 512, over the seeds measured (AMD)",
                        PROSE_SPANISH_SEEDS, PROSE_SEEDS[:2])]
 
 
