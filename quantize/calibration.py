@@ -7,8 +7,9 @@ Sources:
   samples interleaved en, zh, code, chat, prose, en ... Code and chat are in it because English+Chinese alone
   left GPTQ worse than round-to-nearest on held-out code; prose because without it GPTQ lost 0.8-1.1x RTN's
   perplexity increase on held-out fiction, with it 0.5-0.6x, the other domains level
-  (reports/qwen2.5-coder-1.5b-domains/, DIAGNOSIS.md section 14). It costs HumanEval pass@1 5.8 ± 2.2 points
-  (section 15: code's share went to prose): a code model is better calibrated on the four without it.
+  (reports/qwen2.5-coder-1.5b-domains/, DIAGNOSIS.md section 14). Whether it costs code generation is open:
+  HumanEval pass@1 with and without it, paired by calibration draw, moved -6.7 and +0.6 points (section 16); the
+  four-source mix ("wiki+peoples-daily+code+chat") keeps code's quarter for those who ship code generation.
 - a mix of package corpora joined by "+" ("wiki+peoples-daily+code+chat+prose"): nsamples shared out evenly
   (the first ones get one more; a corpus with fewer windows than its share gives all it has and the others
   the rest: share_out), interleaved in the order given; "default" is one such mix. "name*k" gives a corpus

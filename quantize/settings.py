@@ -159,7 +159,8 @@ class QuantSettings:
                               group="calibration")
     calib: str = _opt("default", "default (English, Chinese, code, chat and English prose, a fifth each), a package "
                                  "corpus (wiki, peoples-daily, code, chat, prose, wiki-fr, wiki-es) or a '+'-joined mix "
-                                 "of them (wiki+code+chat; code*2 gives code two shares), a .txt/.jsonl FILE, hf:<dataset id>[:config][:split], or "
+                                 "of them (wiki+code+chat; code*2 gives code two shares), a .txt/.jsonl FILE, "
+                                 "hf:<dataset id>[:config][:split], or "
                                  "self (the model samples its own calibration text: no corpus needed, but on "
                                  "Qwen2.5-Coder-1.5B no better than RTN out of domain, where the default mix is)",
                       group="calibration")
