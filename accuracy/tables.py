@@ -111,6 +111,60 @@ def format_delta(row: dict | None, ref: dict | None) -> str:
     return text + (f" (first {k})" if k is not None and k != max(row.get("n") or 0, ref.get("n") or 0) else "")
 
 
+def item_changes(row: dict | None, ref: dict | None) -> tuple[int, int, int] | None:
+    """(gained, lost, k): of the k items both rows scored (the common prefix, as for a Δ), how many `row` got
+    right and `ref` wrong, and the reverse. None unless both stored per-item right/wrong flags. A Δ's paired
+    error says how big a change is; these two counts say how many items moved each way, and the exact sign test
+    on them needs no normal approximation (a few items moving is the usual case between 4-bit rows)."""
+    flags = [(r or {}).get("details", {}).get("per_item") for r in (row, ref)]
+    if not all(isinstance(f, str) and f and set(f) <= {"0", "1"} for f in flags):
+        return None
+    (mine, theirs), k = _on_common_items(*flags)
+    gained = sum(a == "1" and b == "0" for a, b in zip(mine, theirs))
+    lost = sum(a == "0" and b == "1" for a, b in zip(mine, theirs))
+    return gained, lost, k
+
+
+def item_changes_table(report: dict) -> str | None:
+    """Per task with per-item results: each model against the first, 'gained / lost (sign test p)'."""
+    from qwen_quant.accuracy.paired import sign_test
+
+    rows = report.get("results", [])
+    idx, models = _index(rows), _models(report)
+    body = []
+    for task, metric in _task_metrics(rows):
+        ref = idx.get((models[0], task, metric))
+        cells, any_cell = [task, metric], False
+        for m in models[1:]:
+            got = item_changes(idx.get((m, task, metric)), ref)
+            if got is None:
+                cells.append("—")
+                continue
+            gained, lost, k = got
+            any_cell = True
+            both_n = max(idx[(m, task, metric)].get("n") or 0, ref.get("n") or 0)
+            cells.append(f"{gained} / {lost} (p {_p(sign_test(gained, lost))})" + (f" (first {k})" if k != both_n else ""))
+        if any_cell:
+            body.append(cells)
+    return _md_table(["task", "metric"] + models[1:], body) if body else None
+
+
+def _p(p: float) -> str:
+    return f"{p:.2f}" if p >= 0.01 else (f"{p:.3f}" if p >= 0.001 else "< 0.001")
+
+
+ITEM_CHANGES_NOTE = ("Items each model got right and `{ref}` wrong / the reverse, on the items both scored, with the "
+                     "two-sided exact sign test of that split (under no difference each such item is a fair coin; "
+                     "McNemar's exact test).\n")
+
+
+def _item_changes_section(report: dict) -> list[str]:
+    table = item_changes_table(report)
+    if not table:
+        return []
+    return ["\n## Item by item\n", ITEM_CHANGES_NOTE.format(ref=_models(report)[0]), table]
+
+
 def _index(rows: list[dict]) -> dict[tuple[str, str, str], dict]:
     return {(r["model"], r["task"], r["metric"]): r for r in rows}
 
@@ -266,6 +320,7 @@ def accuracy_markdown(report: dict) -> str:
         parts.append(f"**A path check, not an accuracy:** {', '.join(f'`{s}`' for s in synthetic)} "
                      f"{'has' if len(synthetic) == 1 else 'have'} random weights (qwen-eval --allow-synthetic).\n")
     parts += [accuracy_table(report), "\n## All metrics\n", all_metrics_table(report)]
+    parts += _item_changes_section(report)
     for extra in (long_context_table(report), subjects_table(report)):
         if extra:
             parts += ["\n", extra]
@@ -388,7 +443,8 @@ def comparison_markdown(report: dict, baseline: str | None = None, title: str = 
                   f"(ppl − ppl of `{models[0]}`) / (ppl of `{baseline}` − ppl of `{models[0]}`) on the same windows, "
                   "± the paired standard error (delta method over windows). Below 1: the model loses less than "
                   f"`{baseline}`.\n", ratios]
-    parts += ["\n## All metrics\n", all_metrics_table(report), "\n## Data\n", "\n".join(provenance_lines(report)) + "\n",
+    parts += ["\n## All metrics\n", all_metrics_table(report)] + _item_changes_section(report)
+    parts += ["\n## Data\n", "\n".join(provenance_lines(report)) + "\n",
               "\n## What the numbers mean\n", "\n".join(meanings(report)) + "\n", "\n## Runs\n",
               "\n".join(f"- {', '.join(r['models'])}: commit {r['env'].get('commit')}, {r['env'].get('date')}, "
                         + "".join(f"{r['env'][k]}, " for k in ("cpu", "gpu") if r["env"].get(k))

@@ -74,6 +74,24 @@ def test_deltas_on_the_same_items_carry_their_paired_stderr():
     assert "paired" in accuracy_markdown(report)
 
 
+def test_item_by_item_counts_gained_and_lost_with_the_exact_sign_test():
+    """Δ 0 can hide items moving both ways; 0 gained and 6 lost is the sign test's p = 2 / 2^6."""
+    items = {"fp": "1111110000", "swap": "1111000011", "worse": "0000000000", "longer": "101110000011"}
+    report = dict(EVAL, models=[{"label": m} for m in items],
+                  results=[row(m, "piqa", "accuracy", 50.0, 16.7, len(f), per_item=f) for m, f in items.items()]
+                  + [row(m, "ppl-wiki", "perplexity", 9.0, 0.5, 2, per_window_nll=[2.0, 2.1]) for m in items])
+    md = accuracy_markdown(report)
+    section = md[md.index("## Item by item"):md.index("## Data")]
+    line = next(ln for ln in section.splitlines() if ln.startswith("| piqa"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[2] == "2 / 2 (p 1.00)"
+    assert cells[3] == "0 / 6 (p 0.03)"
+    assert cells[4] == "0 / 2 (p 0.50) (first 10)"  # fp's 10 items against the longer row's first 10
+    assert "ppl-wiki" not in section  # perplexity has windows, not right/wrong items
+    assert "## Item by item" not in accuracy_markdown(dict(EVAL, results=[r for r in report["results"]
+                                                                        if r["task"] == "ppl-wiki"]))
+
+
 def test_rows_on_different_item_counts_differ_only_on_the_items_both_scored():
     """A table grown across sessions: fp scored 10 items, an older row 6 (qwen-eval's first 6 of the same
     order). The Δ is paired over those 6, says so, and is never the values' difference over different items."""
