@@ -514,6 +514,10 @@ CONTRASTS = [
                                                                                  AMD: -1}),
     ("prose as a fifth source -> in half of English's share (seed 0; AMD)", {"prose-shared-seed0-32x512": 1,
                                                                            "prose-seed0-32x512": -1}),
+    ("+ Spanish Wikipedia as a sixth source, beside prose (seed 0; AMD)", {"prose-spanish-seed0-32x512": 1,
+                                                                          "prose-seed0-32x512": -1}),
+    ("+ Spanish Wikipedia as a sixth source, beside prose (seed 1; AMD)", {"prose-spanish-seed1-32x512": 1,
+                                                                          "prose-seed1-32x512": -1}),
     # the default calibration size with prose: rule-128x2048 was quantized on the Xeon, prose-128x2048 on the AMD, so
     # this contrast carries the machine too (the same recipe moved by up to 0.011 nats between them at 32 x 512, French)
     ("+ prose in the calibration mix at 128 x 2048 (seed 0; Xeon -> AMD)", {"prose-128x2048": 1, R128_2048: -1}),

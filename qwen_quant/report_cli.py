@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write CHECKPOINT/README.md: its quantization card plus the tables from DIR...")
     p.add_argument("--compare", action="store_true",
                    help="one table from several qwen-eval results (DIR... in order, the first model the reference), "
-                        "written to --out/README.md with paired errors on the shared items")
+                        "written to --out/README.md with paired errors on the shared items and, for right/wrong tasks, "
+                        "the items gained and lost against the reference with an exact sign test")
     p.add_argument("--baseline", default=None, metavar="LABEL",
                    help="with --compare: every model's perplexity loss as a fraction of this model's (e.g. rtn)")
     p.add_argument("--keep", default=None, metavar="COMPARISON_JSON",
