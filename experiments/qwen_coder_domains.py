@@ -751,6 +751,7 @@ def humaneval_table() -> Path:
     the draws and the problems as samples (accuracy.paired.replicated_contrast, on per-problem differences)."""
     from qwen_quant.accuracy.multiple_choice import paired_delta
     from qwen_quant.accuracy.paired import draw_spread, replicated_contrast, sign_test
+    from qwen_quant.accuracy.tables import item_changes
     from qwen_quant.files import write_text_atomic
 
     rows = _humaneval_rows()
@@ -770,8 +771,7 @@ def humaneval_table() -> Path:
             continue
         (a, wa), (b, _) = sorted(weights.items(), key=lambda kv: -kv[1])   # a: the +1 row
         delta, err = paired_delta("".join(map(str, passes[b])), "".join(map(str, passes[a])))
-        gained = sum(x > y for x, y in zip(passes[a], passes[b]))
-        lost = sum(x < y for x, y in zip(passes[a], passes[b]))
+        gained, lost, _ = item_changes(rows[a], rows[b])
         contrasts.append({"contrast": what, "rows": [a, b], "points": round(delta, 2), "stderr": round(err, 2),
                           "gained": gained, "lost": lost, "sign_p": round(sign_test(gained, lost), 4)})
     if contrasts:
