@@ -158,11 +158,12 @@ ITEM_CHANGES_NOTE = ("Items each model got right and `{ref}` wrong / the reverse
                      "McNemar's exact test).\n")
 
 
-def _item_changes_section(report: dict) -> list[str]:
+def item_changes_section(report: dict, level: int = 2) -> list[str]:
+    """The "Item by item" section (heading at `level`, deeper where it nests in a combined report), or nothing."""
     table = item_changes_table(report)
     if not table:
         return []
-    return ["\n## Item by item\n", ITEM_CHANGES_NOTE.format(ref=_models(report)[0]), table]
+    return [f"\n{'#' * level} Item by item\n", ITEM_CHANGES_NOTE.format(ref=_models(report)[0]), table]
 
 
 def _index(rows: list[dict]) -> dict[tuple[str, str, str], dict]:
@@ -320,7 +321,7 @@ def accuracy_markdown(report: dict) -> str:
         parts.append(f"**A path check, not an accuracy:** {', '.join(f'`{s}`' for s in synthetic)} "
                      f"{'has' if len(synthetic) == 1 else 'have'} random weights (qwen-eval --allow-synthetic).\n")
     parts += [accuracy_table(report), "\n## All metrics\n", all_metrics_table(report)]
-    parts += _item_changes_section(report)
+    parts += item_changes_section(report)
     for extra in (long_context_table(report), subjects_table(report)):
         if extra:
             parts += ["\n", extra]
@@ -443,7 +444,7 @@ def comparison_markdown(report: dict, baseline: str | None = None, title: str = 
                   f"(ppl − ppl of `{models[0]}`) / (ppl of `{baseline}` − ppl of `{models[0]}`) on the same windows, "
                   "± the paired standard error (delta method over windows). Below 1: the model loses less than "
                   f"`{baseline}`.\n", ratios]
-    parts += ["\n## All metrics\n", all_metrics_table(report)] + _item_changes_section(report)
+    parts += ["\n## All metrics\n", all_metrics_table(report)] + item_changes_section(report)
     parts += ["\n## Data\n", "\n".join(provenance_lines(report)) + "\n",
               "\n## What the numbers mean\n", "\n".join(meanings(report)) + "\n", "\n## Runs\n",
               "\n".join(f"- {', '.join(r['models'])}: commit {r['env'].get('commit')}, {r['env'].get('date')}, "

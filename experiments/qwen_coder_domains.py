@@ -301,7 +301,8 @@ ROWS = {
     **{f"prose-spanish-seed{k}-32x512": (f"prose-seed{k}-32x512 with Spanish Wikipedia as a sixth calibration source "
                                          "(--calib wiki+peoples-daily+code+chat+prose+wiki-es: 6, 6, 5, 5, 5, 5 "
                                          "samples): the nearest language to French that the packages have, French "
-                                         "itself still held out (DIAGNOSIS.md section 15)",
+                                         "itself still held out (proposed in DIAGNOSIS.md section 15, measured in "
+                                         "section 17)",
                                          ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin",
                                           "--seed", str(k)] + PROSE_SPANISH) for k in range(4)},
     "awq-rtn-32x512": ("round-to-nearest after --awq-scales (32 x 512 calibration tokens for the scales; AWQ without "

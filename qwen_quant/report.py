@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from qwen_quant.accuracy.tables import (NOT_MEASURED, _is_num, accuracy_table, all_metrics_table, env_lines,
-                                       long_context_table, meanings, provenance_lines)
+                                       item_changes_section, long_context_table, meanings, provenance_lines)
 from qwen_quant.errors import UserError
 from qwen_quant.files import write_text_atomic
 
@@ -119,6 +119,7 @@ def accuracy_section(inputs: Inputs) -> list[str]:
         for extra in (long_context_table(e),):
             if extra:
                 out.append(extra)
+        out += item_changes_section(e, level=3)
         out += ["<details><summary>All metrics, data slices</summary>\n", all_metrics_table(e),
                 "\n".join(provenance_lines(e)) + "\n", "</details>\n"]
     names = " ".join(m["label"].lower() for _, e in inputs.evals for m in e.get("models", []))

@@ -149,6 +149,16 @@ def test_report_joins_eval_profile_and_quant(tmp_path):
     assert "qwen-eval demo out/gptq" in text and "qwen-profile demo" in text
 
 
+def test_combined_report_shows_items_gained_and_lost_under_accuracy(tmp_path):
+    items = {"fp": "1111110000", "worse": "0000000000"}
+    report = dict(EVAL, models=[{"label": m} for m in items],
+                  results=[row(m, "piqa", "accuracy", 50.0, 16.7, 10, per_item=f) for m, f in items.items()])
+    (tmp_path / "results.json").write_text(json.dumps(report))
+    text = write_report([tmp_path / "results.json"], tmp_path / "r").read_text()
+    section = text[text.index("### Item by item"):text.index("## Speed")]  # nested under ## Accuracy
+    assert "0 / 6 (p 0.03)" in section
+
+
 def test_report_without_profile_says_not_measured(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(EVAL))
     text = write_report([tmp_path / "results.json"], tmp_path / "r").read_text()
