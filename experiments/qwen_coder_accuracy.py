@@ -37,6 +37,10 @@ REPORT = ROOT / "reports" / "qwen2.5-coder-1.5b-accuracy"
 DOMAINS = "ppl-wiki,ppl-zh,ppl-code,ppl-fr,ppl-fiction"
 CALIB = ["--nsamples", "16", "--seqlen", "512"]
 ROWS = ("fp", "rtn", "gptq", "gptqmodel")
+# items per benchmark, as the committed rows have them: MMLU 700 round robin over the 57 subjects, ARC-Challenge's
+# whole test set, HumanEval's 164 problems (under DEFAULT_LIMIT); perplexity takes --ppl-windows instead
+TASK_LIMITS = {"mmlu-0shot": 700, "arc-challenge": 1172}
+DEFAULT_LIMIT = 600
 FP_LABEL = "fp32"  # qwen-eval labels a model by its folder: fp_folder() is .../fp32
 
 
@@ -93,14 +97,29 @@ def peer_settings() -> tuple[dict, dict]:
     return peer, c
 
 
-def evaluate(rows: list[str], limit: int, humaneval: int, only: str | None = None) -> None:
-    """Every row on the table's tasks; `only` (a comma list) scores just those tasks, e.g. a column added in a
-    later session: render keeps the row's other tasks from the committed table, so `only` must run on the same
-    checkpoint as they did (a checkpoint made again is the same run only if it scores the same per-window NLLs)."""
-    tasks = only or f"{DOMAINS},mmlu-0shot,arc-challenge" + (",humaneval" if humaneval else "")
+def evaluate(rows: list[str], limit: int | None, humaneval: int, only: str | None = None) -> None:
+    """Every row on the table's tasks, each at the table's item count (TASK_LIMITS; --limit overrides it); `only`
+    (a comma list) scores just those tasks, e.g. a column added in a later session: render keeps the row's other
+    tasks from the committed table, so `only` must run on the same checkpoint as they did (a checkpoint made again
+    is the same run only if it scores the same per-window NLLs)."""
+    tasks = (only or f"{DOMAINS},mmlu-0shot,arc-challenge" + (",humaneval" if humaneval else "")).split(",")
+    # one qwen-eval per run of tasks with the same item count, in the table's order (HumanEval, the slowest, last);
+    # they share the row's --out and its item store, but each call writes its own results.json: the table is
+    # rendered after each, so that it keeps every call's cells (render carries the committed ones)
+    groups: list[tuple[int, list[str]]] = []
+    for task in tasks:
+        n = limit or TASK_LIMITS.get(task, DEFAULT_LIMIT)
+        if groups and groups[-1][0] == n:
+            groups[-1][1].append(task)
+        else:
+            groups.append((n, [task]))
     for row in rows:
-        run([bin_("qwen-eval"), str(checkpoint(row)), "--tasks", tasks, "--limit", str(limit), "--ppl-windows", "32",
-             "--seqlen", "512", "--dtype", "bf16", "--batch", "8", "--out", str(study_dir() / "accuracy" / row), "--quiet"])
+        for n, group in groups:
+            run([bin_("qwen-eval"), str(checkpoint(row)), "--tasks", ",".join(group), "--limit", str(n),
+                 "--ppl-windows", "32", "--seqlen", "512", "--dtype", "bf16", "--batch", "8",
+                 "--out", str(study_dir() / "accuracy" / row), "--quiet"])
+            if len(groups) > 1:
+                render([row])
 
 
 def render(rows: list[str]) -> None:
@@ -121,7 +140,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("step", choices=["quantize", "eval", "render"])
     p.add_argument("rows", nargs="*", help=f"rows (default: {', '.join(ROWS)} and every --extra)")
-    p.add_argument("--limit", type=int, default=600, help="items per benchmark (MMLU, ARC-Challenge)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="items per benchmark for every task (default: the table's, MMLU 700, ARC-Challenge 1172)")
     p.add_argument("--humaneval", type=int, default=0, help="also HumanEval pass@1 (all 164 problems) when > 0")
     p.add_argument("--only", default=None, metavar="TASKS",
                    help="eval: score only these tasks (comma list, e.g. humaneval); the row's other tasks stay as the "
