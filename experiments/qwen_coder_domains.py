@@ -19,6 +19,7 @@ skipped, a stopped one continues with --resume, qwen-eval's item store keeps eve
     python experiments/qwen_coder_domains.py render --long   # reports/qwen2.5-coder-1.5b-domains/windows-2048/
     python experiments/qwen_coder_domains.py factorial [--long]   # more calibration samples or longer ones?
     python experiments/qwen_coder_domains.py humaneval amd-32x512 prose-seed0-32x512   # code generation, not ppl
+    python experiments/qwen_coder_domains.py arc prose-seed1-32x512 prose-spanish-seed1-32x512   # ARC-Challenge
 Checkpoints and evaluation outputs go to $QWEN_QUANT_WORK (default ~/.cache/qwen_quant/qwen-coder-study);
 the rendered table, the JSON it was made from (every row's per-window losses) and each step's seconds
 (steps.jsonl) go to reports/. The work folder does not outlive a session's machine: `render` keeps the
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # offline_qwen, beside this script
@@ -733,54 +735,86 @@ def factorial(long: bool = False) -> Path:
     return report / "calibration-factorial.md"
 
 
-# ---------------------------------------------------------------- HumanEval
+# ---------------------------------------------------------------- benchmarks: HumanEval, ARC-Challenge
 
-def humaneval(names: list[str]) -> Path:
-    """HumanEval pass@1 (greedy) of each row's checkpoint, then the table of every row measured so far: perplexity on
-    held-out code did not predict code generation (DIAGNOSIS.md section 15), so the mixes are judged on both. Each
-    row's qwen-eval results.json (its per-problem passes and provenance) is copied to HUMANEVAL/ROW.json: the work
-    folder does not outlive the session, the table is rebuilt from these."""
+class Benchmark(NamedTuple):
+    """A benchmark the study scores its rows on, beside perplexity: which qwen-eval task, how many items, where its
+    per-row results and table live, and the words its table uses."""
+    task: str
+    folder: Path     # per-row qwen-eval results (every item's right/wrong) and the table made from them
+    work: str        # the per-row qwen-eval output folder under study_dir()
+    limit: int | None
+    metric: str      # the table's name for the score (also table.json's key for each draw's scores)
+    items: str       # what an item is called
+    intro: str
+
+
+BENCHMARKS = {
+    "humaneval": Benchmark("humaneval", HUMANEVAL, "he", None, "pass@1", "problems",
+                           "# HumanEval pass@1 of the domain study's rows\n\nGreedy decoding, every one of the 164 "
+                           "problems, each checkpoint in bfloat16 (`qwen-eval --tasks humaneval`). The mixes are judged "
+                           "on code generation as well as on held-out code's perplexity (the ppl-code column of the "
+                           "study), which need not agree; a single draw of a recipe says little here (DIAGNOSIS.md "
+                           "sections 15-17). Written by `experiments/qwen_coder_domains.py humaneval` from the JSON "
+                           "beside it."),
+    # the accuracy table's six-source row lost ARC-Challenge points that its perplexity did not foretell (DIAGNOSIS.md
+    # section 18): the mixes are judged on a reasoning benchmark too, paired by calibration draw
+    "arc-challenge": Benchmark("arc-challenge", REPORT / "arc-challenge", "arc", 600, "accuracy", "questions",
+                               "# ARC-Challenge accuracy of the domain study's rows\n\nZero-shot, the first 600 of the "
+                               "1,172 test questions (qwen-eval's order), chosen by log-likelihood, each checkpoint in "
+                               "bfloat16 (`qwen-eval --tasks arc-challenge --limit 600`). Written by "
+                               "`experiments/qwen_coder_domains.py arc` from the JSON beside it (DIAGNOSIS.md section "
+                               "18)."),
+}
+
+
+def benchmark(task: str, names: list[str]) -> Path:
+    """The benchmark's score for each row's checkpoint, then the table of every row measured so far: perplexity on
+    held-out code did not predict code generation (DIAGNOSIS.md section 15), nor perplexity ARC-Challenge (section
+    18), so the mixes are judged on both. Each row's qwen-eval results.json (its per-item right/wrong and
+    provenance) is copied to the benchmark's folder as ROW.json: the work folder does not outlive the session, the
+    table is rebuilt from these."""
     from qwen_quant.files import write_text_atomic
 
-    HUMANEVAL.mkdir(parents=True, exist_ok=True)
+    bench = BENCHMARKS[task]
+    bench.folder.mkdir(parents=True, exist_ok=True)
     for name in names:
-        out = study_dir() / "he" / name
+        out = study_dir() / bench.work / name
         if not (out / "results.json").is_file():
-            _run(name, "humaneval", [_bin("qwen-eval"), str(model_path(name)), "--tasks", "humaneval", "--dtype",
-                                     "bf16", "--batch", "8", "--quiet", "--out", str(out)])
-        write_text_atomic(HUMANEVAL / f"{name}.json", (out / "results.json").read_text())
-    return humaneval_table()
+            _run(name, task, [_bin("qwen-eval"), str(model_path(name)), "--tasks", task, "--dtype", "bf16",
+                              "--batch", "8", "--quiet", "--out", str(out),
+                              *(["--limit", str(bench.limit)] if bench.limit else [])])
+        write_text_atomic(bench.folder / f"{name}.json", (out / "results.json").read_text())
+    return benchmark_table(task)
 
 
-def _humaneval_rows() -> dict[str, dict]:
+def _benchmark_rows(bench: Benchmark) -> dict[str, dict]:
     rows = {}
     for name in ROWS:
-        path = HUMANEVAL / f"{name}.json"
+        path = bench.folder / f"{name}.json"
         if path.is_file():
             d = json.loads(path.read_text())
-            rows[name] = next(r for r in d["results"] if r["task"] == "humaneval") | {"env": d["env"]}
+            rows[name] = next(r for r in d["results"] if r["task"] == bench.task and r["metric"] != "accuracy_norm"
+                              ) | {"env": d["env"]}
     return rows
 
 
-def humaneval_table() -> Path:
-    """HUMANEVAL/README.md and table.json: each row's pass@1, the contrasts (CONTRASTS) whose rows are measured, paired
-    over the problems (gained / lost: problems one row solves and the other not, with the exact sign test), and the
-    changes made on several calibration draws (REPLICATED_CHANGES), averaged over the draws with an error that counts
-    the draws and the problems as samples (accuracy.paired.replicated_contrast, on per-problem differences)."""
+def benchmark_table(task: str) -> Path:
+    """README.md and table.json in the benchmark's folder: each row's score, the contrasts (CONTRASTS) whose rows are
+    measured, paired over the items (gained / lost: items one row gets right and the other not, with the exact sign
+    test), and the changes made on several calibration draws (REPLICATED_CHANGES), averaged over the draws with an
+    error that counts the draws and the items as samples (accuracy.paired.replicated_contrast, on per-item
+    differences)."""
     from qwen_quant.accuracy.multiple_choice import paired_delta
     from qwen_quant.accuracy.paired import draw_spread, replicated_contrast, sign_test
     from qwen_quant.accuracy.tables import item_changes
     from qwen_quant.files import write_text_atomic
 
-    rows = _humaneval_rows()
+    bench = BENCHMARKS[task]
+    metric, items = bench.metric, bench.items
+    rows = _benchmark_rows(bench)
     passes = {name: [int(c) for c in r["details"]["per_item"]] for name, r in rows.items()}
-    lines = ["# HumanEval pass@1 of the domain study's rows", "",
-             "Greedy decoding, every one of the 164 problems, each checkpoint in bfloat16 (`qwen-eval --tasks "
-             "humaneval`). The mixes are judged on code generation as well as on held-out code's perplexity "
-             "(the ppl-code column of the study), which need not agree; a single draw of a recipe says little "
-             "here (DIAGNOSIS.md sections 15-17). Written by `experiments/qwen_coder_domains.py humaneval` from "
-             "the JSON beside it.", "",
-             "| row | pass@1 (%) | machine | date |", "|---|---:|---|---|"]
+    lines = [*bench.intro.split("\n"), "", f"| row | {metric} (%) | machine | date |", "|---|---:|---|---|"]
     lines += [f"| {n} | {r['value']:.1f} ± {r['stderr']:.1f} | {r['env']['cpu']} | {r['env']['date'][:10]} |"
               for n, r in rows.items()]
     contrasts = []
@@ -793,8 +827,8 @@ def humaneval_table() -> Path:
         contrasts.append({"contrast": what, "rows": [a, b], "points": round(delta, 2), "stderr": round(err, 2),
                           "gained": gained, "lost": lost, "sign_p": round(sign_test(gained, lost), 4)})
     if contrasts:
-        lines += ["", "## Contrasts (single runs, paired over the problems)", "",
-                  "| contrast | Δ pass@1 (points) | gained / lost | sign test p |", "|---|---:|---:|---:|"]
+        lines += ["", f"## Contrasts (single runs, paired over the {items})", "",
+                  f"| contrast | Δ {metric} (points) | gained / lost | sign test p |", "|---|---:|---:|---:|"]
         lines += [f"| {c['contrast']} | {c['points']:+.1f} ± {c['stderr']:.1f} | {c['gained']} / {c['lost']} | "
                   f"{_p_value(c['sign_p'])} |" for c in contrasts]
     spreads = []
@@ -802,15 +836,15 @@ def humaneval_table() -> Path:
         present = [n for n in runs if n in passes]
         if len(present) >= 2:
             out = draw_spread([passes[n] for n in present])
-            spreads.append({"replicates": what, "rows": present, "pass@1": [round(rows[n]["value"], 1) for n in present],
+            spreads.append({"replicates": what, "rows": present, metric: [round(rows[n]["value"], 1) for n in present],
                             "sigma_draw": round(100 * out["sigma_draw"], 2), "f": round(out["f"], 3),
                             "p": round(out["p"], 4)})
     if spreads:
         lines += ["", "## How far one recipe moves between calibration draws", "",
-                  "pass@1 of each draw, and the shift a draw gives every problem beyond the problems' own noise "
-                  "(`accuracy.paired.draw_spread` on the per-problem passes: sigma_draw in points; F and p test it).",
-                  "", "| recipe | pass@1 per draw | sigma_draw (points) | F | p |", "|---|---|---:|---:|---:|"]
-        lines += [f"| {sp['replicates']} | {', '.join(f'{v:.1f}' for v in sp['pass@1'])} | {sp['sigma_draw']:.1f} | "
+                  f"{metric} of each draw, and the shift a draw gives every item beyond the {items}' own noise "
+                  f"(`accuracy.paired.draw_spread` on the per-item scores: sigma_draw in points; F and p test it).",
+                  "", f"| recipe | {metric} per draw | sigma_draw (points) | F | p |", "|---|---|---:|---:|---:|"]
+        lines += [f"| {sp['replicates']} | {', '.join(f'{v:.1f}' for v in sp[metric])} | {sp['sigma_draw']:.1f} | "
                   f"{sp['f']:.2f} | {_p_value(sp['p'])} |" for sp in spreads]
     changes = []
     for what, with_rows, without_rows in REPLICATED_CHANGES:
@@ -822,24 +856,24 @@ def humaneval_table() -> Path:
                             "p": round(out["p"], 4), "per_draw": [round(100 * v, 1) for v in out["per_draw"]]})
     if changes:
         lines += ["", "## A change averaged over calibration draws", "",
-                  "Each draw (seed) quantized with and without the change; the per-problem difference (with minus "
-                  "without) averaged over the draws and the problems, its error counting both as samples (two-way "
+                  f"Each draw (seed) quantized with and without the change; the per-item difference (with minus "
+                  f"without) averaged over the draws and the {items}, its error counting both as samples (two-way "
                   "random effects, Satterthwaite's df). Per draw: each seed's own Δ, in seed order.", "",
-                  "| change | Δ pass@1 (points) | t (df) | p | per draw |", "|---|---:|---:|---:|---|"]
+                  f"| change | Δ {metric} (points) | t (df) | p | per draw |", "|---|---:|---:|---:|---|"]
         lines += [f"| {c['change']} | {c['points']:+.1f} ± {c['stderr']:.1f} | {c['t']:+.1f} ({c['df']:.1f}) | "
                   f"{_p_value(c['p'])} | {', '.join(f'{v:+.1f}' for v in c['per_draw'])} |" for c in changes]
     lines += ["", "## Runs", ""] + [f"- {n}: commit {r['env']['commit'][:10]}, {r['env']['date']}, {r['env']['cpu']} "
                                     f"({r['env']['cpu_count']} cores), `{r['env']['command']}`" for n, r in rows.items()]
-    write_text_atomic(HUMANEVAL / "table.json", json.dumps(
-        {"rows": {n: {"pass@1": r["value"], "stderr": r["stderr"], "n": r["n"]} for n, r in rows.items()},
+    write_text_atomic(bench.folder / "table.json", json.dumps(
+        {"rows": {n: {metric: r["value"], "stderr": r["stderr"], "n": r["n"]} for n, r in rows.items()},
          "contrasts": contrasts, "replicates": spreads, "replicated_changes": changes}, indent=1) + "\n")
-    write_text_atomic(HUMANEVAL / "README.md", "\n".join(lines) + "\n")
-    return HUMANEVAL / "README.md"
+    write_text_atomic(bench.folder / "README.md", "\n".join(lines) + "\n")
+    return bench.folder / "README.md"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("step", choices=["quantize", "eval", "render", "factorial", "humaneval"])
+    p.add_argument("step", choices=["quantize", "eval", "render", "factorial", "humaneval", "arc"])
     p.add_argument("rows", nargs="*", help=f"rows ({', '.join(ROWS)})")
     p.add_argument("--windows", type=int, default=WINDOWS, help=f"eval: windows per domain (default {WINDOWS})")
     p.add_argument("--long", action="store_true", help=f"eval / render / factorial: the held-out domains in {LONG}-token windows "
@@ -854,8 +888,8 @@ def main(argv=None) -> int:
         evaluate(args.rows, args.windows, args.long)
     elif args.step == "factorial":
         print(f"wrote {factorial(args.long)}")
-    elif args.step == "humaneval":
-        print(f"wrote {humaneval(args.rows)}")
+    elif args.step in ("humaneval", "arc"):
+        print(f"wrote {benchmark('arc-challenge' if args.step == 'arc' else 'humaneval', args.rows)}")
     else:
         print(f"wrote {render_long() if args.long else render()}")
     return 0

@@ -258,9 +258,11 @@ def test_domain_study_factorial_pairs_the_four_cells_per_domain(tmp_path, monkey
     assert shrink["spread_ratio"]["f"] == pytest.approx((0.05 / 0.03) ** 2) and shrink["spread_ratio"]["df"] == [1, 1]
 
 
-def test_domain_study_humaneval_table_pairs_rows_by_problem_and_averages_a_change_over_draws(tmp_path, monkeypatch):
+@pytest.mark.parametrize("task,metric", [("humaneval", "pass@1"), ("arc-challenge", "accuracy")])
+def test_domain_study_benchmark_table_pairs_rows_by_item_and_averages_a_change_over_draws(tmp_path, monkeypatch,
+                                                                                          task, metric):
     study = load_script("qwen_coder_domains")
-    monkeypatch.setattr(study, "HUMANEVAL", tmp_path)
+    monkeypatch.setitem(study.BENCHMARKS, task, study.BENCHMARKS[task]._replace(folder=tmp_path))
     env = {"cpu": "test cpu", "cpu_count": 2, "date": "2026-12-07T00:00:00+00:00", "commit": "0" * 40,
            "command": "qwen-eval ..."}
     n = 20
@@ -268,10 +270,12 @@ def test_domain_study_humaneval_table_pairs_rows_by_problem_and_averages_a_chang
               "seed1-32x512": set(range(12)), "prose-seed1-32x512": set(range(12)) - {11}}     # lost 11
     for row, ok in solved.items():
         per_item = "".join("1" if i in ok else "0" for i in range(n))
-        (tmp_path / f"{row}.json").write_text(json.dumps({"env": env, "results": [
-            {"task": "humaneval", "value": 100 * len(ok) / n, "stderr": 1.0, "n": n,
+        norm = [{"task": task, "metric": "accuracy_norm", "value": 0.0, "stderr": 1.0, "n": n,
+                 "details": {"per_item": "0" * n}}] if task == "arc-challenge" else []   # not the table's score
+        (tmp_path / f"{row}.json").write_text(json.dumps({"env": env, "results": norm + [
+            {"task": task, "metric": metric, "value": 100 * len(ok) / n, "stderr": 1.0, "n": n,
              "details": {"per_item": per_item}}]}))
-    text = study.humaneval_table().read_text()
+    text = study.benchmark_table(task).read_text()
     out = json.loads((tmp_path / "table.json").read_text())
     seed0 = next(c for c in out["contrasts"] if c["rows"] == ["prose-seed0-32x512", "amd-32x512"])
     assert (seed0["gained"], seed0["lost"]) == (1, 2) and seed0["points"] == pytest.approx(-5.0)
@@ -279,7 +283,7 @@ def test_domain_study_humaneval_table_pairs_rows_by_problem_and_averages_a_chang
     prose = next(c for c in out["replicated_changes"] if c["pairs"][0] == ["prose-seed0-32x512", "amd-32x512"])
     assert prose["per_draw"] == [-5.0, -5.0] and prose["points"] == pytest.approx(-5.0)
     seeds = next(sp for sp in out["replicates"] if sp["rows"] == ["amd-32x512", "seed1-32x512"])
-    assert seeds["pass@1"] == [50.0, 60.0]
+    assert seeds[metric] == [50.0, 60.0] and f"| contrast | Δ {metric} (points) |" in text
     assert "| amd-32x512 | 50.0 ± 1.0 | test cpu | 2026-12-07 |" in text and "## A change averaged" in text
 
 
