@@ -11,7 +11,8 @@ Sources:
   HumanEval pass@1 with and without it, paired by calibration draw, moved -6.7 and +0.6 points (section 16); the
   four-source mix ("wiki+peoples-daily+code+chat") keeps code's quarter for those who ship code generation.
   Adding Spanish Wikipedia ("...+prose+wiki-es") took held-out French from 0.8x to 0.7x RTN's loss on four draws,
-  the rest level (section 17); it waits for its benchmark row before it joins the default.
+  the rest level (section 17), but its benchmark row lost ARC-Challenge and HumanEval points against the
+  five-source row on the same calibration draw (section 18): a recipe for held-out text, not the default.
 - a mix of package corpora joined by "+" ("wiki+peoples-daily+code+chat+prose"): nsamples shared out evenly
   (the first ones get one more; a corpus with fewer windows than its share gives all it has and the others
   the rest: share_out), interleaved in the order given; "default" is one such mix. "name*k" gives a corpus
