@@ -794,7 +794,7 @@ def _benchmark_rows(bench: Benchmark) -> dict[str, dict]:
         path = bench.folder / f"{name}.json"
         if path.is_file():
             d = json.loads(path.read_text())
-            rows[name] = next(r for r in d["results"] if r["task"] == bench.task and r["metric"] != "accuracy_norm"
+            rows[name] = next(r for r in d["results"] if (r["task"], r["metric"]) == (bench.task, bench.metric)
                               ) | {"env": d["env"]}
     return rows
 
