@@ -138,7 +138,7 @@ def render(rows: list[str]) -> None:
     run([bin_("qwen-report"), "--compare", *[str(study_dir() / "accuracy" / r) for r in present],
          *(["--keep", str(earlier)] if earlier.is_file() else []),
          *(["--baseline", "rtn"] if "rtn" in shown else []), "--out", str(REPORT),
-         "--title", f"Qwen2.5-Coder-1.5B-Instruct: fp against Int4 g128 ({', '.join(r for r in dict.fromkeys([*ROWS, *rows, *(k for k in kept if k != FP_LABEL)]) if r in shown and r != 'fp')}; "
+         "--title", f"Qwen2.5-Coder-1.5B-Instruct: fp against Int4 g128 ({', '.join(r for r in dict.fromkeys([*ROWS, *(k for k in kept if k != FP_LABEL), *rows]) if r in shown and r != 'fp')}; "
                     f"missing so far: {', '.join(r for r in ROWS if r not in shown) or 'none'})"])
 
 

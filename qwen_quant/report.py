@@ -388,7 +388,8 @@ def write_comparison(paths: list[str | Path], out: str | Path, baseline: str | N
     """OUT/README.md (+ comparison.json): several qwen-eval results (in the given order, the first model the
     reference) as one table with paired errors; with `baseline`, every model's perplexity loss against it;
     with `keep` (an earlier comparison.json), its results stay in the table unless `paths` re-measure the same
-    model on the same task."""
+    model on the same task; `keep` alone writes its table again (a new title, or the tables as this version
+    writes them) without measuring anything."""
     import json
 
     from qwen_quant.accuracy.tables import carry_rows, comparison_markdown, join_results
@@ -399,17 +400,23 @@ def write_comparison(paths: list[str | Path], out: str | Path, baseline: str | N
         if not f.is_file():
             raise UserError(f"{p}: no results.json (give qwen-eval output folders)")
         files.append(f)
-    try:
-        joined = join_results([_read_json(f) for f in files])
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    if not files and not keep:
+        raise UserError("nothing to compare: give qwen-eval output folders (DIR...) or --keep COMPARISON_JSON")
+    earlier = None
     if keep:
         if not Path(keep).is_file():
             raise UserError(f"--keep {keep}: no such file (give the comparison.json of an earlier --compare)")
         earlier = _read_json(Path(keep))
         if earlier.get("kind") != "eval" or "runs" not in earlier:
             raise UserError(f"--keep {keep}: not a comparison.json written by qwen-report --compare")
-        joined = carry_rows(earlier, joined)
+    if files:
+        try:
+            joined = join_results([_read_json(f) for f in files])
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        joined = carry_rows(earlier, joined) if earlier else joined
+    else:
+        joined = earlier
     if baseline and baseline not in [m["label"] for m in joined["models"]]:
         raise UserError(f"--baseline {baseline!r} is none of the models: {', '.join(m['label'] for m in joined['models'])}")
     out = Path(out)

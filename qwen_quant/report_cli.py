@@ -48,8 +48,8 @@ def main(argv=None):
     if args.compare:
         from qwen_quant.report import write_comparison
 
-        if not args.paths or not args.out:
-            raise UserError("--compare needs qwen-eval output folders (DIR...) and --out")
+        if not (args.paths or args.keep) or not args.out:
+            raise UserError("--compare needs qwen-eval output folders (DIR...) or --keep COMPARISON_JSON, and --out")
         print(f"comparison: {write_comparison(args.paths, args.out, args.baseline, args.title, args.keep)}")
         return 0
     if args.seed_tables:

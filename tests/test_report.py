@@ -275,6 +275,13 @@ def test_comparison_keeps_an_earlier_tables_rows_and_replaces_what_is_measured_a
         write_comparison([tmp_path / "big"], tmp_path / "t3", keep=tmp_path / "missing.json")
     with pytest.raises(UserError, match="not a comparison.json"):
         write_comparison([tmp_path / "big"], tmp_path / "t3", keep=tmp_path / "big" / "results.json")
+    # the kept table alone, written again under a new title: the same rows, nothing measured
+    again = write_comparison([], tmp_path / "t4", baseline="rtn", title="Renamed",
+                             keep=tmp_path / "t2" / "comparison.json").read_text()
+    assert again.startswith("# Renamed") and again.replace("# Renamed", "", 1) == page.replace("# Comparison", "", 1)
+    assert json.loads((tmp_path / "t4" / "comparison.json").read_text()) == joined
+    with pytest.raises(UserError, match="nothing to compare"):
+        write_comparison([], tmp_path / "t5")
 
 
 def test_comparison_adds_a_task_to_a_kept_row_without_scoring_its_other_tasks_again(tmp_path):
