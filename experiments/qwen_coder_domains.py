@@ -57,10 +57,8 @@ PROSE = ["--calib", "wiki+peoples-daily+code+chat+prose"]  # the four and CoQA's
 # from a quarter of the samples to a fifth (DIAGNOSIS.md section 15); does prose pay for fiction at half the dose?
 PROSE_SHARED = ["--calib", "wiki+peoples-daily*2+code*2+chat*2+prose"]
 PROSE_SPANISH = ["--calib", "wiki+peoples-daily+code+chat+prose+wiki-es"]  # the default mix now and Spanish Wikipedia
-# the six sources with English Wikipedia on two shares: English is the one calibrated domain short of 0.7x on every
-# mix, and one sample moved from it to code cost it 2.3 SE at 16 x 512 (spanish-codefirst-16x512); does more of it pay?
-WIKI_TWICE = ["--calib", "wiki*2+peoples-daily+code+chat+prose+wiki-es"]
-# the default five sources with English Wikipedia on two shares: 11, 6, 5, 5, 5 samples of 32 (7, 7, 6, 6, 6 without)
+# the default five sources with English Wikipedia on two shares: 11, 6, 5, 5, 5 samples of 32 (7, 7, 6, 6, 6 without):
+# English is the one calibrated domain short of 0.7x on every mix; is it short of its own text?
 PROSE_WIKI_TWICE = ["--calib", "wiki*2+peoples-daily+code+chat+prose"]
 # the settings this study changed, pinned to their values before it, so that every row says what it ran
 BEFORE = ["--calib", "wiki+peoples-daily", "--damp-auto", "0"]
@@ -312,13 +310,7 @@ ROWS = {
                                          "section 17)",
                                          ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin",
                                           "--seed", str(k)] + PROSE_SPANISH) for k in range(4)},
-    **{f"wiki2-seed{k}-32x512": (f"prose-spanish-seed{k}-32x512 with English Wikipedia on two shares (--calib "
-                                 "wiki*2+peoples-daily+code+chat+prose+wiki-es: 9, 5, 5, 5, 4, 4 samples): English, "
-                                 "the calibrated domain the 0.7x goal still misses, given more of its own text "
-                                 "(DIAGNOSIS.md section 18)",
-                                 ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin",
-                                  "--seed", str(k)] + WIKI_TWICE) for k in range(4)},
-    # the same question on the five sources the defaults kept (section 18 dropped the sixth): each corpus's samples are
+    # English given more of its own text, on the five sources the defaults kept (section 18): each corpus's samples are
     # the first n of one seeded permutation, so seed k's 11 Wikipedia samples are prose-seed{k}'s 7 and 4 more, and the
     # other four sources keep all but their last one
     **{f"prose-wiki2-seed{k}-32x512": (f"prose-seed{k}-32x512 with English Wikipedia on two shares (--calib "
@@ -541,10 +533,6 @@ CONTRASTS = [
                                                                           "prose-seed0-32x512": -1}),
     ("+ Spanish Wikipedia as a sixth source, beside prose (seed 1; AMD)", {"prose-spanish-seed1-32x512": 1,
                                                                           "prose-seed1-32x512": -1}),
-    ("six sources -> English Wikipedia on two shares (seed 0; AMD)", {"wiki2-seed0-32x512": 1,
-                                                                       "prose-spanish-seed0-32x512": -1}),
-    ("six sources -> English Wikipedia on two shares (seed 1; AMD)", {"wiki2-seed1-32x512": 1,
-                                                                       "prose-spanish-seed1-32x512": -1}),
     *[(f"five sources -> English Wikipedia on two shares (seed {k}; AMD -> Xeon)",
        {f"prose-wiki2-seed{k}-32x512": 1, f"prose-seed{k}-32x512": -1}) for k in range(4)],
     # the default calibration size with prose: rule-128x2048 was quantized on the Xeon, prose-128x2048 on the AMD, so
@@ -575,7 +563,6 @@ SHORT_SEEDS = ["short-128x128", "short-seed1-128x128"]   # the same tokens as 12
 PROSE_SEEDS = [f"prose-seed{k}-32x512" for k in range(4)]   # ... and CoQA's passages as a fifth calibration source
 PROSE_SHARED_SEEDS = [f"prose-shared-seed{k}-32x512" for k in range(4)]   # ... with prose in half of English's share
 PROSE_SPANISH_SEEDS = [f"prose-spanish-seed{k}-32x512" for k in range(4)]   # ... and Spanish Wikipedia as a sixth
-WIKI2_SEEDS = [f"wiki2-seed{k}-32x512" for k in range(4)]   # ... with English Wikipedia on two shares
 PROSE_WIKI2_SEEDS = [f"prose-wiki2-seed{k}-32x512" for k in range(4)]   # the five sources, Wikipedia on two shares
 REPLICATES = [("rule-32x512's recipe, calibration seeds 0-3 (AMD)", SEEDS),
               ("rule-32x512's recipe on two machines (Xeon, AMD; seed 0)", [R32_512, AMD]),
@@ -590,7 +577,6 @@ REPLICATES = [("rule-32x512's recipe, calibration seeds 0-3 (AMD)", SEEDS),
               ("rule-32x512's recipe with prose in half of English's share, the seeds measured (AMD)",
                PROSE_SHARED_SEEDS),
               ("the same with Spanish Wikipedia as a sixth source, the seeds measured (AMD)", PROSE_SPANISH_SEEDS),
-              ("the same with English Wikipedia on two shares, the seeds measured (AMD)", WIKI2_SEEDS),
               ("the five-source mix with English Wikipedia on two shares, the seeds measured (Xeon)",
                PROSE_WIKI2_SEEDS)]
 # a change made on several draws, each draw with and without it (rows paired by seed): its effect averaged over the
@@ -618,8 +604,6 @@ REPLICATED_CHANGES = [("--shrink auto at 32 x 512, over seeds 0-3 (AMD)", SHRINK
                        PROSE_SPANISH_SEEDS, PROSE_SEEDS),
                       ("the four-source mix -> + prose and Spanish Wikipedia (six sources), over the seeds measured "
                        "(AMD)", PROSE_SPANISH_SEEDS, SEEDS),
-                      ("six sources -> English Wikipedia on two shares, over the seeds measured (AMD)", WIKI2_SEEDS,
-                       PROSE_SPANISH_SEEDS),
                       # the rows with the change were quantized on the Xeon, those without it on the AMD EPYC: one
                       # recipe moved by up to 0.08x RTN's loss between the two (rule-32x512, amd-32x512), a change
                       # of each draw's rounding rather than a shift of every draw alike, so the draws' spread counts it
