@@ -310,6 +310,16 @@ ROWS = {
                                          "section 17)",
                                          ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin",
                                           "--seed", str(k)] + PROSE_SPANISH) for k in range(4)},
+    # the seed-0 pair of section 17 made again from the same commands on the Xeon (the rows above were made on the AMD
+    # EPYC): their ARC-Challenge pair, and how far one recipe moves between the two machines (as amd-32x512 did)
+    "prose-xeon-seed0-32x512": ("prose-seed0-32x512's command, quantized again on the Intel Xeon: the same recipe and "
+                                "draw on a second machine (DIAGNOSIS.md section 20)",
+                                ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin",
+                                 "--seed", "0"] + PROSE),
+    "prose-spanish-xeon-seed0-32x512": ("prose-spanish-seed0-32x512's command, quantized again on the Intel Xeon "
+                                        "(DIAGNOSIS.md section 20)",
+                                        ["--nsamples", "32", "--seqlen", "512", "--no-mse", "--no-rtn-massive-thin",
+                                         "--seed", "0"] + PROSE_SPANISH),
     # English given more of its own text, on the five sources the defaults kept (section 18): each corpus's samples are
     # the first n of one seeded permutation, so seed k's 11 Wikipedia samples are prose-seed{k}'s 7 and 4 more, and the
     # other four sources keep all but their last one
@@ -505,6 +515,10 @@ CONTRASTS = [
     ("interaction (length's effect at 128 minus at 32)", {R128_2048: 1, R128_512: -1, R32_2048: -1, R32_512: 1}),
     # one recipe quantized and evaluated on two machines: the spread the rows' paired errors leave out
     ("the same recipe on another machine (rule-32x512, Xeon -> AMD)", {AMD: 1, R32_512: -1}),
+    ("the same recipe on another machine (prose-seed0-32x512, AMD -> Xeon)", {"prose-xeon-seed0-32x512": 1,
+                                                                              "prose-seed0-32x512": -1}),
+    ("the same recipe on another machine (prose-spanish-seed0-32x512, AMD -> Xeon)",
+     {"prose-spanish-xeon-seed0-32x512": 1, "prose-spanish-seed0-32x512": -1}),
     # the damping that fades with the tokens, apart from the tokens: rows made on the AMD machine, against its own 32 x 512
     ("32 x 512, damping of 128 x 512 (down_proj 0.27 -> 0.068; AMD)", {"lowdamp-32x512": 1, AMD: -1}),
     ("32 x 512, damping of 128 x 2048 (down_proj 0.27 -> 0.017; AMD)", {"mindamp-32x512": 1, AMD: -1}),
@@ -533,6 +547,10 @@ CONTRASTS = [
                                                                           "prose-seed0-32x512": -1}),
     ("+ Spanish Wikipedia as a sixth source, beside prose (seed 1; AMD)", {"prose-spanish-seed1-32x512": 1,
                                                                           "prose-seed1-32x512": -1}),
+    ("+ Spanish Wikipedia as a sixth source, beside prose (seed 0; Xeon)", {"prose-spanish-xeon-seed0-32x512": 1,
+                                                                           "prose-xeon-seed0-32x512": -1}),
+    ("five sources -> English Wikipedia on two shares (seed 0; Xeon)", {"prose-wiki2-seed0-32x512": 1,
+                                                                        "prose-xeon-seed0-32x512": -1}),
     *[(f"five sources -> English Wikipedia on two shares (seed {k}; AMD -> Xeon)",
        {f"prose-wiki2-seed{k}-32x512": 1, f"prose-seed{k}-32x512": -1}) for k in range(4)],
     # the default calibration size with prose: rule-128x2048 was quantized on the Xeon, prose-128x2048 on the AMD, so
@@ -566,6 +584,10 @@ PROSE_SPANISH_SEEDS = [f"prose-spanish-seed{k}-32x512" for k in range(4)]   # ..
 PROSE_WIKI2_SEEDS = [f"prose-wiki2-seed{k}-32x512" for k in range(4)]   # the five sources, Wikipedia on two shares
 REPLICATES = [("rule-32x512's recipe, calibration seeds 0-3 (AMD)", SEEDS),
               ("rule-32x512's recipe on two machines (Xeon, AMD; seed 0)", [R32_512, AMD]),
+              ("prose-seed0-32x512's recipe on two machines (AMD, Xeon)", ["prose-seed0-32x512",
+                                                                           "prose-xeon-seed0-32x512"]),
+              ("prose-spanish-seed0-32x512's recipe on two machines (AMD, Xeon)",
+               ["prose-spanish-seed0-32x512", "prose-spanish-xeon-seed0-32x512"]),
               ("rule-32x512's recipe with --shrink auto, seeds 0-3 (AMD)", SHRINK_SEEDS),
               ("rule-32x512's recipe with --awq-scales, the seeds measured (AMD)", AWQ_SEEDS),
               ("the same with --awq-drop-massive 3, the seeds measured (AMD)", AWQSINK_SEEDS),
@@ -574,6 +596,8 @@ REPLICATES = [("rule-32x512's recipe, calibration seeds 0-3 (AMD)", SEEDS),
               ("rule-32x512's recipe with --act-group-aware, the seeds measured (AMD)", GAR_SEEDS),
               ("the defaults at 128 x 128, the seeds measured (AMD)", SHORT_SEEDS),
               ("rule-32x512's recipe with the prose source in the mix, the seeds measured (AMD)", PROSE_SEEDS),
+              ("rule-32x512's recipe with the prose source in the mix, seed 0 made again on the Xeon, seeds 1-3 on "
+               "the AMD", ["prose-xeon-seed0-32x512", *PROSE_SEEDS[1:]]),
               ("rule-32x512's recipe with prose in half of English's share, the seeds measured (AMD)",
                PROSE_SHARED_SEEDS),
               ("the same with Spanish Wikipedia as a sixth source, the seeds measured (AMD)", PROSE_SPANISH_SEEDS),
@@ -604,6 +628,11 @@ REPLICATED_CHANGES = [("--shrink auto at 32 x 512, over seeds 0-3 (AMD)", SHRINK
                        PROSE_SPANISH_SEEDS, PROSE_SEEDS),
                       ("the four-source mix -> + prose and Spanish Wikipedia (six sources), over the seeds measured "
                        "(AMD)", PROSE_SPANISH_SEEDS, SEEDS),
+                      # seed 0's pair made again on the Xeon in place of the AMD's (the ARC-Challenge pairs: seed 0
+                      # was scored on the Xeon's checkpoints, seed 1 on the AMD's)
+                      ("the five-source mix -> + Spanish Wikipedia, seed 0 on the Xeon, seeds 1-3 on the AMD",
+                       ["prose-spanish-xeon-seed0-32x512", *PROSE_SPANISH_SEEDS[1:]],
+                       ["prose-xeon-seed0-32x512", *PROSE_SEEDS[1:]]),
                       # the rows with the change were quantized on the Xeon, those without it on the AMD EPYC: one
                       # recipe moved by up to 0.08x RTN's loss between the two (rule-32x512, amd-32x512), a change
                       # of each draw's rounding rather than a shift of every draw alike, so the draws' spread counts it
