@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", default=None, metavar="COMPARISON_JSON",
                    help="with --compare: keep the rows of an earlier comparison.json (a table that grows across "
                         "sessions); the tasks that DIR... measure again replace that model's old ones, its other "
-                        "tasks stay (a column added later), new models are added at the end")
+                        "tasks stay (a column added later), new models are added at the end; with no DIR, the kept "
+                        "table is written again (e.g. under a new --title)")
     p.add_argument("--title", default="Comparison", help="with --compare: the page's title")
     p.add_argument("--seed-tables", action="store_true",
                    help="write the seed's speed and memory tables for Qwen-7B/14B from the qwen-profile results in "
